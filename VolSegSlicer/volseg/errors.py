@@ -1,0 +1,62 @@
+"""Errors the engine reports to its users.
+
+Every problem a user can cause (a missing file, a card with a typo, a checkpoint for another
+architecture) is raised as a :class:`VolSegError` subclass that carries a plain message and a
+hint saying what to do. The CLI prints these without a traceback and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class VolSegError(Exception):
+    """A problem with the user's input, reported as one clear message.
+
+    Args:
+        message: what was wrong.
+        hint: what to do about it (optional).
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class InputError(VolSegError):
+    """An input volume is missing, unreadable or unsuitable."""
+
+
+class ModelCardError(VolSegError):
+    """A model card is missing, malformed or inconsistent."""
+
+
+class CheckpointError(VolSegError):
+    """A checkpoint cannot be read or does not fit the architecture."""
+
+
+class ArchitectureError(VolSegError):
+    """An unknown architecture name or invalid constructor arguments."""
+
+
+class OutputError(VolSegError):
+    """An output cannot be written (exists already, bad extension, unwritable folder)."""
+
+
+class ResourceError(VolSegError):
+    """Not enough memory, or a device that is not available."""
+
+    exit_code = 3
+
+
+class Cancelled(VolSegError):
+    """The run was cancelled (SIGINT/SIGTERM or a cancel request)."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "cancelled; nothing was written", hint: str | None = None) -> None:
+        super().__init__(message, hint)

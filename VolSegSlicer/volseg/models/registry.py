@@ -1,0 +1,269 @@
+"""The architecture registry: build networks by name, load state dicts strictly.
+
+An :class:`Architecture` couples a constructor that takes the *official* argument names with
+an optional function that reads the constructor arguments implied by a state dict's own keys
+and shapes. That is what lets ``load(name, state_dict)`` build the right variant of a network
+(for example UX-Net's early 13^3 block, DeformUX-Net's 1x1x1 offset branch) without the user's
+help, and what lets ``volseg inspect`` name the architecture a checkpoint fits.
+
+Architectures are registered lazily: :data:`BUILTIN_MODULES` maps a name to the module that
+defines it, and the module is imported on first use (so ``volseg models`` stays fast).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from volseg.errors import ArchitectureError, CheckpointError
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered network family.
+
+    Args:
+        name: registry name, e.g. ``"uxnet"``.
+        summary: one line for ``volseg models`` and ``volseg inspect``.
+        build: constructor taking the official keyword arguments; returns an ``nn.Module``.
+        config_from_state_dict: returns the constructor kwargs implied by a state dict's keys
+            and shapes, or ``None`` when the state dict is not of this family.
+        describe_variant: turns a config into a short variant description ("7^3 grouped MLP").
+        prepare_state_dict: adapts an official state dict to this implementation's keys
+            (for example dropping a key that only exists for gradient checkpointing). Must
+            not mutate its argument.
+        output_kind: ``"softmax"`` (mutually exclusive classes, argmax) or ``"sigmoid"``
+            (independent channels, threshold) -- the default postprocessing for the family.
+    """
+
+    name: str
+    summary: str
+    build: Callable[..., nn.Module]
+    config_from_state_dict: Callable[[StateDict], dict[str, Any] | None] | None = None
+    describe_variant: Callable[[dict[str, Any]], str] | None = None
+    prepare_state_dict: Callable[[StateDict], dict[str, torch.Tensor]] | None = None
+    output_kind: str = "softmax"
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+#: Registry name -> module that defines ``ARCHITECTURES`` (a list of :class:`Architecture`).
+BUILTIN_MODULES: dict[str, str] = {
+    "uxnet": "volseg.models.uxnet",
+    "repuxnet": "volseg.models.repuxnet",
+    "deformuxnet": "volseg.models.deformuxnet",
+    "segformer3d": "volseg.models.segformer3d",
+    "mednext": "volseg.models.mednext",
+    "swinunetr": "volseg.models.monai_nets",
+    "unetr": "volseg.models.monai_nets",
+    "segresnet": "volseg.models.monai_nets",
+    "dynunet": "volseg.models.monai_nets",
+    "unet": "volseg.models.monai_nets",
+}
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    """Add ``arch`` to the registry (also usable for user plug-ins)."""
+    for key in (arch.name, *arch.aliases):
+        _REGISTRY[key.lower()] = arch
+    return arch
+
+
+def _import_builtin(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    for arch in getattr(module, "ARCHITECTURES", []):
+        register(arch)
+
+
+def names() -> list[str]:
+    """All registered architecture names (built-in and registered plug-ins)."""
+    return sorted(set(BUILTIN_MODULES) | {a.name for a in _REGISTRY.values()})
+
+
+def get(name: str) -> Architecture:
+    """Return the :class:`Architecture` registered as ``name`` (case-insensitive)."""
+    key = name.lower()
+    if key not in _REGISTRY and key in BUILTIN_MODULES:
+        _import_builtin(BUILTIN_MODULES[key])
+    if key not in _REGISTRY:
+        raise ArchitectureError(
+            f"unknown architecture {name!r}",
+            hint="choose one of: " + ", ".join(names()),
+        )
+    return _REGISTRY[key]
+
+
+def all_architectures() -> list[Architecture]:
+    """Every registered architecture, importing the built-in modules."""
+    for module_name in sorted(set(BUILTIN_MODULES.values())):
+        _import_builtin(module_name)
+    seen: dict[str, Architecture] = {}
+    for arch in _REGISTRY.values():
+        seen.setdefault(arch.name, arch)
+    return [seen[k] for k in sorted(seen)]
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build the network registered as ``name`` with the official constructor's arguments.
+
+    Example:
+        >>> net = create("uxnet", in_chans=1, out_chans=5)
+    """
+    arch = get(name)
+    try:
+        inspect.signature(arch.build).bind(**kwargs)
+    except TypeError as exc:
+        raise ArchitectureError(
+            f"invalid arguments for {arch.name}: {exc}",
+            hint=f"{arch.name} accepts {_signature_text(arch.build)}",
+        ) from None
+    try:
+        return arch.build(**kwargs)
+    except (TypeError, ValueError, AssertionError, IndexError) as exc:
+        raise ArchitectureError(
+            f"cannot build {arch.name} with {kwargs}: {exc}",
+            hint=f"{arch.name} accepts {_signature_text(arch.build)}",
+        ) from None
+
+
+def _signature_text(fn: Callable[..., Any]) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(see its docstring)"
+
+
+def implied_config(name: str, state_dict: StateDict) -> dict[str, Any]:
+    """Constructor kwargs implied by ``state_dict`` for architecture ``name`` ({} if unknown)."""
+    arch = get(name)
+    sd = arch.prepare_state_dict(state_dict) if arch.prepare_state_dict else dict(state_dict)
+    if arch.config_from_state_dict is None:
+        return {}
+    return arch.config_from_state_dict(sd) or {}
+
+
+def load(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
+    """Build ``name`` in the variant the state dict implies, load it strictly, return it in eval mode.
+
+    Explicit ``kwargs`` override what the state dict implies (useful for settings a state dict
+    cannot show, such as SegFormer3D's ``attn_scale``). Any mismatch raises a
+    :class:`~volseg.errors.CheckpointError` naming missing, unexpected and wrongly shaped keys.
+    """
+    arch = get(name)
+    sd = arch.prepare_state_dict(state_dict) if arch.prepare_state_dict else dict(state_dict)
+    implied = (arch.config_from_state_dict(sd) or {}) if arch.config_from_state_dict else {}
+    config = {**implied, **kwargs}
+    model = create(arch.name, **config)
+    check_state_dict(model, sd, arch_name=arch.name, config=config)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+@dataclass
+class KeyReport:
+    """The differences between a network's state dict and a checkpoint's."""
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # key, expected, found
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+
+def compare_keys(expected: StateDict, found: StateDict) -> KeyReport:
+    """Compare two state dicts by key and shape."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [
+        (k, tuple(expected[k].shape), tuple(found[k].shape))
+        for k in expected
+        if k in found and tuple(expected[k].shape) != tuple(found[k].shape)
+    ]
+    return KeyReport(missing, unexpected, wrong)
+
+
+def _listing(items: list[Any], limit: int = 6) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_state_dict(model: nn.Module, state_dict: StateDict, arch_name: str, config: Mapping[str, Any]) -> None:
+    """Raise a :class:`CheckpointError` explaining how ``state_dict`` does not fit ``model``."""
+    report = compare_keys(model.state_dict(), state_dict)
+    if report.ok:
+        return
+    lines = [f"the checkpoint does not fit {arch_name} with {dict(config)}:"]
+    if report.missing:
+        lines.append(f"  missing keys ({len(report.missing)}): {_listing(report.missing)}")
+    if report.unexpected:
+        lines.append(f"  unexpected keys ({len(report.unexpected)}): {_listing(report.unexpected)}")
+    if report.wrong_shape:
+        shapes = [f"{k} expected {list(e)} found {list(f)}" for k, e, f in report.wrong_shape]
+        lines.append(f"  wrongly shaped ({len(shapes)}): {_listing(shapes, 4)}")
+    raise CheckpointError("\n".join(lines), hint=_likely_cause(report, state_dict))
+
+
+def _likely_cause(report: KeyReport, state_dict: StateDict) -> str:
+    n_found = len(state_dict)
+    n_shared = n_found - len(report.unexpected)
+    if n_shared < max(1, n_found // 2):
+        return (
+            "most keys differ: the checkpoint is probably for another architecture; "
+            "run `volseg inspect CHECKPOINT` to see which one it fits"
+        )
+    if report.wrong_shape and all(k.split(".")[0] in {"out", "out_0", "linear_pred"} or "out" in k.split(".")[0]
+                                  for k, _, _ in report.wrong_shape):
+        return "only the output layer differs: the label count (out_chans / num_classes) is probably wrong"
+    if report.wrong_shape:
+        return ("shapes differ: a feature size, kernel size or channel count is probably wrong; "
+                "`volseg inspect CHECKPOINT` reports the configuration the weights imply")
+    return "some layers are missing or extra: the depth or a variant switch is probably wrong"
+
+
+@dataclass
+class Match:
+    """An architecture and configuration that a state dict fits exactly."""
+
+    name: str
+    config: dict[str, Any]
+    variant: str
+    n_params: int
+
+
+def match(state_dict: StateDict) -> list[Match]:
+    """Every registered architecture whose implied configuration fits ``state_dict`` exactly.
+
+    Networks are built on the ``meta`` device, so no memory is allocated for weights.
+    """
+    found: list[Match] = []
+    for arch in all_architectures():
+        if arch.config_from_state_dict is None:
+            continue
+        sd = arch.prepare_state_dict(state_dict) if arch.prepare_state_dict else dict(state_dict)
+        try:
+            config = arch.config_from_state_dict(sd)
+        except Exception:  # a foreign state dict may break a family's shape reader
+            config = None
+        if config is None:
+            continue
+        try:
+            with torch.device("meta"):
+                model = arch.build(**config)
+        except Exception:
+            continue
+        if compare_keys(model.state_dict(), sd).ok:
+            variant = arch.describe_variant(config) if arch.describe_variant else ""
+            n_params = sum(p.numel() for p in model.parameters())
+            found.append(Match(arch.name, config, variant, n_params))
+    return found

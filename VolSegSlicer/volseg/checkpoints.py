@@ -1,0 +1,220 @@
+"""Reading checkpoints in the formats people actually publish, safely.
+
+Supported: plain ``state_dict`` files (``.pt``/``.pth``/``.bin``), wrapped ones (``state_dict``,
+``model``, ``net``, ``network`` ... as used by Lightning ``.ckpt``, nnU-Net ``.model``, MONAI
+bundles), ``.safetensors``, TorchScript archives, and a folder written by
+``accelerate.save_state`` (``pytorch_model.bin`` / ``model.safetensors`` inside).
+
+Loading is weights-only by default: no pickled code runs. A file that needs full unpickling
+(it stores Python objects) is refused with an explanation unless the caller passes
+``trust_pickle=True`` (``--trust-pickle``), which the user should do only for files they trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from volseg.errors import CheckpointError
+
+#: Keys under which training frameworks nest the weights, tried in this order.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
+#: Prefixes added by DataParallel, torch.compile, Lightning modules and similar wrappers.
+STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, unwrapped.
+
+    Attributes:
+        path: the file (or folder) read.
+        format: ``"state_dict"``, ``"safetensors"``, ``"torchscript"`` or ``"pickled-module"``.
+        state_dict: the weights with wrapper keys and prefixes removed (empty for TorchScript).
+        module: the loaded TorchScript (or trusted pickled) module, if any.
+        wrapper: the path of keys the weights were found under, e.g. ``["state_dict"]``.
+        stripped_prefixes: prefixes removed from every key, e.g. ``["module."]``.
+        extras: other top-level entries (epoch, plans, hyper-parameters), kept for ``inspect``.
+    """
+
+    path: Path
+    format: str
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    module: torch.nn.Module | None = None
+    wrapper: list[str] = field(default_factory=list)
+    stripped_prefixes: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        if self.module is not None:
+            return sum(p.numel() for p in self.module.parameters())
+        return sum(t.numel() for k, t in self.state_dict.items() if t.is_floating_point() and not _is_buffer(k))
+
+
+def _is_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    actual = sha256sum(path)
+    if actual.lower() != expected.lower():
+        raise CheckpointError(
+            f"checksum mismatch for {path}: the card expects sha256 {expected}, the file has {actual}",
+            hint="the file is corrupt, incomplete or a different release; download it again from where the card says",
+        )
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("constants.pkl") for n in names) or any("/code/" in n for n in names)
+
+
+def _resolve_folder(path: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "checkpoint_final.pth"):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(
+        f"{path} is a folder without a checkpoint in it",
+        hint="point at the weights file itself (model.safetensors, pytorch_model.bin, *.pt, *.pth)",
+    )
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, sha256: str | None = None) -> Checkpoint:
+    """Read ``path`` and return its unwrapped weights (or TorchScript module)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path given with --checkpoint or in the card")
+    if path.is_dir():
+        path = _resolve_folder(path)
+    if sha256:
+        verify_sha256(path, sha256)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} looks like TorchScript but cannot be loaded: {str(exc).splitlines()[0]}") from None
+        return Checkpoint(path, "torchscript", module=module.eval())
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, torch.nn.Module):
+        return Checkpoint(path, "pickled-module", state_dict=dict(obj.state_dict()), module=obj)
+    return unwrap(obj, path)
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from None
+    ckpt = unwrap(sd, path)
+    ckpt.format = "safetensors"
+    return ckpt
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            raise CheckpointError(f"cannot unpickle {path}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise CheckpointError(
+            f"{path} stores Python objects that only a full unpickle can rebuild, and a full unpickle can run "
+            f"arbitrary code, so it was refused ({first})",
+            hint="if you trust where this file comes from, pass --trust-pickle; better, re-save it as a plain "
+            "state_dict or .safetensors",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {msg}",
+            hint="the file is not a PyTorch checkpoint or is truncated; check the download",
+        ) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def unwrap(obj: Any, path: Path | str = "<memory>") -> Checkpoint:
+    """Find the weights inside a loaded checkpoint object and strip wrapper prefixes."""
+    wrapper: list[str] = []
+    extras: dict[str, Any] = {}
+    current = obj
+    for _ in range(4):
+        if _is_state_dict(current):
+            break
+        if not isinstance(current, dict):
+            break
+        key = next((k for k in WRAPPER_KEYS if k in current and isinstance(current[k], dict)), None)
+        if key is None:
+            break
+        if not wrapper:
+            extras = {k: v for k, v in current.items() if k != key and not isinstance(v, dict | list)}
+        wrapper.append(key)
+        current = current[key]
+    if not _is_state_dict(current):
+        found = ", ".join(sorted(map(str, current))[:10]) if isinstance(current, dict) else type(current).__name__
+        raise CheckpointError(
+            f"no weights found in {path}: expected a state_dict (names -> tensors), found {found}",
+            hint="weights are looked for under " + ", ".join(WRAPPER_KEYS),
+        )
+    sd = {k: v for k, v in current.items()}
+    stripped: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped.append(prefix)
+                changed = True
+    return Checkpoint(Path(path), "state_dict", state_dict=sd, wrapper=wrapper, stripped_prefixes=stripped, extras=extras)
+
+
+def describe(ckpt: Checkpoint) -> dict[str, Any]:
+    """A summary for ``volseg inspect``: format, keys, parameters, fitting architectures."""
+    from volseg import models
+
+    info: dict[str, Any] = {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "wrapper": ckpt.wrapper,
+        "stripped_prefixes": ckpt.stripped_prefixes,
+        "n_keys": len(ckpt.state_dict),
+        "n_params": ckpt.n_params,
+        "extras": {k: v for k, v in ckpt.extras.items() if isinstance(v, int | float | str)},
+    }
+    if ckpt.format == "torchscript":
+        info["matches"] = [{"architecture": "torchscript", "config": {}, "variant": "TorchScript module", "n_params": ckpt.n_params}]
+        return info
+    info["matches"] = [
+        {"architecture": m.name, "config": m.config, "variant": m.variant, "n_params": m.n_params}
+        for m in models.match(ckpt.state_dict)
+    ]
+    info["first_keys"] = list(ckpt.state_dict)[:8]
+    return info

@@ -1,0 +1,46 @@
+"""Reading volumes and writing results on exactly the input grid.
+
+Public API::
+
+    Volume, Source                      # volseg.io.volume
+    read_volume, read_inputs            # volseg.io.readers
+    write_segmentation, write_probabilities, write_volume   # volseg.io.writers
+    atomic_output, check_writable       # volseg.io.atomic
+"""
+
+from volseg.io.atomic import atomic_output, check_writable, full_suffix
+from volseg.io.readers import count_nonfinite, read_inputs, read_volume
+from volseg.io.volume import Source, Volume
+from volseg.io.writers import (
+    PROBABILITY_SUFFIXES,
+    SEGMENTATION_SUFFIXES,
+    VOLUME_SUFFIXES,
+    check_segmentation_output,
+    color_table_path,
+    segmentation_outputs,
+    write_color_table,
+    write_probabilities,
+    write_segmentation,
+    write_volume,
+)
+
+__all__ = [
+    "PROBABILITY_SUFFIXES",
+    "SEGMENTATION_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "Source",
+    "Volume",
+    "atomic_output",
+    "check_segmentation_output",
+    "check_writable",
+    "color_table_path",
+    "count_nonfinite",
+    "full_suffix",
+    "read_inputs",
+    "read_volume",
+    "segmentation_outputs",
+    "write_color_table",
+    "write_probabilities",
+    "write_segmentation",
+    "write_volume",
+]

@@ -1,0 +1,260 @@
+"""Reading images into :class:`~volseg.io.volume.Volume` objects, with clear errors.
+
+All formats are read with SimpleITK, so the grid (spacing, origin, direction in LPS) follows
+ITK's conventions - the same ones 3D Slicer uses - and results written back on that grid
+overlay their input exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from volseg.errors import InputError
+from volseg.io.atomic import full_suffix
+from volseg.io.volume import Source, Volume
+
+logger = logging.getLogger(__name__)
+
+#: File extensions read as images, and the format name recorded in ``Source.format``.
+FORMATS = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".nrrd": "nrrd",
+    ".seg.nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".mha": "mha",
+    ".mhd": "mha",
+}
+
+
+def image_format(path: str | os.PathLike) -> str | None:
+    """The format name for a file extension ("nifti", "nrrd", "mha"), None if unknown."""
+    return FORMATS.get(full_suffix(path).lower())
+
+
+def _itk_error_text(error: Exception) -> str:
+    """The useful last line of an ITK exception (they start with C++ source locations)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "ERROR" in line or "error" in line.lower()]
+    return (useful[-1] if useful else lines[-1] if lines else repr(error))[:300]
+
+
+def _read_itk(path: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        text = str(error)
+        if "Zero-valued spacing" in text:
+            raise InputError(
+                f"{path}: the header gives a voxel spacing of 0 mm", hint="fix the file's spacing / space directions"
+            ) from None
+        if "orthonormal" in text:
+            raise InputError(
+                f"{path}: the voxel axes are sheared (direction cosines are not orthonormal)",
+                hint="resample the image onto an orthogonal grid first",
+            ) from None
+        raise InputError(f"cannot read {path} as an image: {_itk_error_text(error)}",
+                         hint="check that the file is a complete NIfTI, NRRD, MHA or a DICOM series folder") from None
+
+
+def _check_itk_image(img: sitk.Image, path: Path) -> None:
+    components = img.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InputError(
+            f"{path} is a vector/multi-component image ({components} components per voxel)",
+            hint="give each channel as its own single-component file",
+        )
+    dim = img.GetDimension()
+    if dim == 4:
+        raise InputError(
+            f"{path} is a 4D image (size {list(img.GetSize())})",
+            hint="split the channels or time points into separate 3D files and pass them in the model's channel order",
+        )
+    if dim != 3:
+        raise InputError(f"{path} is a {dim}D image (size {list(img.GetSize())}); a 3D volume is needed")
+
+
+def volume_from_itk(img: sitk.Image, source: Source | None = None) -> Volume:
+    """A :class:`Volume` holding a 3D scalar SimpleITK image (array (I, J, K), native dtype)."""
+    array = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0).copy()
+    return Volume(
+        array=array,
+        spacing=np.array(img.GetSpacing(), dtype=np.float64),
+        origin=np.array(img.GetOrigin(), dtype=np.float64),
+        direction=np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3),
+        source=source,
+    )
+
+
+def _dicom_series(folder: Path) -> tuple[list[Path], str]:
+    """The files of the largest DICOM series in ``folder`` (sorted along k) and its series UID."""
+    try:
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as error:
+        raise InputError(f"cannot scan {folder} for DICOM files: {_itk_error_text(error)}") from None
+    if not series_ids:
+        raise InputError(
+            f"{folder} is a folder without a DICOM series",
+            hint="pass a DICOM series folder, or an image file (.nii.gz, .nrrd, .mha)",
+        )
+    files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    chosen = max(series_ids, key=lambda sid: len(files[sid]))
+    if len(series_ids) > 1:
+        others = ", ".join(f"{sid} ({len(files[sid])} files)" for sid in series_ids if sid != chosen)
+        message = (
+            f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files[chosen])} files), "
+            f"ignoring {others}. Put one series per folder to choose another."
+        )
+        warnings.warn(message, stacklevel=3)
+        logger.warning(message)
+    return [Path(f) for f in files[chosen]], chosen
+
+
+def _read_dicom_folder(folder: Path) -> Volume:
+    dicom_files, series_uid = _dicom_series(folder)
+    if len(dicom_files) < 2:
+        raise InputError(f"the DICOM series {series_uid} in {folder} has a single file; a 3D series is needed")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in dicom_files])
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        img = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"cannot read the DICOM series in {folder}: {_itk_error_text(error)}") from None
+    _check_itk_image(img, folder)
+    description = None
+    if reader.HasMetaDataKey(0, "0008|103e"):
+        description = reader.GetMetaData(0, "0008|103e").strip()
+    source = Source(paths=list(dicom_files), format="dicom", dicom_files=list(dicom_files), series_description=description)
+    return volume_from_itk(img, source)
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read one 3D scalar image: NIfTI, NRRD, MHA/MHD file or a DICOM series folder.
+
+    Returns:
+        a :class:`Volume` whose array is (I, J, K) in the file's native numeric dtype.
+
+    Raises:
+        InputError: missing or unreadable file, a 2D/4D image, a vector image, zero spacing,
+            sheared axes, a folder without DICOM files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input {path} does not exist", hint="check the path")
+    if path.is_dir():
+        return _read_dicom_folder(path)
+    if not os.access(path, os.R_OK):
+        raise InputError(f"input {path} is not readable (permission denied)")
+    if full_suffix(path).lower() in (".dcm", ".ima"):
+        raise InputError(f"{path} is a single DICOM file", hint=f"pass the folder holding the series: {path.parent}")
+    img = _read_itk(path)
+    _check_itk_image(img, path)
+    fmt = image_format(path) or (full_suffix(path).lstrip(".").lower() or "unknown")
+    return volume_from_itk(img, Source(paths=[path], format=fmt))
+
+
+def count_nonfinite(volume: Volume) -> tuple[int, int]:
+    """Number of NaN and of +/-inf voxels in a volume.
+
+    ITK's NIfTI reader silently turns NaN/inf into 0, so for a floating-point NIfTI file the
+    raw voxels are counted with nibabel instead of the ITK array.
+    """
+    source = volume.source
+    if source is not None and source.format == "nifti" and len(source.paths) == 1:
+        import nibabel as nib
+
+        try:
+            image = nib.load(str(source.paths[0]))
+            if np.issubdtype(image.get_data_dtype(), np.floating):
+                raw = np.asanyarray(image.dataobj.get_unscaled())
+                return int(np.isnan(raw).sum()), int(np.isinf(raw).sum())
+        except Exception as error:  # nibabel cannot read what ITK did: fall back to ITK's array
+            logger.debug("nibabel could not re-read %s for a NaN check: %s", source.paths[0], error)
+    array = volume.array
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0, 0
+    return int(np.isnan(array).sum()), int(np.isinf(array).sum())
+
+
+def _check_geometry(volume: Volume, path: Path) -> None:
+    if not np.all(np.isfinite(volume.spacing)) or np.any(volume.spacing <= 0):
+        raise InputError(f"{path}: voxel spacing {volume.spacing.tolist()} mm is not positive and finite",
+                         hint="fix the spacing in the file header")
+    if not np.all(np.isfinite(volume.origin)) or not np.all(np.isfinite(volume.direction)):
+        raise InputError(f"{path}: the origin or direction in the header is not finite")
+
+
+def _channel_label(index: int, channel_names: Sequence[str] | None) -> str:
+    if channel_names and index < len(channel_names):
+        return f"channel {index} ({channel_names[index]})"
+    return f"channel {index}"
+
+
+def read_inputs(
+    paths: Sequence[str | os.PathLike],
+    expected_channels: int | None = None,
+    channel_names: Sequence[str] | None = None,
+) -> Volume:
+    """Read single-channel images (one per model input channel) into one (C, I, J, K) volume.
+
+    Args:
+        paths: one file or DICOM folder per channel, in the model's channel order.
+        expected_channels: the number of channels the model takes (checked when given).
+        channel_names: names of the model's channels, used in messages.
+
+    Returns:
+        a float32 :class:`Volume` of shape (C, I, J, K) on the grid of the first input.
+
+    Raises:
+        InputError: a missing/unreadable/unsuitable file, non-positive spacing, NaN/inf voxels,
+            inputs on different grids, or the wrong number of inputs.
+    """
+    paths = [Path(p) for p in paths]
+    if expected_channels is None and channel_names:
+        expected_channels = len(channel_names)
+    if not paths:
+        raise InputError("no input image given")
+    if expected_channels is not None and len(paths) != expected_channels:
+        wanted = f": {', '.join(channel_names)}" if channel_names else ""
+        raise InputError(
+            f"the model takes {expected_channels} input channel(s){wanted}; {len(paths)} input file(s) were given",
+            hint="pass one single-channel image per model channel, in that order",
+        )
+    volumes = []
+    for index, path in enumerate(paths):
+        volume = read_volume(path)
+        _check_geometry(volume, path)
+        n_nan, n_inf = count_nonfinite(volume)
+        if n_nan or n_inf:
+            raise InputError(
+                f"{path} ({_channel_label(index, channel_names)}) has {n_nan} NaN and {n_inf} infinite voxel(s) "
+                f"out of {volume.array.size}",
+                hint="replace non-finite values (e.g. with the background value) before segmenting",
+            )
+        if volumes:
+            diffs = volumes[0].grid_differences(volume)
+            if diffs:
+                raise InputError(
+                    f"{path} ({_channel_label(index, channel_names)}) is not on the grid of {paths[0]} "
+                    f"({_channel_label(0, channel_names)}): " + "; ".join(diffs),
+                    hint="resample all channels onto the same grid (e.g. in Slicer's Resample Scalar/Vector/DWI Volume)",
+                )
+        volumes.append(volume)
+    array = np.stack([v.array.astype(np.float32, copy=False) for v in volumes])
+    first = volumes[0]
+    formats = {v.source.format for v in volumes if v.source is not None}
+    source = first.source if len(volumes) == 1 else Source(
+        paths=paths,
+        format=formats.pop() if len(formats) == 1 else "mixed",
+        dicom_files=first.source.dicom_files if first.source is not None else None,
+        series_description=first.source.series_description if first.source is not None else None,
+    )
+    return Volume(array=array, spacing=first.spacing, origin=first.origin, direction=first.direction, source=source)

@@ -50,22 +50,53 @@ def _read_itk(path: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        text = str(error)
-        if "Zero-valued spacing" in text:
-            raise InputError(
-                f"{path}: the header gives a voxel spacing of 0 mm", hint="fix the file's spacing / space directions"
-            ) from None
-        if "orthonormal" in text:
-            raise InputError(
-                f"{path}: the voxel axes are sheared (direction cosines are not orthonormal)",
-                hint="resample the image onto an orthogonal grid first",
-            ) from None
-        raise InputError(f"cannot read {path} as an image: {_itk_error_text(error)}",
-                         hint="check that the file is a complete NIfTI, NRRD, MHA or a DICOM series folder") from None
+        _raise_read_error(error, path)
 
 
-def _check_itk_image(img: sitk.Image, path: Path) -> None:
-    components = img.GetNumberOfComponentsPerPixel()
+def _raise_read_error(error: RuntimeError, path: Path) -> None:
+    """Turn an ITK read exception into one clear InputError."""
+    text = str(error)
+    if "Zero-valued spacing" in text:
+        raise InputError(
+            f"{path}: the header gives a voxel spacing of 0 mm", hint="fix the file's spacing / space directions"
+        ) from None
+    if "orthonormal" in text:
+        raise InputError(
+            f"{path}: the voxel axes are sheared (direction cosines are not orthonormal)",
+            hint="resample the image onto an orthogonal grid first",
+        ) from None
+    raise InputError(
+        f"cannot read {path} as an image: {_itk_error_text(error)}",
+        hint="check that the file is a complete NIfTI, NRRD, MHA or a DICOM series folder",
+    ) from None
+
+
+def _check_nrrd_spacings(path: Path) -> None:
+    """Refuse NRRD ``spacings`` that are zero or negative (ITK would silently flip negative ones)."""
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception:  # pynrrd is stricter than ITK on some headers: let ITK judge the file
+        return
+    spacings = header.get("spacings")
+    if spacings is None or "space directions" in header:
+        return
+    values = np.asarray(spacings, dtype=np.float64)
+    values = values[np.isfinite(values)]  # non-spatial axes carry NaN
+    if np.any(values <= 0):
+        raise InputError(
+            f"{path}: the header gives voxel spacings {np.asarray(spacings).tolist()}; spacings must be > 0",
+            hint="fix the 'spacings' field (use 'space directions' to express a flipped axis)",
+        )
+
+
+def _check_itk_image(img: sitk.Image | sitk.ImageFileReader, path: Path) -> None:
+    """Refuse vector, 2D and 4D images (``img`` may be an image or a reader with its information)."""
+    if isinstance(img, sitk.ImageFileReader):
+        components = img.GetNumberOfComponents()
+    else:
+        components = img.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise InputError(
             f"{path} is a vector/multi-component image ({components} components per voxel)",
@@ -79,6 +110,41 @@ def _check_itk_image(img: sitk.Image, path: Path) -> None:
         )
     if dim != 3:
         raise InputError(f"{path} is a {dim}D image (size {list(img.GetSize())}); a 3D volume is needed")
+
+
+def _read_nifti(path: Path) -> Volume:
+    """A NIfTI file: grid from ITK (as Slicer reads it), voxels from nibabel.
+
+    ITK's NIfTI reader silently zero-fills truncated files and turns NaN/inf into 0; nibabel
+    raises on the former and keeps the latter, so both problems reach the user.
+    """
+    import nibabel as nib
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        _raise_read_error(error, path)
+    _check_itk_image(reader, path)
+    size = tuple(int(n) for n in reader.GetSize())
+    try:
+        image = nib.load(str(path))
+        array = np.asanyarray(image.dataobj)
+    except Exception as error:
+        raise InputError(f"cannot read the voxels of {path}: {str(error)[:300]}",
+                         hint="the file may be truncated or corrupt; export it again") from None
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.shape != size:
+        raise InputError(f"{path}: the voxel array {array.shape} does not match the header size {size}")
+    return Volume(
+        array=np.asarray(array),
+        spacing=np.array(reader.GetSpacing(), dtype=np.float64),
+        origin=np.array(reader.GetOrigin(), dtype=np.float64),
+        direction=np.array(reader.GetDirection(), dtype=np.float64).reshape(3, 3),
+        source=Source(paths=[path], format="nifti"),
+    )
 
 
 def volume_from_itk(img: sitk.Image, source: Source | None = None) -> Volume:
@@ -155,29 +221,19 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise InputError(f"input {path} is not readable (permission denied)")
     if full_suffix(path).lower() in (".dcm", ".ima"):
         raise InputError(f"{path} is a single DICOM file", hint=f"pass the folder holding the series: {path.parent}")
+    fmt = image_format(path)
+    if fmt == "nrrd":
+        _check_nrrd_spacings(path)
+    if fmt == "nifti":
+        return _read_nifti(path)
     img = _read_itk(path)
     _check_itk_image(img, path)
-    fmt = image_format(path) or (full_suffix(path).lstrip(".").lower() or "unknown")
+    fmt = fmt or (full_suffix(path).lstrip(".").lower() or "unknown")
     return volume_from_itk(img, Source(paths=[path], format=fmt))
 
 
 def count_nonfinite(volume: Volume) -> tuple[int, int]:
-    """Number of NaN and of +/-inf voxels in a volume.
-
-    ITK's NIfTI reader silently turns NaN/inf into 0, so for a floating-point NIfTI file the
-    raw voxels are counted with nibabel instead of the ITK array.
-    """
-    source = volume.source
-    if source is not None and source.format == "nifti" and len(source.paths) == 1:
-        import nibabel as nib
-
-        try:
-            image = nib.load(str(source.paths[0]))
-            if np.issubdtype(image.get_data_dtype(), np.floating):
-                raw = np.asanyarray(image.dataobj.get_unscaled())
-                return int(np.isnan(raw).sum()), int(np.isinf(raw).sum())
-        except Exception as error:  # nibabel cannot read what ITK did: fall back to ITK's array
-            logger.debug("nibabel could not re-read %s for a NaN check: %s", source.paths[0], error)
+    """Number of NaN and of +/-inf voxels in a volume."""
     array = volume.array
     if not np.issubdtype(array.dtype, np.floating):
         return 0, 0

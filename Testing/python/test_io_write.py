@@ -1,0 +1,310 @@
+"""Writing results: formats, colour tables, Slicer segmentations, no clobbering, atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from volseg.cards import Label
+from volseg.errors import OutputError
+from volseg.io import (
+    Volume,
+    atomic_output,
+    check_segmentation_output,
+    check_writable,
+    color_table_path,
+    read_volume,
+    write_probabilities,
+    write_segmentation,
+    write_volume,
+)
+from volseg.io import writers
+from volseg.io.atomic import full_suffix
+from volseg.terminology import slicer_terminology_tag
+
+LIVER = {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}
+LEFT_KIDNEY = {
+    "category": ["SCT", "123037004", "Anatomical Structure"],
+    "type": ["SCT", "64033007", "Kidney"],
+    "type_modifier": ["SCT", "7771000", "Left"],
+}
+MASS = {
+    "category": ["SCT", "49755003", "Morphologically Altered Structure"],
+    "type": ["SCT", "4147007", "Mass"],
+    "region": ["SCT", "64033007", "Kidney"],
+    "region_modifier": ["SCT", "7771000", "Left"],
+}
+SEGMENTS = [
+    Label(1, "liver", (221, 130, 101), 1, LIVER),
+    Label(2, "left kidney", (185, 102, 83), 2, LEFT_KIDNEY),
+    Label(5, "kidney mass, left", (144, 238, 144), 3, MASS),
+    Label(7, "other", (10, 20, 30), 4, None),
+]
+
+
+def _reference(shape=(10, 9, 8)) -> Volume:
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    return Volume(np.zeros(shape, np.float32), spacing=[0.8, 1.1, 2.5], origin=[-12.5, 30.25, 4.0], direction=rotation)
+
+
+def _labels(shape=(10, 9, 8)) -> np.ndarray:
+    labels = np.zeros(shape, np.int64)
+    labels[1:4, 2:5, 1:3] = 1
+    labels[5:8, 1:3, 4:7] = 2
+    labels[6, 6, 6] = 5  # label 7 is described but absent
+    return labels
+
+
+def _assert_grid(image: sitk.Image, ref: Volume, atol=1e-5):
+    np.testing.assert_allclose(image.GetSpacing(), ref.spacing, atol=atol)
+    np.testing.assert_allclose(image.GetOrigin(), ref.origin, atol=atol)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), ref.direction, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["seg.nii.gz", "seg.nii", "seg.nrrd", "seg.mha"])
+def test_labelmap_with_colour_table(tmp_path, name):
+    ref, labels = _reference(), _labels()
+    out = write_segmentation(tmp_path / name, labels, ref, SEGMENTS)
+    assert out == tmp_path / name
+    image = sitk.ReadImage(str(out))
+    assert image.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), labels)
+    _assert_grid(image, ref)
+
+    table = color_table_path(out)
+    assert table == tmp_path / "seg.csv"
+    rows = list(csv.DictReader(table.open()))
+    assert list(rows[0])[:6] == ["LabelValue", "Name", "Color_R", "Color_G", "Color_B", "Color_A"]
+    assert [(r["LabelValue"], r["Name"]) for r in rows] == [(str(s.value), s.name) for s in SEGMENTS]
+    assert (rows[1]["Color_R"], rows[1]["Color_G"], rows[1]["Color_B"], rows[1]["Color_A"]) == ("185", "102", "83", "255")
+    assert (rows[1]["Type_CodingScheme"], rows[1]["Type_CodeValue"], rows[1]["Type_CodeMeaning"]) == ("SCT", "64033007", "Kidney")
+    assert rows[1]["TypeModifier_CodeMeaning"] == "Left"
+    assert (rows[2]["Region_CodeValue"], rows[2]["RegionModifier_CodeMeaning"]) == ("64033007", "Left")
+    assert rows[3]["Category_CodeValue"] == "" and rows[3]["Type_CodeValue"] == ""
+    assert not [p for p in tmp_path.iterdir() if "volseg-tmp" in p.name]
+
+
+def test_labelmap_uses_uint16_above_255_and_keeps_values(tmp_path):
+    labels = _labels()
+    labels[0, 0, 0] = 300
+    segments = [*SEGMENTS, Label(300, "big", (1, 2, 3), 5, None)]
+    out = write_segmentation(tmp_path / "big.nrrd", labels, _reference(), segments)
+    data, header = nrrd.read(str(out), index_order="F")
+    assert data.dtype == np.uint16 and header["type"] == "unsigned short"
+    np.testing.assert_array_equal(data, labels)
+
+
+def test_nrrd_labelmap_carries_provenance(tmp_path):
+    provenance = {"model": "demo-liver", "volseg_version": "0.1.0", "inputs": ["ct.nii.gz"]}
+    out = write_segmentation(tmp_path / "seg.nrrd", _labels(), _reference(), SEGMENTS, provenance=provenance)
+    header = nrrd.read_header(str(out))
+    assert header["VolSeg_model"] == "demo-liver"
+    assert json.loads(header["VolSeg_inputs"]) == ["ct.nii.gz"]
+
+
+def test_seg_nrrd_read_back_with_slicerio(tmp_path):
+    ref, labels = _reference(), _labels()
+    provenance = {"model": "demo-liver", "checkpoint_sha256": "ab" * 32}
+    out = write_segmentation(tmp_path / "result.seg.nrrd", labels, ref, SEGMENTS, provenance=provenance)
+    seg = slicerio.read_segmentation(str(out))
+    np.testing.assert_array_equal(seg["voxels"], labels)
+    assert seg["voxels"].dtype == np.uint8
+    np.testing.assert_allclose(seg["ijkToLPS"], ref.ijk_to_lps, atol=1e-9)
+    by_name = {s["name"]: s for s in seg["segments"]}
+    assert list(by_name) == [s.name for s in SEGMENTS]  # absent label 7 still gets its segment
+    for label in SEGMENTS:
+        segment = by_name[label.name]
+        assert segment["labelValue"] == label.value and segment["layer"] == 0
+        assert segment["id"] == f"Segment_{label.value}"
+        np.testing.assert_allclose(segment["color"], np.array(label.color) / 255, atol=1e-6)
+        assert not segment["colorAutoGenerated"] and not segment["nameAutoGenerated"]
+        mask = slicerio.segment_mask(seg, label.name)
+        np.testing.assert_array_equal(mask, labels == label.value)
+    kidney = by_name["left kidney"]["terminology"]
+    assert kidney["type"] == LEFT_KIDNEY["type"] and kidney["typeModifier"] == LEFT_KIDNEY["type_modifier"]
+    mass = by_name["kidney mass, left"]["terminology"]
+    assert mass["anatomicRegion"] == MASS["region"] and mass["anatomicRegionModifier"] == MASS["region_modifier"]
+    assert "terminology" not in by_name["other"]
+    # the raw tag is exactly Slicer's TerminologyEntry format
+    header = nrrd.read_header(str(out))
+    assert f"TerminologyEntry:{slicer_terminology_tag(LIVER)}|" in header["Segment0_Tags"]
+    assert header["VolSeg_model"] == "demo-liver"
+    assert header["VolSeg_checkpoint_sha256"] == "ab" * 32
+
+
+@pytest.mark.parametrize("name", ["p.nii.gz", "p.nrrd"])
+def test_probabilities_channels_last_on_reference_grid(tmp_path, name):
+    ref = _reference()
+    probs = np.random.default_rng(0).random((3, *ref.spatial_shape)).astype(np.float32)
+    out = write_probabilities(tmp_path / name, probs, ref)
+    if name.endswith(".nrrd"):
+        data, header = nrrd.read(str(out), index_order="F")
+        assert header["kinds"] == ["domain", "domain", "domain", "list"]
+        np.testing.assert_allclose(np.asarray(header["space directions"])[:3].T, ref.ijk_to_lps[:3, :3], atol=1e-9)
+        np.testing.assert_allclose(header["space origin"], ref.origin, atol=1e-9)
+    else:
+        image = nib.load(str(out))
+        data = image.get_fdata(dtype=np.float32)
+        np.testing.assert_allclose(image.affine, ref.ijk_to_ras, atol=1e-5)
+        itk = sitk.ReadImage(str(out))  # ITK (Slicer) sees the same spatial grid
+        np.testing.assert_allclose(itk.GetOrigin()[:3], ref.origin, atol=1e-4)
+        np.testing.assert_allclose(np.reshape(itk.GetDirection(), (4, 4))[:3, :3], ref.direction, atol=1e-5)
+    assert data.shape == (*ref.spatial_shape, 3)
+    np.testing.assert_array_equal(np.moveaxis(data, -1, 0), probs)
+
+
+def test_write_volume_round_trip(tmp_path):
+    ref = _reference()
+    vol = ref.with_array(np.arange(np.prod(ref.spatial_shape), dtype=np.float32).reshape(ref.spatial_shape))
+    for name in ["v.nii.gz", "v.nrrd", "v.mha"]:
+        back = read_volume(write_volume(tmp_path / name, vol))
+        np.testing.assert_array_equal(back.array, vol.array)
+        assert back.same_grid(vol, tol=1e-5)
+    with pytest.raises(OutputError, match="one channel"):
+        write_volume(tmp_path / "two.nrrd", ref.with_array(np.zeros((2, *ref.spatial_shape))))
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_no_overwrite_without_flag(tmp_path):
+    ref, labels = _reference(), _labels()
+    for name in ["a.seg.nrrd", "a.nii.gz", "p.nrrd"]:
+        target = tmp_path / name
+        target.write_bytes(b"precious")
+        with pytest.raises(OutputError, match="exists; pass --overwrite"):
+            if name == "p.nrrd":
+                write_probabilities(target, np.zeros((2, *ref.spatial_shape)), ref)
+            else:
+                write_segmentation(target, labels, ref, SEGMENTS)
+        assert target.read_bytes() == b"precious"
+    write_segmentation(tmp_path / "a.seg.nrrd", labels, ref, SEGMENTS, overwrite=True)
+    assert slicerio.read_segmentation(str(tmp_path / "a.seg.nrrd"))["voxels"].shape == labels.shape
+
+
+def test_existing_colour_table_blocks_the_labelmap_too(tmp_path):
+    (tmp_path / "out.csv").write_text("mine")
+    with pytest.raises(OutputError, match="out.csv exists"):
+        check_segmentation_output(tmp_path / "out.nii.gz")
+    with pytest.raises(OutputError, match="out.csv exists"):
+        write_segmentation(tmp_path / "out.nii.gz", _labels(), _reference(), SEGMENTS)
+    assert not (tmp_path / "out.nii.gz").exists()  # refused before writing anything
+    assert (tmp_path / "out.csv").read_text() == "mine"
+    assert check_segmentation_output(tmp_path / "out.nii.gz", overwrite=True) == [tmp_path / "out.nii.gz", tmp_path / "out.csv"]
+
+
+@pytest.mark.parametrize("name", ["out.png", "out", "out.nii.zip", "out.nhdr"])
+def test_unknown_extension_lists_supported(tmp_path, name):
+    with pytest.raises(OutputError, match="unknown extension") as info:
+        write_segmentation(tmp_path / name, _labels(), _reference(), SEGMENTS)
+    for suffix in (".seg.nrrd", ".nii.gz", ".nrrd", ".mha", ".dcm"):
+        assert suffix in info.value.hint
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dicom_seg_needs_dicom_input(tmp_path):
+    with pytest.raises(OutputError, match="DICOM series input") as info:
+        write_segmentation(tmp_path / "seg.dcm", _labels(), _reference(), SEGMENTS)
+    assert ".seg.nrrd" in info.value.hint
+
+
+def test_label_map_must_fit_grid_and_labels(tmp_path):
+    ref = _reference()
+    with pytest.raises(OutputError, match="differs from the reference grid"):
+        write_segmentation(tmp_path / "a.nrrd", np.zeros((3, 3, 3), np.uint8), ref, SEGMENTS)
+    labels = _labels()
+    labels[0, 0, 0] = 9
+    with pytest.raises(OutputError, match=r"label value\(s\) \[9\]"):
+        write_segmentation(tmp_path / "a.nrrd", labels, ref, SEGMENTS)
+    with pytest.raises(OutputError, match="integers"):
+        write_segmentation(tmp_path / "a.nrrd", labels.astype(np.float32), ref, SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_folder_and_folder_target(tmp_path):
+    with pytest.raises(OutputError, match="does not exist"):
+        check_writable(tmp_path / "nope" / "a.nrrd")
+    (tmp_path / "dir.nrrd").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        check_writable(tmp_path / "dir.nrrd", overwrite=True)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_atomic_output_keeps_suffix_and_commits(tmp_path):
+    target = tmp_path / "result.seg.nrrd"
+    with atomic_output(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".seg.nrrd") and tmp != target
+        tmp.write_text("done")
+        assert not target.exists()
+    assert target.read_text() == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.seg.nrrd"]
+    assert full_suffix("a.b.NII.GZ") == ".NII.GZ" and full_suffix("x.nrrd") == ".nrrd"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_atomic_output_cleans_up_on_failure(tmp_path, error):
+    target = tmp_path / "a.nii.gz"
+    target.write_text("old")
+    with pytest.raises(type(error)):
+        with atomic_output(target, overwrite=True) as tmp:
+            tmp.write_text("half")
+            raise error
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz"]
+
+
+def test_failed_writer_leaves_no_files(tmp_path, monkeypatch):
+    def half_write(image, path, useCompression=False):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(writers.sitk, "WriteImage", half_write)
+    with pytest.raises(OutputError, match="disk full"):
+        write_segmentation(tmp_path / "a.nii.gz", _labels(), _reference(), SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_colour_table_failure_rolls_back_the_labelmap(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(writers, "write_color_table", broken)
+    with pytest.raises(OSError):
+        write_segmentation(tmp_path / "a.nrrd", _labels(), _reference(), SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_appearing_during_write_is_not_clobbered(tmp_path):
+    target = tmp_path / "a.nrrd"
+    with pytest.raises(OutputError, match="exists"):
+        with atomic_output(target) as tmp:
+            tmp.write_text("new")
+            target.write_text("someone else's")
+    assert target.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nrrd"]
+
+
+def test_block_that_writes_nothing_is_an_error(tmp_path):
+    with pytest.raises(OutputError, match="no file was produced"):
+        with atomic_output(tmp_path / "a.nrrd"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_permissions_follow_umask(tmp_path):
+    out = write_segmentation(tmp_path / "a.nrrd", _labels(), _reference(), SEGMENTS)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -16,7 +16,8 @@ Notes for inference:
   strictly), but the forward returns the full-resolution output only, unless ``do_ds`` is set
   True, in which case it returns ``[out_0, out_1, out_2, out_3, out_4]`` (coarser and coarser).
 
-Shapes: B batch, C channels, (D, H, W) spatial; each spatial size must be divisible by 16.
+Shapes: B batch, C channels, (D, H, W) spatial; each spatial size must be divisible by 16 and
+at least 32 (the bottleneck's per-channel GroupNorm needs more than one voxel).
 """
 
 from __future__ import annotations
@@ -400,6 +401,7 @@ def config_from_state_dict(sd: StateDict) -> dict[str, Any] | None:
         "deep_supervision": "out_1.conv_out.weight" in sd,
         "do_res": True,  # invisible in the weights; every published variant uses residual blocks
         "do_res_up_down": "down_0.res_conv.weight" in sd,
+        "checkpoint_style": None,  # training-only; never used for inference
         "block_counts": block_counts,
         "norm_type": "group",
         "dim": "3d" if stem.ndim == 5 else "2d",

@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
 from volseg.cards import Label
-from volseg.errors import OutputError
-from volseg.io import read_inputs, read_volume, write_segmentation
+from volseg.errors import InputError, OutputError
+from volseg.io import check_segmentation_output, read_inputs, read_volume, write_segmentation
 from volseg.io.volume import Volume
 
 CROP = (slice(40, 72), slice(50, 74), slice(10, 16))  # 32 x 24 x 6 voxels of CTChest4
@@ -199,3 +199,17 @@ def test_segmentation_from_dicom_can_also_be_seg_nrrd(tmp_path, series):
         warnings.simplefilter("error")  # one series: no warning
         out = write_segmentation(tmp_path / "seg.seg.nrrd", _labels(vol.array), vol, SEGMENTS)
     assert out.exists()
+
+
+def test_series_with_a_missing_slice_is_refused(series):
+    folder, files = series
+    files[3].unlink()
+    with pytest.raises(InputError, match="not evenly spaced.*slices 2-3: 20 mm"):
+        read_volume(folder)
+
+
+def test_dcm_output_checked_up_front(tmp_path, series, ct_crop):
+    folder, _ = series
+    assert check_segmentation_output(tmp_path / "s.dcm", reference=read_volume(folder)) == [tmp_path / "s.dcm"]
+    with pytest.raises(OutputError, match="needs a DICOM series input"):
+        check_segmentation_output(tmp_path / "s.dcm", reference=ct_crop)

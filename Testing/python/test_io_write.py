@@ -105,11 +105,19 @@ def test_labelmap_uses_uint16_above_255_and_keeps_values(tmp_path):
 
 
 def test_nrrd_labelmap_carries_provenance(tmp_path):
-    provenance = {"model": "demo-liver", "volseg_version": "0.1.0", "inputs": ["ct.nii.gz"]}
+    provenance = {"model": "demo-liver", "volseg_version": "0.1.0", "inputs": ["ct.nii.gz"], "odd key:=x": "a\nb"}
     out = write_segmentation(tmp_path / "seg.nrrd", _labels(), _reference(), SEGMENTS, provenance=provenance)
     header = nrrd.read_header(str(out))
     assert header["VolSeg_model"] == "demo-liver"
     assert json.loads(header["VolSeg_inputs"]) == ["ct.nii.gz"]
+    assert header["VolSeg_odd_key__x"] == "a b"
+
+
+def test_seg_nrrd_segment_names_stay_on_one_line(tmp_path):
+    segments = [Label(1, "two\nlines", (1, 2, 3), 1, None)]
+    labels = np.zeros((10, 9, 8), np.uint8)
+    out = write_segmentation(tmp_path / "a.seg.nrrd", labels, _reference(), segments)
+    assert [s["name"] for s in slicerio.read_segmentation(str(out))["segments"]] == ["two lines"]
 
 
 def test_seg_nrrd_read_back_with_slicerio(tmp_path):

@@ -183,6 +183,34 @@ def _dicom_series(folder: Path) -> tuple[list[Path], str]:
     return [Path(f) for f in files[chosen]], chosen
 
 
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, img: sitk.Image, folder: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced (missing slices, variable spacing).
+
+    ITK would read such a series onto a regular grid anyway, misplacing every slice after the
+    first irregular step.
+    """
+    positions = []
+    for index in range(img.GetSize()[2]):
+        if not reader.HasMetaDataKey(index, "0020|0032"):
+            return  # no positions to check (ITK then stacked the files at a nominal spacing)
+        try:
+            positions.append([float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")])
+        except ValueError:
+            return
+    normal = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    steps = np.diff(np.asarray(positions) @ normal)
+    if steps.size == 0:
+        return
+    nominal = float(np.median(steps))
+    irregular = np.flatnonzero(np.abs(steps - nominal) > 0.01 * abs(nominal) + 1e-3)
+    if nominal == 0 or irregular.size:
+        where = ", ".join(f"slices {i}-{i + 1}: {steps[i]:.4g} mm" for i in irregular[:3])
+        raise InputError(
+            f"the DICOM series in {folder} is not evenly spaced (nominal {nominal:.4g} mm; {where})",
+            hint="slices may be missing; or load the series in Slicer, which can resample irregular series, and export a volume",
+        )
+
+
 def _read_dicom_folder(folder: Path) -> Volume:
     dicom_files, series_uid = _dicom_series(folder)
     if len(dicom_files) < 2:
@@ -195,6 +223,7 @@ def _read_dicom_folder(folder: Path) -> Volume:
     except RuntimeError as error:
         raise InputError(f"cannot read the DICOM series in {folder}: {_itk_error_text(error)}") from None
     _check_itk_image(img, folder)
+    _check_slice_spacing(reader, img, folder)
     description = None
     if reader.HasMetaDataKey(0, "0008|103e"):
         description = reader.GetMetaData(0, "0008|103e").strip()

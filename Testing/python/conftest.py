@@ -51,3 +51,60 @@ def ct_path(slicerio_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def ct_segmentation_path(slicerio_data: Path) -> Path:
     return slicerio_data / "Segmentation.seg.nrrd"
+
+
+# -- engine fixtures: tiny models and cards made by the tests themselves ---------------------------
+import json  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+
+class ThresholdNet(nn.Module):
+    """A 'network' whose answer is known: label 1 where the (preprocessed) input exceeds ``t``.
+
+    (B, 1, ...) -> (B, 2, ...) logits. Used to check that geometry survives preprocessing,
+    sliding windows and inversion exactly.
+    """
+
+    def __init__(self, t: float = 0.5) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = (x[:, :1] - self.t) * 20.0
+        return torch.cat([-d, d], dim=1)
+
+
+@pytest.fixture(scope="session")
+def threshold_torchscript(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "threshold.pt"
+    torch.jit.save(torch.jit.script(ThresholdNet()), str(path))
+    return path
+
+
+def make_card(folder: Path, card_id: str = "test-card", **fields) -> Path:
+    """Write a valid card JSON into ``folder`` (fields override the defaults) and return its path."""
+    raw = {
+        "id": card_id,
+        "title": "test card",
+        "architecture": {"name": "torchscript"},
+        "inputs": [{"name": "CT", "modality": "CT"}],
+        "labels": [{"value": 1, "name": "bright", "color": [255, 0, 0],
+                    "terminology": {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                                    "type": ["SCT", "4147007", "Mass"]}}],
+        "output": {"activation": "softmax"},
+        "preprocessing": [],
+        "inference": {"roi_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2},
+    }
+    raw.update(fields)
+    path = Path(folder) / f"{card_id}.json"
+    path.write_text(json.dumps(raw, indent=1))
+    return path
+
+
+@pytest.fixture
+def card_factory(tmp_path):
+    def factory(card_id: str = "test-card", **fields) -> Path:
+        return make_card(tmp_path, card_id, **fields)
+
+    return factory

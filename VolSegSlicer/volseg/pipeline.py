@@ -1,0 +1,212 @@
+"""The path of a volume: read, preprocess, infer, postprocess, write.
+
+:func:`segment` is what ``volseg segment`` and the Slicer module run. Every step reports a
+stage to the :class:`~volseg.progress.Reporter`; a cancel request (SIGINT/SIGTERM in the CLI)
+is honoured between windows and between stages, and since every write is atomic a cancelled
+or failed run leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from volseg import __version__, models
+from volseg.cards import ModelCard
+from volseg.checkpoints import read_checkpoint
+from volseg.devices import resolve_device
+from volseg.errors import Cancelled, CheckpointError, ResourceError
+from volseg.inference import InferenceOptions, count_windows, predict_with_fallback
+from volseg.io import check_segmentation_output, check_writable, read_inputs, write_probabilities, write_segmentation
+from volseg.postprocess import postprocess, to_labelmap
+from volseg.preprocess import invert, preprocess
+from volseg.progress import Reporter
+
+
+@dataclass
+class Overrides:
+    """Settings the user changed on the command line or in the Slicer panel (None: use the card's)."""
+
+    roi_size: tuple[int, int, int] | None = None
+    overlap: float | None = None
+    sw_batch_size: int | None = None
+    flips: bool | None = None
+    amp: bool | None = None
+    keep_largest: bool | None = None
+    fill_holes: bool | None = None
+    min_island_mm3: float | None = None
+
+
+@dataclass
+class SegmentRequest:
+    inputs: Sequence[Path]
+    card: ModelCard
+    output: Path
+    checkpoint: Path | None = None
+    probabilities: Path | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    trust_pickle: bool = False
+    overrides: Overrides = field(default_factory=Overrides)
+
+
+class ModelCache:
+    """Keeps loaded networks between requests (``volseg serve``); keyed by card, file and mtime."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, torch.nn.Module] = {}
+
+    def get(self, key: tuple) -> torch.nn.Module | None:
+        return self._models.get(key)
+
+    def put(self, key: tuple, model: torch.nn.Module) -> None:
+        self._models = {key: model}  # one model at a time: GPU memory is the scarce resource
+
+
+def checkpoint_for(card: ModelCard, given: Path | None) -> Path:
+    path = given or card.checkpoint_path
+    if path is None:
+        where = card.raw.get("checkpoint", {}).get("published_at")
+        raise CheckpointError(
+            f"model {card.id!r} needs a checkpoint and none was given",
+            hint="pass --checkpoint PATH" + (f" (the weights are published at {where})" if where else ""),
+        )
+    return Path(path)
+
+
+def load_model(card: ModelCard, checkpoint: Path, trust_pickle: bool = False) -> torch.nn.Module:
+    """Read the checkpoint and build the card's network around it (strict, eval mode)."""
+    ckpt = read_checkpoint(checkpoint, trust_pickle=trust_pickle, sha256=card.checkpoint_sha256)
+    if card.is_torchscript or ckpt.format == "torchscript":
+        if ckpt.module is None:
+            raise CheckpointError(f"the card {card.id!r} expects a TorchScript file but {checkpoint} holds a state_dict",
+                                  hint=f"use a card with an architecture, or `volseg inspect {checkpoint}`")
+        return ckpt.module.eval()
+    return models.load(card.architecture, ckpt.state_dict, **card.config)
+
+
+def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
+    s = card.inference
+    return InferenceOptions(
+        roi_size=tuple(o.roi_size or s.roi_size),
+        overlap=s.overlap if o.overlap is None else o.overlap,
+        mode=s.mode,
+        sigma_scale=s.sigma_scale,
+        sw_batch_size=o.sw_batch_size or s.sw_batch_size,
+        flips=s.flips if o.flips in (None, True) else (),
+        amp=s.amp if o.amp is None else o.amp,
+        activation=card.activation,
+        activation_per_window=s.activation_per_window,
+        padding_mode=s.padding_mode,
+        select_output=card.select_output,
+    )
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int = 1) -> int:
+    """Bytes the CPU needs for one run on a preprocessed grid of ``shape``: the input, the
+    blended output and its weight map, the averaged probabilities and the label map."""
+    voxels = int(np.prod(shape))
+    return voxels * 4 * (in_channels + 2 * out_channels + (out_channels if passes > 1 else 0) + 1) + voxels * 2
+
+
+def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int) -> None:
+    need = estimate_memory(shape, in_channels, out_channels, passes)
+    free = _available_memory()
+    if free is not None and need > 0.9 * free:
+        raise ResourceError(
+            f"this volume needs about {need / 2**30:.1f} GiB of memory after preprocessing "
+            f"(grid {tuple(shape)}, {out_channels} output channels) but only {free / 2**30:.1f} GiB are available",
+            hint="crop the volume to the region of interest, resample it coarser, or close other programs",
+        )
+
+
+def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event | None = None,
+            cache: ModelCache | None = None) -> dict[str, Any]:
+    """Run one segmentation end to end; returns the ``done`` event's payload."""
+    card, o = request.card, request.overrides
+    cancel = cancel or threading.Event()
+
+    def checkpoint_stage(name: str, message: str) -> None:
+        if cancel.is_set():
+            raise Cancelled()
+        reporter.stage(name, message)
+
+    check_segmentation_output(request.output, request.overwrite)
+    if request.probabilities is not None:
+        check_writable(request.probabilities, request.overwrite)
+    device, reason = resolve_device(request.device)
+    reporter.log(f"device {device}: {reason}")
+    if card.demonstration:
+        reporter.log(f"{card.title} is a demonstration model, not for clinical use", "warning")
+
+    checkpoint_stage("read", f"reading {len(request.inputs)} input(s)")
+    volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
+                         channel_names=[i.name for i in card.inputs])
+    check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1)
+
+    checkpoint_stage("load_model", f"loading {card.id}")
+    ckpt_path = checkpoint_for(card, request.checkpoint)
+    key = (card.id, card.architecture, str(ckpt_path.resolve()), ckpt_path.stat().st_mtime if ckpt_path.exists() else 0)
+    model = cache.get(key) if cache else None
+    if model is None:
+        model = load_model(card, ckpt_path, request.trust_pickle)
+        if cache:
+            cache.put(key, model)
+
+    checkpoint_stage("preprocess", "preprocessing")
+    pre = preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+    options = inference_options(card, o)
+    check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips))
+
+    windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap) * (1 + len(options.flips))
+    checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
+    probs, where = predict_with_fallback(model, pre.image, options, device, reporter, cancel)
+    _check_channels(probs, card)
+
+    checkpoint_stage("postprocess", "postprocessing")
+    probs = invert(probs, pre)
+    labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
+    p = card.postprocessing
+    labelmap = postprocess(
+        labelmap, card.labels, volume.spacing,
+        keep_largest=p.keep_largest_component if o.keep_largest is None else o.keep_largest,
+        holes=p.fill_holes if o.fill_holes is None else o.fill_holes,
+        min_island_mm3=p.min_island_mm3 if o.min_island_mm3 is None else o.min_island_mm3,
+    )
+
+    checkpoint_stage("write", f"writing {request.output}")
+    provenance = {"model": card.id, "title": card.title, "architecture": card.architecture,
+                  "checkpoint": ckpt_path.name, "software": f"volseg {__version__}", "device": where}
+    outputs: dict[str, Any] = {"segmentation": str(write_segmentation(
+        request.output, labelmap, volume, card.labels, overwrite=request.overwrite, provenance=provenance))}
+    outputs["probabilities"] = None
+    if request.probabilities is not None:
+        outputs["probabilities"] = str(write_probabilities(request.probabilities, probs.numpy(), volume,
+                                                           overwrite=request.overwrite))
+    present = sorted(int(v) for v in np.unique(labelmap) if v)
+    result = {"outputs": outputs, "device": str(device), "where": where, "labels_present": present}
+    reporter.done(**result)
+    return result
+
+
+def _check_channels(probs: torch.Tensor, card: ModelCard) -> None:
+    if probs.shape[0] != card.out_channels:
+        raise CheckpointError(
+            f"the network returned {probs.shape[0]} channels but the card {card.id!r} describes {card.out_channels}",
+            hint="the card's labels (or output.channels) do not match the checkpoint; check the label count",
+        )

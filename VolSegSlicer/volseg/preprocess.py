@@ -1,0 +1,101 @@
+"""Preprocessing from a model card, and its inversion onto the input grid.
+
+A card lists transforms by name (``volseg.transforms`` first, then ``monai.transforms``) with
+their keyword arguments. They run in order on a MONAI ``MetaTensor`` of shape (C, I, J, K)
+whose affine maps voxel indices to RAS millimetres. Spatial transforms are inverted afterwards
+on the network output, newest first: MONAI's invertible transforms through the operations they
+recorded on the tensor, volseg's through their own ``inverse``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import InvertibleTransform, Transform
+
+from volseg.errors import ModelCardError
+
+_SEARCH_MODULES = ("volseg.transforms", "monai.transforms")
+
+
+def resolve_transform(name: str) -> type:
+    """The transform class a card's ``name`` refers to."""
+    for module_name in _SEARCH_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and issubclass(cls, Transform):
+            if name.endswith("d") and hasattr(cls, "keys") and module_name == "monai.transforms":
+                break  # dictionary transforms need keys; cards use array transforms
+            return cls
+    raise ModelCardError(
+        f"unknown preprocessing transform {name!r}",
+        hint="use a MONAI array transform (e.g. Spacing, Orientation, ScaleIntensityRange, CropForeground) "
+        "or a volseg transform (PerSliceMinMax, ClipZScore)",
+    )
+
+
+def build_transforms(steps: Sequence[Mapping[str, Any]]) -> list[Transform]:
+    """Instantiate the card's preprocessing steps, with a clear error for bad arguments."""
+    transforms = []
+    for n, step in enumerate(steps):
+        cls = resolve_transform(step["name"])
+        args = dict(step.get("args", {}))
+        try:
+            transforms.append(cls(**args))
+        except (TypeError, ValueError) as exc:
+            raise ModelCardError(
+                f"preprocessing step {n} ({step['name']}) has invalid arguments {args}: {exc}",
+                hint=f"check the arguments of {cls.__module__}.{cls.__name__}",
+            ) from None
+    return transforms
+
+
+@dataclass
+class Preprocessed:
+    """The network input and what is needed to map the output back."""
+
+    image: MetaTensor  # (C, I', J', K')
+    transforms: list[Transform]
+    input_shape: tuple[int, int, int]
+
+
+def to_metatensor(array: np.ndarray, ijk_to_ras: np.ndarray) -> MetaTensor:
+    """Wrap a (C, I, J, K) array as a MetaTensor with its ijk->RAS affine."""
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)),
+                      affine=torch.as_tensor(ijk_to_ras, dtype=torch.float64), meta={"space": "RAS"})
+
+
+def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mapping[str, Any]]) -> Preprocessed:
+    """Apply the card's steps to a (C, I, J, K) array."""
+    transforms = build_transforms(steps)
+    image = to_metatensor(array, ijk_to_ras)
+    for t in transforms:
+        try:
+            image = t(image)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelCardError(f"preprocessing step {type(t).__name__} failed on this volume: {exc}") from None
+    if not isinstance(image, MetaTensor):  # a transform returned a plain tensor: keep the affine chain usable
+        image = MetaTensor(torch.as_tensor(image))
+    return Preprocessed(image.float(), transforms, tuple(array.shape[1:]))
+
+
+def invert(output: torch.Tensor, pre: Preprocessed) -> torch.Tensor:
+    """Map a network output (C', I', J', K') on the preprocessed grid back to the input grid."""
+    out = MetaTensor(output.float().cpu())
+    out.copy_meta_from(pre.image, copy_attr=True)
+    for t in reversed(pre.transforms):
+        if isinstance(t, InvertibleTransform) or hasattr(t, "inverse"):
+            out = t.inverse(out)
+    result = torch.as_tensor(out).float()
+    if tuple(result.shape[1:]) != pre.input_shape:
+        raise RuntimeError(f"inverting the preprocessing gave shape {tuple(result.shape[1:])}, expected {pre.input_shape}")
+    return result

@@ -177,7 +177,8 @@ def test_sheared_grid(tmp_path):
 def test_inputs_on_different_grids(tmp_path, shape, affine, what):
     first = _nifti(tmp_path / "t1.nii.gz", _ramp())
     second = _nifti(tmp_path / "flair.nii.gz", _ramp(shape), affine)
-    with pytest.raises(InputError, match=f"flair.nii.gz \\(channel 1 \\(FLAIR\\)\\) is not on the grid of .*t1.nii.gz.*{what}") as info:
+    expected = f"flair.nii.gz \\(channel 1 \\(FLAIR\\)\\) is not on the grid of .*t1.nii.gz.*{what}"
+    with pytest.raises(InputError, match=expected) as info:
         read_inputs([first, second], channel_names=["T1", "FLAIR"])
     assert "resample" in info.value.hint
 

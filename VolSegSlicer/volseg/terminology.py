@@ -110,7 +110,7 @@ def parse_slicer_terminology_tag(tag: str) -> dict[str, Any]:
     if len(parts) != 7:
         raise ValueError(f"a Slicer terminology tag has 7 '~'-separated parts, got {len(parts)} in {tag!r}")
     result: dict[str, Any] = {"context_name": parts[0], "anatomic_context_name": parts[4]}
-    for key, part in zip(CODE_KEYS, (parts[1], parts[2], parts[3], parts[5], parts[6])):
+    for key, part in zip(CODE_KEYS, (parts[1], parts[2], parts[3], parts[5], parts[6]), strict=True):
         code = _text_to_code(part)
         if code is not None:
             result[key] = code

@@ -318,7 +318,9 @@ def write_volume(path: str | os.PathLike, vol: Volume, *, overwrite: bool = Fals
     array = vol.array
     if array.ndim == 4:
         if array.shape[0] != 1:
-            raise OutputError(f"write_volume writes one channel; got {array.shape[0]} channels", hint="write each channel separately")
+            raise OutputError(
+                f"write_volume writes one channel; got {array.shape[0]} channels", hint="write each channel separately"
+            )
         array = array[0]
     if array.dtype == bool:
         array = array.astype(np.uint8)

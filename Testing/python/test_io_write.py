@@ -316,3 +316,13 @@ def test_output_permissions_follow_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_replacing_the_input_file_keeps_the_volume_in_memory(tmp_path):
+    path = tmp_path / "in.nii"
+    ref = _reference()
+    write_volume(path, ref.with_array(np.full(ref.spatial_shape, 3.0, np.float32)))
+    vol = read_volume(path)  # not memory-mapped: replacing the file must not change it
+    write_volume(path, vol.with_array(vol.array * 2), overwrite=True)
+    assert float(vol.array.max()) == 3.0
+    assert float(read_volume(path).array.max()) == 6.0

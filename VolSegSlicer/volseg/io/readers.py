@@ -129,7 +129,7 @@ def _read_nifti(path: Path) -> Volume:
     _check_itk_image(reader, path)
     size = tuple(int(n) for n in reader.GetSize())
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path), mmap=False)  # no memory map: the file may be replaced later
         array = np.asanyarray(image.dataobj)
     except Exception as error:
         raise InputError(f"cannot read the voxels of {path}: {str(error)[:300]}",
@@ -149,7 +149,7 @@ def _read_nifti(path: Path) -> Volume:
 
 def volume_from_itk(img: sitk.Image, source: Source | None = None) -> Volume:
     """A :class:`Volume` holding a 3D scalar SimpleITK image (array (I, J, K), native dtype)."""
-    array = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0).copy()
+    array = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # a copy, viewed in (I, J, K) order
     return Volume(
         array=array,
         spacing=np.array(img.GetSpacing(), dtype=np.float64),

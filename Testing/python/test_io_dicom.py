@@ -213,3 +213,10 @@ def test_dcm_output_checked_up_front(tmp_path, series, ct_crop):
     assert check_segmentation_output(tmp_path / "s.dcm", reference=read_volume(folder)) == [tmp_path / "s.dcm"]
     with pytest.raises(OutputError, match="needs a DICOM series input"):
         check_segmentation_output(tmp_path / "s.dcm", reference=ct_crop)
+
+
+def test_single_slice_series_is_refused(tmp_path, ct_crop):
+    one = Volume(ct_crop.array[:, :, :1].copy(), ct_crop.spacing, ct_crop.origin, ct_crop.direction)
+    write_ct_series(tmp_path / "one", one)
+    with pytest.raises(InputError, match="single file"):
+        read_volume(tmp_path / "one")

@@ -214,7 +214,10 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, img: sitk.Image, folder
 def _read_dicom_folder(folder: Path) -> Volume:
     dicom_files, series_uid = _dicom_series(folder)
     if len(dicom_files) < 2:
-        raise InputError(f"the DICOM series {series_uid} in {folder} has a single file; a 3D series is needed")
+        raise InputError(
+            f"the DICOM series {series_uid} in {folder} has a single file; a series of 2D slices is needed",
+            hint="for an enhanced (multi-frame) DICOM file, convert it to NRRD/NIfTI first (e.g. load it in Slicer and save)",
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in dicom_files])
     reader.MetaDataDictionaryArrayUpdateOn()

@@ -172,7 +172,7 @@ def _write_labelmap(path: Path, labels: np.ndarray, reference: Volume, segments,
     table = color_table_path(path)
     check_writable(table, overwrite)
     with ExitStack() as stack:
-        # Both files are committed only when both were written.
+        # Neither file is committed unless both were written completely.
         tmp_image = stack.enter_context(atomic_output(path, overwrite))
         _write_itk(image, tmp_image)
         tmp_table = stack.enter_context(atomic_output(table, overwrite))

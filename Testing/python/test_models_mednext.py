@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,26 @@ def test_noncubic_input(golden_dir: Path) -> None:
     net = models.load("mednext", g["state_dict"])
     (y,) = _outputs(net, torch.randn(1, 1, 32, 48, 64))
     assert y.shape == (1, 3, 32, 48, 64)
+
+
+def test_template_card_builds_published_variant(repo_root: Path) -> None:
+    from volseg import cards, preprocess
+
+    card = cards.load_card(repo_root / "Resources" / "ModelCards" / "mednext-nnunet-kits19-template.json")
+    assert card.architecture == "mednext" and card.activation == "softmax" and card.out_channels == 3
+    with torch.device("meta"):
+        net = models.create(card.architecture, **card.config)
+    assert net.deep_supervision and not net.do_ds
+    assert models.get("mednext").describe_variant(config_from_state_dict(net.state_dict())).startswith(
+        "MedNeXt-B kernel 3, 3 classes")
+    inf = card.inference
+    assert (inf.mode, inf.sigma_scale, inf.overlap, inf.activation_per_window) == ("gaussian", 0.125, 0.5, True)
+    assert len(inf.flips) == 7 and inf.roi_size == (128, 128, 128)
+    # nnU-Net recipe on a small anisotropic CT-like volume: 1 mm spline, clip + z-score, (z, y, x) order
+    arr = np.random.default_rng(0).normal(0, 200, size=(1, 20, 18, 6)).astype(np.float32)
+    pre = preprocess.preprocess(arr, np.diag([1.5, 1.5, 3.0, 1.0]), card.preprocessing)
+    resampled_only = preprocess.preprocess(arr, np.diag([1.5, 1.5, 3.0, 1.0]), card.preprocessing[:1]).image
+    assert tuple(pre.image.shape[1:]) == tuple(resampled_only.shape[1:])[::-1]  # (z, y, x) order at 1 mm
+    assert pre.image.shape[1] == 16  # z: 6 slices of 3 mm
+    assert float(pre.image.min()) >= (-79 - 101) / 76.9 - 1e-4 and float(pre.image.max()) <= (304 - 101) / 76.9 + 1e-4
+    assert tuple(preprocess.invert(pre.image.as_tensor(), pre).shape) == (1, 20, 18, 6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,65 @@ def test_wrong_state_dict_is_a_clear_error(golden_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="num_classes|output layer"):
         models.load("segformer3d", g["state_dict"], num_classes=4)
     assert models.get("segformer3d").output_kind == "sigmoid"
+
+
+# --------------------------------------------------------------------------- model card
+
+CARD = "segformer3d-brats.json"
+
+
+def _card_raw(repo_root: Path) -> dict:
+    return json.loads((repo_root / "Resources" / "ModelCards" / CARD).read_text())
+
+
+def test_card_is_valid_and_paints_msd_labels(repo_root: Path) -> None:
+    from volseg import cards
+    from volseg.postprocess import to_labelmap
+
+    card = cards.load_card(repo_root / "Resources" / "ModelCards" / CARD)
+    assert card.architecture == "segformer3d" and card.activation == "sigmoid" and card.threshold == 0.5
+    assert [i.name for i in card.inputs] == ["FLAIR", "T1w", "T1gd", "T2w"]
+    assert [(lab.value, lab.channel) for lab in card.labels] == [(1, 1), (2, 0), (3, 2)]  # WT, TC, ET painted in order
+    # channels [TC, WT, ET]: edema only (WT), core without enhancement (TC, WT), enhancing (all three)
+    probs = torch.tensor([[0.1, 0.9, 0.9, 0.2], [0.2, 0.9, 0.95, 0.9], [0.0, 0.1, 0.8, 0.3]]).reshape(3, 4, 1, 1)
+    labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
+    assert labelmap.reshape(-1).tolist() == [0, 2, 3, 1]
+    net = models.create(card.architecture, **card.config)
+    assert net.attn_scale == "num_heads" and sum(p.numel() for p in net.parameters()) == 4_525_251
+    assert card.inference.roi_size == (128, 128, 128) and card.inference.sw_batch_size == 4
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("BraTS2021_00000_flair.nii.gz", "FLAIR"), ("BRATS_001_0000.nii.gz", "FLAIR"), ("BraTS-GLI-00000-000-t2f.nii.gz", "FLAIR"),
+    ("BraTS2021_00000_t1.nii.gz", "T1w"), ("BRATS_001_0001.nii.gz", "T1w"), ("BraTS-GLI-00000-000-t1n.nii.gz", "T1w"),
+    ("BraTS2021_00000_t1ce.nii.gz", "T1gd"), ("BRATS_001_0002.nii.gz", "T1gd"), ("BraTS-GLI-00000-000-t1c.nii.gz", "T1gd"),
+    ("BraTS2021_00000_t2.nii.gz", "T2w"), ("BRATS_001_0003.nii.gz", "T2w"), ("BraTS-GLI-00000-000-t2w.nii.gz", "T2w"),
+])
+def test_card_name_hints_pick_one_input(repo_root: Path, name: str, expected: str) -> None:
+    import re
+
+    hits = [i["name"] for i in _card_raw(repo_root)["inputs"] if re.search(i["name_hint"], name, re.IGNORECASE)]
+    assert hits == [expected]
+
+
+def test_card_preprocessing_reproduces_official_pipeline(repo_root: Path) -> None:
+    """Card steps on a 240x240x155 BraTS-shaped volume == the official script's arrays, and invert back."""
+    from volseg import preprocess
+
+    rng = np.random.default_rng(0)
+    raw = (rng.random((1, 240, 240, 155)) * 1000).astype(np.float32)
+    raw[:, :, :, :5] = 0.0  # empty slices
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    # official: MinMaxScaler on x.reshape(-1, x.shape[-1]) per modality (float64), Orientation RAS
+    # (flips the two L/P axes here), crop [56:184, 56:184, 13:141], swapaxes(1, 3)
+    cols = raw.astype(np.float64).reshape(1, -1, 155)
+    lo, hi = cols.min(axis=1, keepdims=True), cols.max(axis=1, keepdims=True)
+    span = np.where(hi - lo == 0, 1.0, hi - lo)
+    official = ((cols - lo) / span).reshape(raw.shape)
+    official = np.flip(official, axis=(1, 2))[:, 56:184, 56:184, 13:141].swapaxes(1, 3)
+    pre = preprocess.preprocess(raw, lps, _card_raw(repo_root)["preprocessing"])
+    assert tuple(pre.image.shape) == (1, 128, 128, 128)
+    np.testing.assert_allclose(pre.image.numpy(), official, atol=1e-6)
+    back = preprocess.invert(pre.image[:1].as_tensor() + 1.0, pre)
+    assert tuple(back.shape) == (1, 240, 240, 155)
+    assert float(back[0, :56].abs().max()) == 0.0  # outside the crop: nothing

@@ -11,10 +11,12 @@ exists upstream). Semantics, from the extension's im2col kernel (see REFERENCE s
   ``F.grid_sample(align_corners=True, padding_mode="zeros")``;
 * the samples are weighted by the depthwise kernel ``[C, 1, k, k, k]`` and the bias is added.
 
-Implementation: per kernel point the 8 trilinear taps of every output voxel are turned into flat
-indices and weights, and ``F.embedding_bag(mode="sum", per_sample_weights=...)`` gathers and blends
-channels-last rows in one call. Memory is bounded by processing ``chunk_size`` output depth slices
-at a time; the result does not depend on the chunk size.
+Implementation: the 8 trilinear taps of every (output voxel, kernel point) pair are turned into
+flat indices and weights with a handful of whole-chunk tensor ops, and
+``F.embedding_bag(mode="sum", per_sample_weights=...)`` gathers and blends channels-last rows in
+one call, giving the im2col columns ``(voxels, k^3, C)``; a multiply-and-sum with the depthwise
+kernel finishes the convolution. Memory is bounded by processing ``chunk_size`` output depth
+slices at a time (automatic by default); the result does not depend on the chunk size.
 
 Stride 1 and dilation 1 only (all DeformUX-Net layers).
 """
@@ -32,6 +34,10 @@ from torch import nn
 D3D_IM2COL_STEP = 64
 
 
+#: Default bound on the sampled-columns buffer of one chunk (elements; 4 bytes each in float32).
+DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+
 def _axis_taps(pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower/upper neighbour index and linear weight along one axis.
 
@@ -44,7 +50,7 @@ def _axis_taps(pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor
     index = torch.stack((low, low + 1), dim=-1)
     weight = torch.stack((1 - frac, frac), dim=-1)
     inside = (index >= 0) & (index < size)
-    return index.clamp(0, size - 1), weight * inside
+    return index.clamp_(0, size - 1), weight * inside
 
 
 def _trilinear_taps(
@@ -53,21 +59,27 @@ def _trilinear_taps(
     """Flat row indices and weights of the 8 trilinear neighbours of every position.
 
     Args:
-        pd, ph, pw: sampling positions ``(B, n, H_out, W_out)`` in input voxel units.
+        pd, ph, pw: sampling positions ``(B, ...)`` in input voxel units.
         size: input ``(D, H, W)``.
 
     Returns:
         ``index (M, 8)`` into the ``(B*D*H*W, C)`` channels-last input and ``weight (M, 8)``,
-        ``M = B*n*H_out*W_out``.
+        ``M = pd.numel()``, in ``pd``'s element order.
     """
     D, H, W = size
     id_, wd = _axis_taps(pd, D)
     ih, wh = _axis_taps(ph, H)
     iw, ww = _axis_taps(pw, W)
-    batch = torch.arange(pd.shape[0], device=pd.device).view(-1, 1, 1, 1, 1, 1, 1)
-    index = ((batch * D + id_[..., :, None, None]) * H + ih[..., None, :, None]) * W + iw[..., None, None, :]
+    batch = torch.arange(pd.shape[0], device=pd.device).view((-1,) + (1,) * (pd.dim() - 1))
+    id_ = id_ + (batch * D).unsqueeze(-1)
+    index = ((id_[..., :, None, None] * H + ih[..., None, :, None]) * W) + iw[..., None, None, :]
     weight = wd[..., :, None, None] * wh[..., None, :, None] * ww[..., None, None, :]
     return index.reshape(-1, 8), weight.reshape(-1, 8)
+
+
+def _auto_chunk(batch: int, channels: int, n_points: int, plane: int, depth: int) -> int:
+    per_slice = batch * n_points * plane * (channels + 24)  # sampled columns + indices/weights
+    return max(1, min(depth, DEFAULT_CHUNK_ELEMENTS // max(1, per_slice)))
 
 
 def deform_conv3d(
@@ -86,7 +98,9 @@ def deform_conv3d(
         weight: depthwise kernel ``(C, 1, k, k, k)``.
         bias: ``(C,)`` or None.
         padding: implicit zero padding (same on every side and axis).
-        chunk_size: output depth slices per chunk (None: all at once). Only memory changes.
+        chunk_size: output depth slices per chunk. None: as many as keep the chunk's sampled
+            columns (``B * k^3 * slices * H_out * W_out * C``) under :data:`DEFAULT_CHUNK_ELEMENTS`.
+            Only memory and speed change, never the result.
 
     Returns:
         ``(B, C, D_out, H_out, W_out)`` with ``D_out = D + 2*padding - k + 1`` (a channels-last
@@ -104,27 +118,33 @@ def deform_conv3d(
     if tuple(offset.shape) != (B, 3 * n_points, *out_size):
         raise ValueError(f"offset must have shape {(B, 3 * n_points, *out_size)}, got {tuple(offset.shape)}")
     Do, Ho, Wo = out_size
-    step = Do if chunk_size is None else max(1, int(chunk_size))
+    if chunk_size is None:
+        step = _auto_chunk(B, C, n_points, Ho * Wo, Do)
+    else:
+        step = max(1, int(chunk_size))
     rows = x.permute(0, 2, 3, 4, 1).reshape(B * D * H * W, C)
-    kernel = weight.reshape(C, n_points).to(x.dtype)
-    offset = offset.to(x.dtype)
-    grid_h = torch.arange(Ho, device=x.device, dtype=x.dtype).view(1, 1, Ho, 1) - padding
-    grid_w = torch.arange(Wo, device=x.device, dtype=x.dtype).view(1, 1, 1, Wo) - padding
+    kernel_t = weight.reshape(C, n_points).t().to(x.dtype)  # (K, C)
+    offset = offset.to(x.dtype).view(B, n_points, 3, Do, Ho, Wo)
+    # kernel point p = (i, j, l) -> its position relative to the output voxel, minus the padding
+    taps = torch.arange(k, device=x.device, dtype=x.dtype) - padding
+    tap_d = taps.repeat_interleave(k * k).view(1, n_points, 1, 1, 1)
+    tap_h = taps.repeat_interleave(k).repeat(k).view(1, n_points, 1, 1, 1)
+    tap_w = taps.repeat(k * k).view(1, n_points, 1, 1, 1)
+    grid_h = torch.arange(Ho, device=x.device, dtype=x.dtype).view(1, 1, 1, Ho, 1) + tap_h
+    grid_w = torch.arange(Wo, device=x.device, dtype=x.dtype).view(1, 1, 1, 1, Wo) + tap_w
     chunks = []
     for d0 in range(0, Do, step):
         d1 = min(Do, d0 + step)
-        grid_d = torch.arange(d0, d1, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) - padding
-        off = offset[:, :, d0:d1]
-        acc = x.new_zeros(B * (d1 - d0) * Ho * Wo, C)
-        for p in range(n_points):
-            i, j, l = p // (k * k), (p // k) % k, p % k
-            pd = grid_d + i + off[:, 3 * p]
-            ph = grid_h + j + off[:, 3 * p + 1]
-            pw = grid_w + l + off[:, 3 * p + 2]
-            index, tap_weight = _trilinear_taps(pd, ph, pw, (D, H, W))
-            sampled = F.embedding_bag(index, rows, per_sample_weights=tap_weight, mode="sum")
-            acc = acc.addcmul(sampled, kernel[:, p])
-        chunks.append(acc.view(B, d1 - d0, Ho, Wo, C))
+        off = offset[:, :, :, d0:d1]  # (B, K, 3, n, Ho, Wo)
+        grid_d = torch.arange(d0, d1, device=x.device, dtype=x.dtype).view(1, 1, -1, 1, 1) + tap_d
+        # positions ordered (B, n, Ho, Wo, K) so each voxel's K samples are adjacent rows
+        pd = (grid_d + off[:, :, 0]).permute(0, 2, 3, 4, 1)
+        ph = (grid_h + off[:, :, 1]).permute(0, 2, 3, 4, 1)
+        pw = (grid_w + off[:, :, 2]).permute(0, 2, 3, 4, 1)
+        index, tap_weight = _trilinear_taps(pd, ph, pw, (D, H, W))
+        sampled = F.embedding_bag(index, rows, per_sample_weights=tap_weight, mode="sum")  # (M*K, C)
+        sampled = sampled.view(-1, n_points, C).mul_(kernel_t).sum(dim=1)
+        chunks.append(sampled.view(B, d1 - d0, Ho, Wo, C))
     out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
     if bias is not None:
         out = out + bias.to(x.dtype)

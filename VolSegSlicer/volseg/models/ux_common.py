@@ -158,7 +158,8 @@ class UXEncoder(nn.Module):
             for i in range(3)
         ]
         self.downsample_layers = nn.ModuleList([stem, *downs])
-        rates = torch.linspace(0, float(drop_path_rate), sum(depths)).tolist() if sum(depths) else []
+        total = sum(depths)
+        rates = [float(drop_path_rate) * i / max(1, total - 1) for i in range(total)]
         stages, start = [], 0
         for channels, depth in zip(feat_size, depths):
             stages.append(nn.Sequential(*(make_block(channels, rates[start + j]) for j in range(depth))))

@@ -13,8 +13,6 @@ A thin Slicer front end. Everything done to image data goes through the ``volseg
 The pieces that need neither Slicer nor Qt live in ``VolSegSlicerLib`` and are tested with pytest.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import os
@@ -24,7 +22,6 @@ import tempfile
 import time
 from typing import Annotated, Any, Callable, Optional
 
-import ctk
 import qt
 import slicer
 import vtk
@@ -48,16 +45,24 @@ from VolSegSlicerLib.catalog import (  # noqa: E402
     MAX_INPUTS,
     duplicate_inputs,
     filter_models,
+    import_segment_ids,
     input_titles,
     model_tooltip_html,
     parse_models_json,
     prefill_inputs,
     segment_rows,
 )
-from VolSegSlicerLib.command import SegmentOptions, engine_command, engine_environment, segment_args  # noqa: E402
+from VolSegSlicerLib.command import (  # noqa: E402
+    SegmentOptions,
+    engine_command,
+    engine_environment,
+    segment_args,
+    serve_request_line,
+)
 from VolSegSlicerLib.devices import DeviceChoices, device_choices, fallback_choices  # noqa: E402
+from VolSegSlicerLib.jobs import EngineQuery, SegmentationJob  # noqa: E402
 from VolSegSlicerLib.process import EngineProcess, python_executable  # noqa: E402
-from VolSegSlicerLib.protocol import EngineEvent, RunMonitor, format_duration  # noqa: E402
+from VolSegSlicerLib.protocol import format_duration  # noqa: E402
 from VolSegSlicerLib.resources import LogBuffer, missing_requirements, read_requirements, resource_dir  # noqa: E402
 
 SETTINGS_PREFIX = "VolSegSlicer"
@@ -465,8 +470,10 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.timeLabel.text = _("Time taken: {t}").format(t=format_duration(job.elapsed))
         if job.segmentationNode is not None:
             self._parameterNode.outputSegmentation = job.segmentationNode
-            self.ui.statusLabel.text = _("Done: {n} segments in '{name}'. Review and edit them in Segment Editor.").format(
-                n=job.segmentationNode.GetSegmentation().GetNumberOfSegments(), name=job.segmentationNode.GetName())
+            segmentCount = job.segmentationNode.GetSegmentation().GetNumberOfSegments()
+            self.ui.statusLabel.text = _(
+                "Done: {n} segments in '{name}'. Review and edit them in Segment Editor.").format(
+                n=segmentCount, name=job.segmentationNode.GetName())
         elif monitor.outcome == "cancelled":
             self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             self.ui.progressBar.setVisible(False)
@@ -501,7 +508,8 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segNode, path = self._outputAndFile(_("Export labelmap"), "NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd)", ".nii.gz")
         if path:
             with slicer.util.tryWithErrorDisplay(_("Labelmap export failed."), waitCursor=True):
-                written = self.logic.exportLabelmap(segNode, path, self.logic.modelForSegmentation(segNode, self._models))
+                model = self.logic.modelForSegmentation(segNode, self._models)
+                written = self.logic.exportLabelmap(segNode, path, model)
                 self.appendLog(_("Wrote {files}").format(files=", ".join(written)))
 
     def onExportSegNrrd(self) -> None:
@@ -528,59 +536,6 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class SegmentationJob:
-    """One ``volseg segment`` run: its process (own or the warm worker), its monitor, its result.
-
-    ``onEvent(job, logLineOrNone)`` is called for every event, ``onFinished(job)`` once at the end,
-    after the result has been imported (``segmentationNode`` is then set) or the run failed.
-    """
-
-    def __init__(self, process: EngineProcess, request: Any = None, ownsProcess: bool = True,
-                 onEvent: Optional[Callable] = None, onFinished: Optional[Callable] = None) -> None:
-        self.process = process
-        self.request = request
-        self.ownsProcess = ownsProcess
-        self.onEvent = onEvent
-        self.onFinished = onFinished
-        self.monitor = RunMonitor()
-        self.started = time.monotonic()
-        self.elapsed = 0.0
-        self.finished = False
-        self.cancelRequested = False
-        self.segmentationNode = None
-        # Filled by the logic before the run starts:
-        self.tempDir = ""
-        self.outputPath = ""
-        self.model: dict = {}
-        self.inputVolume = None
-        self.outputSegmentation = None
-        self.replace = False
-
-    def cancel(self) -> None:
-        """Stop the run: the engine gets a clean stop request, then the whole tree is killed."""
-        self.cancelRequested = True
-        self.process.cancel()
-
-    def poll(self) -> bool:
-        """Handle new output; return True when the run has just ended."""
-        if self.finished:
-            return False
-        for event in self.process.poll():
-            if self.request is not None and event.kind != "text" and event.request != self.request:
-                continue
-            line = self.monitor.feed(event)
-            if self.onEvent:
-                self.onEvent(self, line)
-        if self.monitor.outcome is None and self.process.finished:
-            self.monitor.process_exited(self.process.returncode, self.cancelRequested)
-        if self.monitor.outcome is not None and (self.process.finished or not self.ownsProcess):
-            if self.cancelRequested and self.monitor.outcome != "cancelled":
-                self.monitor.outcome = "cancelled"
-            self.elapsed = time.monotonic() - self.started
-            return True
-        return False
-
-
 class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
     """Runs the engine, imports its results, exports segmentations. Usable without the GUI:
 
@@ -593,7 +548,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.jobs: list = []  # SegmentationJob or _Query, polled by the timer
+        self.jobs: list = []  # SegmentationJob or EngineQuery, polled by the timer
         self.warmWorker: Optional[EngineProcess] = None
         self._requestCounter = 0
         self._timer = qt.QTimer()
@@ -677,7 +632,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
         return job
 
     def _finish(self, job) -> None:
-        if isinstance(job, _Query):
+        if isinstance(job, EngineQuery):
             job.deliver()
             return
         try:
@@ -691,11 +646,8 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
             job.finished = True
             if job.ownsProcess:
                 job.process.close()
-            elif job.cancelRequested:
-                # The warm worker was asked to stop mid-run: make sure it is gone, start a new one next time.
-                job.process.kill()
-                if self.warmWorker is job.process:
-                    self.warmWorker = None
+            elif not job.process.is_running() and self.warmWorker is job.process:
+                self.warmWorker = None  # the warm worker died or was killed: a new one starts next time
             if job.tempDir:
                 shutil.rmtree(job.tempDir, ignore_errors=True)
             if job.onFinished:
@@ -710,7 +662,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
             self.models = parse_models_json(text)
             return self.models
 
-        self._track(_Query(self.startEngine(args), parse, callback))
+        self._track(EngineQuery(self.startEngine(args), parse, callback))
 
     def queryDevices(self, callback: Callable) -> None:
         """Run ``volseg devices --json`` in the background; ``callback(DeviceChoices)``."""
@@ -719,7 +671,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
             callback(result if result is not None else fallback_choices(
                 _("Could not ask the engine about devices ({error}); automatic choice is used.").format(error=error)))
 
-        self._track(_Query(self.startEngine(["devices", "--json"]), device_choices, deliver))
+        self._track(EngineQuery(self.startEngine(["devices", "--json"]), device_choices, deliver))
 
     # ------------------------------------------------------------------ segmentation
     def segmentOptions(self, model: dict, inputPaths: list, outputPath: str,
@@ -766,15 +718,16 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
                 inputPaths.append(path)
             outputPath = os.path.join(tempDir, "segmentation.nrrd")
             cardsDir = settingsValue("CardsDir", "")
-            args = segment_args(self.segmentOptions(model, inputPaths, outputPath, params, cardsDir))
+            options = self.segmentOptions(model, inputPaths, outputPath, params, cardsDir)
             if params.keepWarm:
                 worker = self.ensureWarmWorker()
                 self._requestCounter += 1
                 request = f"slicer-{self._requestCounter}"
-                worker.send_line(json.dumps({"id": request, "args": args[1:]}))
-                job = SegmentationJob(worker, request=request, ownsProcess=False, onEvent=onEvent, onFinished=onFinished)
+                worker.send_line(serve_request_line(request, options))
+                job = SegmentationJob(worker, request=request, ownsProcess=False,
+                                      onEvent=onEvent, onFinished=onFinished)
             else:
-                job = SegmentationJob(self.startEngine(args), onEvent=onEvent, onFinished=onFinished)
+                job = SegmentationJob(self.startEngine(segment_args(options)), onEvent=onEvent, onFinished=onFinished)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
@@ -824,7 +777,8 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ results
     def createColorTable(self, rows: list, name: str = "VolSegSlicer labels"):
         """A colour table with the card's label values, names, colours and terminology."""
-        colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", slicer.mrmlScene.GenerateUniqueName(name))
+        colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode",
+                                                       slicer.mrmlScene.GenerateUniqueName(name))
         colorNode.SetTypeToUser()
         colorNode.SetHideFromEditors(True)
         colorNode.SetNumberOfColors(max([r["value"] for r in rows] + [0]) + 1)
@@ -838,8 +792,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def importResult(self, job: SegmentationJob):
         """Turn the engine's labelmap into segments (see :meth:`importLabelmap`)."""
-        path = (job.monitor.result.get("outputs") or {}).get("segmentation") or job.outputPath
-        return self.importLabelmap(path, job.model, job.inputVolume, job.outputSegmentation, job.replace)
+        return self.importLabelmap(job.outputPath, job.model, job.inputVolume, job.outputSegmentation, job.replace)
 
     def importLabelmap(self, labelmapPath: str, model: dict, inputVolume, outputSegmentation=None,
                        replace: bool = False):
@@ -861,7 +814,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
                 segNode = outputSegmentation
                 segmentation = segNode.GetSegmentation()
                 for row in rows:
-                    for segmentId in (f"label_{row['value']}", segmentation.GetSegmentIdBySegmentName(row["name"])):
+                    for segmentId in (row["id"], segmentation.GetSegmentIdBySegmentName(row["name"])):
                         if segmentId and segmentation.GetSegment(segmentId):
                             segmentation.RemoveSegment(segmentId)
             else:
@@ -882,7 +835,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
             terminologyTag = vtkSegmentationCore.vtkSegment.GetTerminologyEntryTagName()
             idsByValue = {}
             for row in rows:
-                segmentId = f"label_{row['value']}"
+                segmentId = row["id"]  # Segment_<value>, as in the engine's own .seg.nrrd files
                 if segmentation.GetSegment(segmentId):  # same id from an earlier model: keep both
                     segmentId = segmentation.GenerateUniqueSegmentID(segmentId)
                 segmentation.AddEmptySegment(segmentId, row["name"], list(row["color"]))
@@ -895,14 +848,12 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
 
             import numpy as np
 
-            present = [int(v) for v in np.unique(slicer.util.arrayFromVolume(labelmapNode)) if v != 0]
-            unknown = [v for v in present if v not in idsByValue]
-            if unknown:
-                raise ValueError(f"the result has label values {unknown} that the model card does not name")
-            if present:
+            present = np.unique(slicer.util.arrayFromVolume(labelmapNode))
+            importIds = import_segment_ids([dict(row, id=idsByValue[row["value"]]) for row in rows], present)
+            if importIds:
                 segmentIds = vtk.vtkStringArray()
-                for value in sorted(present):
-                    segmentIds.InsertNextValue(idsByValue[value])
+                for segmentId in importIds:
+                    segmentIds.InsertNextValue(segmentId)
                 if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(
                         labelmapNode, segNode, segmentIds):
                     raise RuntimeError("Slicer could not import the labelmap into the segmentation")
@@ -1046,35 +997,6 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
         return "\n".join(lines)
 
 
-class _Query:
-    """A short engine command (``models --json``, ``devices --json``) whose stdout is parsed at the end."""
-
-    def __init__(self, process: EngineProcess, parse: Callable, callback: Callable) -> None:
-        self.process, self.parse, self.callback = process, parse, callback
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-
-    def poll(self) -> bool:
-        for event in self.process.poll():
-            (self.stdout if event.stream == "stdout" else self.stderr).append(event.text)
-        return self.process.finished
-
-    def cancel(self) -> None:
-        self.process.kill()
-
-    def deliver(self) -> None:
-        result, error = None, ""
-        if self.process.returncode == 0:
-            try:
-                result = self.parse("\n".join(self.stdout))
-            except ValueError as exc:
-                error = f"unexpected engine output ({exc})"
-        else:
-            error = "\n".join(line for line in self.stderr if line.strip())[-2000:] or \
-                f"the engine exited with code {self.process.returncode}"
-        self.callback(result, error)
-
-
 #
 # Test
 #
@@ -1116,7 +1038,7 @@ class VolSegSlicerTest(ScriptedLoadableModuleTest):
         logic = VolSegSlicerLogic()
         self.delayDisplay("Reading the model list")
         found = {}
-        query = _Query(logic.startEngine(["models", "--json"]), parse_models_json,
+        query = EngineQuery(logic.startEngine(["models", "--json"]), parse_models_json,
                        lambda models, error: found.update(models=models, error=error))
         logic._track(query)
         logic.waitFor(query, timeout=300)

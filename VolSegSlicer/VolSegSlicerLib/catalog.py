@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
 from VolSegSlicerLib.protocol import format_duration
@@ -131,56 +132,33 @@ def duplicate_inputs(ids: Sequence[str | None]) -> list[tuple[int, int]]:
     return pairs
 
 
-def _code(triplet: Sequence[str] | None) -> str:
-    if not triplet:
-        return "^^"
-    scheme, value, meaning = (list(triplet) + ["", "", ""])[:3]
-    return f"{scheme}^{value}^{meaning}"
-
-
-def terminology_string(terminology: dict[str, Any] | None, context: str = "",
-                       region_context: str = "") -> str:
-    """Slicer's serialized terminology entry for a card label's terminology::
-
-        context~cat~type~typeModifier~regionContext~region~regionModifier
-
-    where each code is ``scheme^value^meaning`` (empty codes are ``^^``). This is the format of
-    ``vtkMRMLColorNode.SetTerminologyFromString`` and of the segment terminology tag.
-    Returns '' for labels without terminology."""
-    if not terminology:
-        return ""
-    return "~".join([
-        context,
-        _code(terminology.get("category")),
-        _code(terminology.get("type")),
-        _code(terminology.get("type_modifier")),
-        region_context,
-        _code(terminology.get("region")),
-        _code(terminology.get("region_modifier")),
-    ])
-
-
 def segment_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per card label: ``value``, ``name``, ``color`` (floats 0..1) and
-    ``terminology_tag`` ('' when the card has none).
+    """One row per card label, in card order: ``id`` (segment ID), ``value``, ``name``, ``color``
+    (floats 0..1) and ``terminology_tag`` (Slicer's serialized terminology entry, '' when the
+    card has none).
 
-    Uses the engine's :func:`volseg.terminology.segment_table` (which may add standard colours
-    and names) when it can be imported, and the card's own fields otherwise."""
-    labels = model.get("labels") or []
-    try:
-        from volseg.terminology import segment_table  # the engine's mapping, when present
-    except ImportError:
-        segment_table = None
-    if segment_table is not None:
-        rows = segment_table(labels)
-        return [dict(r, color=tuple(float(c) for c in r["color"])) for r in rows]
-    rows = []
-    for lbl in labels:
-        color = lbl.get("color") or (128, 128, 128)
-        rows.append({
-            "value": int(lbl["value"]),
-            "name": str(lbl["name"]),
-            "color": tuple(float(c) / 255.0 for c in color),
-            "terminology_tag": terminology_string(lbl.get("terminology")),
-        })
-    return rows
+    The tag comes from the engine's :func:`volseg.terminology.segment_table`, so segments made
+    here and the engine's own ``.seg.nrrd`` files carry the same IDs and terminology."""
+    from volseg.terminology import segment_table  # the engine is installed beside the module
+
+    labels = [SimpleNamespace(value=int(lbl["value"]), name=str(lbl["name"]),
+                              color=tuple(lbl.get("color") or (128, 128, 128)),
+                              terminology=lbl.get("terminology"))
+              for lbl in model.get("labels") or []]
+    return [{"id": row["id"], "value": row["value"], "name": row["name"],
+             "color": tuple(float(c) for c in row["color"]), "terminology_tag": row["terminology"] or ""}
+            for row in segment_table(labels)]
+
+
+def import_segment_ids(rows: Sequence[dict[str, Any]], present_values: Iterable[int]) -> list[str]:
+    """Segment IDs to pass to ``ImportLabelmapToSegmentationNode(labelmap, seg, segmentIds)``.
+
+    Slicer fills the given segments in order of increasing label value, so the IDs are those of
+    the label values present in the labelmap, sorted by value. A value the card does not name
+    raises ValueError (the labelmap and the card do not belong together)."""
+    ids_by_value = {int(r["value"]): r["id"] for r in rows}
+    present = sorted({int(v) for v in present_values if int(v) != 0})
+    unknown = [v for v in present if v not in ids_by_value]
+    if unknown:
+        raise ValueError(f"the result has label values {unknown} that the model card does not name")
+    return [ids_by_value[v] for v in present]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -94,3 +95,25 @@ def engine_environment(module_dir: str, base: Mapping[str, str] | None = None) -
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     return env
+
+
+def serve_request_line(request_id: str, opts: SegmentOptions) -> str:
+    """One stdin line for the warm worker (``volseg serve``): the segment arguments without the
+    ``segment`` command and without ``--progress`` (the worker always answers in JSON)."""
+    args = segment_args(opts)[1:]
+    cleaned: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--progress":
+            skip = True
+            continue
+        cleaned.append(arg)
+    return json.dumps({"id": request_id, "args": cleaned})
+
+
+def cancel_request_line(request_id: str) -> str:
+    """The stdin line that asks the warm worker to stop request ``request_id``."""
+    return json.dumps({"cancel": request_id})

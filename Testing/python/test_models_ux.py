@@ -383,3 +383,28 @@ def test_amos_cards_share_the_15_organ_label_set(repo_root):
              for c in ("uxnet-amos", "repuxnet-amos", "deformuxnet-amos")]
     assert names[0] == names[1] == names[2] and len(names[0]) == 15
     assert names[0][0].lower() == "spleen" and names[0][5].lower() == "liver"
+
+
+def test_card_config_leaves_block_variants_to_the_checkpoint(repo_root):
+    """The pipeline calls ``models.load(arch, sd, **card_config)``: a variant switch in the card would
+    override what the checkpoint's shapes say (e.g. the early 13^3 UX-Net block)."""
+    for card_id in CARDS:
+        config = load_card(repo_root, card_id)["architecture"]["config"]
+        assert not {"kernel_size", "grouped_mlp", "offset_kernel_size"} & set(config), card_id
+
+
+def test_flare_card_preprocessing_runs_on_a_real_ct_and_inverts(repo_root, ct_path):
+    import numpy as np
+
+    from volseg.io.readers import read_volume
+    from volseg.preprocess import invert, preprocess
+
+    volume = read_volume(ct_path)
+    array = volume.array if volume.array.ndim == 4 else volume.array[None]
+    pre = preprocess(array, volume.ijk_to_ras, load_card(repo_root, "uxnet-flare")["preprocessing"])
+    affine = np.asarray(pre.image.affine)[:3, :3]
+    assert np.allclose(np.abs(np.diag(affine)), [1.0, 1.0, 1.2], atol=1e-4)
+    assert np.all(np.diag(affine) > 0)  # RAS after Orientation
+    assert 0.0 <= float(pre.image.min()) and float(pre.image.max()) <= 1.0
+    back = invert(pre.image.as_tensor().clone(), pre)
+    assert tuple(back.shape[1:]) == tuple(array.shape[1:])

@@ -157,16 +157,29 @@ def test_monai_grn_state_dict_matches() -> None:
     assert _rel_err(_outputs(net, x)[0], _outputs(monai_net, x)[0]) < 1e-5
 
 
-def test_monai_b_weights_cannot_fit() -> None:
-    """MONAI's B down blocks use another expansion ratio than the official: a clear CheckpointError."""
+def test_monai_b_style_weights_load_with_their_down_ratios() -> None:
+    """MONAI's down blocks use stage i's expansion ratio (official: stage i+1's). The shapes show it,
+    the implied config carries ``down_exp_r``, and the outputs equal MONAI's."""
+    from monai.networks.nets import MedNeXt as MonaiMedNeXt
     from monai.networks.nets.mednext import create_mednext
 
     with torch.device("meta"):
-        sd = create_mednext("B", spatial_dims=3, in_channels=1, out_channels=3, kernel_size=3).state_dict()
-    renamed = prepare_state_dict(sd)
-    assert "down_0.conv2.weight" in renamed and "dummy_tensor" in renamed
-    with pytest.raises(CheckpointError, match="down_"):
-        models.load("mednext", sd, exp_r=[2, 3, 4, 4, 4, 4, 4, 3, 2])
+        real_b = create_mednext("B", spatial_dims=3, in_channels=1, out_channels=3, kernel_size=3).state_dict()
+    found = models.match(real_b)
+    assert [m.name for m in found] == ["mednext"]
+    assert found[0].config["down_exp_r"] == [2, 3, 4, 4]
+    assert "MedNeXt-B kernel 3" in found[0].variant and "MONAI-style" in found[0].variant
+    with pytest.raises(CheckpointError, match="down_0.conv2.weight"):  # the official rule does not fit
+        models.load("mednext", real_b, down_exp_r=None)
+
+    torch.manual_seed(0)  # a small MONAI net with B's ratios, run for real
+    monai_net = _perturbed(MonaiMedNeXt(init_filters=4, in_channels=1, out_channels=2,
+                                        encoder_expansion_ratio=(2, 3, 4, 4), decoder_expansion_ratio=(4, 4, 3, 2),
+                                        bottleneck_expansion_ratio=4, kernel_size=3, use_residual_connection=True,
+                                        blocks_down=(1, 1, 1, 1), blocks_bottleneck=1, blocks_up=(1, 1, 1, 1))).eval()
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    net = models.load("mednext", monai_net.state_dict())
+    assert _rel_err(_outputs(net, x)[0], _outputs(monai_net, x)[0]) < 1e-5
 
 
 def test_match_names_mednext(golden_dir: Path) -> None:

@@ -181,6 +181,11 @@ class MedNeXt(nn.Module):
         dim: ``'3d'`` (or ``'2d'``).
         grn: ConvNeXt-V2 global response normalisation in every block except ``down_0``
             (the official code does not pass it there).
+        down_exp_r: volseg extension, not an official argument. The expansion ratios of
+            ``down_0..3`` (4 values). ``None`` (default) is the official rule: ``down_i`` uses
+            ``exp_r[i + 1]``. MONAI's port uses ``exp_r[i]`` instead, so MONAI-trained B/M/L
+            weights need ``down_exp_r=exp_r[:4]``; :func:`config_from_state_dict` reads it from
+            the shapes.
 
     (B, in_channels, D, H, W) -> (B, n_classes, D, H, W) logits, or the list of 5 deep
     supervision outputs when :attr:`do_ds` is True.
@@ -203,6 +208,7 @@ class MedNeXt(nn.Module):
         norm_type: str = "group",
         dim: str = "3d",
         grn: bool = False,
+        down_exp_r: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if checkpoint_style not in (None, "outside_block"):
@@ -214,6 +220,9 @@ class MedNeXt(nn.Module):
         enc_k, dec_k = enc_kernel_size, dec_kernel_size
         exp = _per_stage(exp_r, "exp_r")
         counts = _per_stage(block_counts, "block_counts")
+        down_exp = [int(e) for e in down_exp_r] if down_exp_r is not None else exp[1:5]
+        if len(down_exp) != 4:
+            raise ValueError(f"down_exp_r must have 4 values (down_0..3), got {list(down_exp)}")
         self.deep_supervision = deep_supervision
         #: Return all five deep-supervision outputs (needs ``deep_supervision=True``).
         self.do_ds = False
@@ -229,7 +238,7 @@ class MedNeXt(nn.Module):
         for i in range(4):
             self.add_module(f"enc_block_{i}", stage(c * 2**i, i, enc_k))
             self.add_module(f"down_{i}", MedNeXtDownBlock(
-                c * 2**i, c * 2 ** (i + 1), exp[i + 1], enc_k, do_res_up_down, grn=grn and i > 0, **common))
+                c * 2**i, c * 2 ** (i + 1), down_exp[i], enc_k, do_res_up_down, grn=grn and i > 0, **common))
         self.bottleneck = stage(c * 16, 4, dec_k)
         for i in (3, 2, 1, 0):
             j = 8 - i  # decoder stage index into exp_r / block_counts
@@ -277,6 +286,7 @@ def build(
     norm_type: str = "group",
     dim: str = "3d",
     grn: bool = False,
+    down_exp_r: Sequence[int] | None = None,
     *,
     model_id: str | None = None,
     num_input_channels: int | None = None,
@@ -316,7 +326,7 @@ def build(
     return MedNeXt(in_channels=in_channels, n_classes=n_classes, enc_kernel_size=enc_kernel_size,
                    dec_kernel_size=dec_kernel_size, deep_supervision=deep_supervision,
                    checkpoint_style=checkpoint_style if checkpoint_style is not None else preset.get("checkpoint_style"),
-                   norm_type=norm_type, dim=dim, grn=grn, **args)
+                   norm_type=norm_type, dim=dim, grn=grn, down_exp_r=down_exp_r, **args)
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -342,8 +352,8 @@ def prepare_state_dict(sd: StateDict) -> dict[str, torch.Tensor]:
     heads ``out_blocks.k`` -> ``out_{4-k}`` (``out_0`` keeps its name), ``global_resp_*`` ->
     ``grn_*``; ``dummy_tensor`` (absent in MONAI) is added as 1, and the GRN parameters of
     ``down_1..3`` (absent in MONAI, whose down blocks skip GRN) are added as zeros (identity).
-    MONAI's B/M/L down blocks have other shapes than the official ones: those load only into
-    an architecture that matches (:func:`volseg.models.load` then reports the mismatch).
+    MONAI's B/M/L down blocks have other expansion ratios than the official ones; the implied
+    config then carries ``down_exp_r`` so they load and run exactly as in MONAI.
     """
     if not _is_monai_format(sd):
         return dict(sd)
@@ -388,6 +398,10 @@ def config_from_state_dict(sd: StateDict) -> dict[str, Any] | None:
         w = sd.get(f"{name}.0.conv2.weight")
         width = c * 2 ** (i if i <= 4 else 8 - i)
         exp_r.append(int(w.shape[0]) // width if w is not None else 4)
+    down_exp = []
+    for i in range(4):
+        w = sd.get(f"down_{i}.conv2.weight")
+        down_exp.append(int(w.shape[0]) // (c * 2**i) if w is not None else exp_r[i + 1])
     enc_w, dec_w = sd.get("enc_block_0.0.conv1.weight"), sd.get("dec_block_0.0.conv1.weight")
     enc_k = int((enc_w if enc_w is not None else sd["down_0.conv1.weight"]).shape[-1])
     dec_w = dec_w if dec_w is not None else sd.get("up_0.conv1.weight")
@@ -407,6 +421,8 @@ def config_from_state_dict(sd: StateDict) -> dict[str, Any] | None:
         "dim": "3d" if stem.ndim == 5 else "2d",
         "grn": any(k.endswith("grn_gamma") for k in sd),
     }
+    if down_exp != exp_r[1:5]:  # MONAI's rule (down_i uses stage i's ratio), or any other
+        config["down_exp_r"] = down_exp
     if dec_k != enc_k:
         config.update(kernel_size=None, enc_kernel_size=enc_k, dec_kernel_size=dec_k)
     return config
@@ -416,15 +432,17 @@ def describe_variant(config: dict[str, Any]) -> str:
     """Name the published variant (S/B/M/L, kernel) when the config is one, else summarise it."""
     exp = config.get("exp_r")
     exp_list = [exp] * 9 if isinstance(exp, int) else list(exp or [])
-    k = config.get("kernel_size")
+    k = config.get("kernel_size") or f"{config.get('enc_kernel_size')}/{config.get('dec_kernel_size')}"
+    extras = ", deep supervision heads" if config.get("deep_supervision") else ""
+    if config.get("down_exp_r") is not None:
+        extras += f", MONAI-style down blocks (down_exp_r {list(config['down_exp_r'])})"
     for mid, preset in MODEL_IDS.items():
         pe = preset["exp_r"]
         if (config.get("n_channels") == 32 and exp_list == ([pe] * 9 if isinstance(pe, int) else pe)
                 and list(config.get("block_counts", [])) == preset["block_counts"]):
-            return (f"MedNeXt-{mid} kernel {k}, {config.get('n_classes')} classes"
-                    + (", deep supervision heads" if config.get("deep_supervision") else ""))
+            return f"MedNeXt-{mid} kernel {k}, {config.get('n_classes')} classes{extras}"
     return (f"MedNeXt {config.get('n_channels')} channels, kernel {k}, exp_r {exp}, "
-            f"blocks {list(config.get('block_counts', []))}, {config.get('n_classes')} classes")
+            f"blocks {list(config.get('block_counts', []))}, {config.get('n_classes')} classes{extras}")
 
 
 ARCHITECTURES = [

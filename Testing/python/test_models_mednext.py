@@ -218,3 +218,22 @@ def test_template_card_builds_published_variant(repo_root: Path) -> None:
     assert pre.image.shape[1] == 16  # z: 6 slices of 3 mm
     assert float(pre.image.min()) >= (-79 - 101) / 76.9 - 1e-4 and float(pre.image.max()) <= (304 - 101) / 76.9 + 1e-4
     assert tuple(preprocess.invert(pre.image.as_tensor(), pre).shape) == (1, 20, 18, 6)
+
+
+def test_nnunet_model_checkpoint_and_missing_dummy_tensor(golden_dir: Path, tmp_path: Path) -> None:
+    """An nnU-Net v1 ``.model`` file (weights under 'state_dict'), also without ``dummy_tensor``."""
+    from volseg.checkpoints import read_checkpoint
+
+    g = _load(golden_dir / "mednext_small_k5.pt")
+    path = tmp_path / "model_final_checkpoint.model"
+    torch.save({"epoch": 1000, "state_dict": g["state_dict"], "optimizer_state_dict": {},
+                "lr_scheduler_state_dict": None, "plot_stuff": ([1.0], [0.9], [0.5], [0.6]),
+                "best_stuff": (0, 1.0, 0.0, 0.0)}, path)
+    sd = read_checkpoint(path).state_dict
+    assert "dummy_tensor" in sd
+    without = {k: v for k, v in sd.items() if k != "dummy_tensor"}
+    for weights in (sd, without):
+        net = models.load("mednext", weights)
+        assert _rel_err(_outputs(net, g["input"])[0], g["output"]) < 1e-4
+    assert "dummy_tensor" not in without  # the caller's dict is left alone
+    assert list(prepare_state_dict({"foo": torch.zeros(1)})) == ["foo"]  # not MedNeXt: untouched

@@ -344,39 +344,43 @@ def _is_monai_format(sd: StateDict) -> bool:
     return any(k.startswith("enc_stages.") for k in sd) and "out_0.conv_out.weight" in sd
 
 
+def _is_official_format(sd: StateDict) -> bool:
+    return "stem.weight" in sd and "down_0.conv1.weight" in sd and "out_0.conv_out.weight" in sd
+
+
 def prepare_state_dict(sd: StateDict) -> dict[str, torch.Tensor]:
-    """Rename a MONAI ``MedNeXt`` state dict to official keys; other state dicts pass unchanged.
+    """Official keys from an official or MONAI ``MedNeXt`` state dict; others pass unchanged.
 
     MONAI -> official: ``enc_stages.i`` -> ``enc_block_i``, ``down_blocks.i`` -> ``down_i``,
     ``up_blocks.i`` -> ``up_{3-i}``, ``dec_stages.i`` -> ``dec_block_{3-i}``, the deep-supervision
     heads ``out_blocks.k`` -> ``out_{4-k}`` (``out_0`` keeps its name), ``global_resp_*`` ->
-    ``grn_*``; ``dummy_tensor`` (absent in MONAI) is added as 1, and the GRN parameters of
-    ``down_1..3`` (absent in MONAI, whose down blocks skip GRN) are added as zeros (identity).
+    ``grn_*``. The GRN parameters of ``down_1..3`` (absent in MONAI, whose down blocks skip GRN)
+    are added as zeros: GRN with gamma = beta = 0 is the identity, so MONAI's function is kept.
     MONAI's B/M/L down blocks have other expansion ratios than the official ones; the implied
     config then carries ``down_exp_r`` so they load and run exactly as in MONAI.
+
+    ``dummy_tensor`` (absent in MONAI, and in official state dicts saved without it) is added
+    as 1: the official network uses it only for gradient checkpointing, volseg never.
     """
-    if not _is_monai_format(sd):
-        return dict(sd)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        new = key
-        for pattern, repl in _MONAI_RULES:
-            new = pattern.sub(repl, new, count=1)
-        new = new.replace("global_resp_beta", "grn_beta").replace("global_resp_gamma", "grn_gamma")
-        out[new] = value
-    # MONAI's down blocks have no GRN; the official down_1..3 do. GRN with gamma = beta = 0 is
-    # the identity, so zero parameters reproduce MONAI's function exactly.
-    if any(k.endswith("grn_gamma") for k in out):
-        for i in (1, 2, 3):
-            w = out.get(f"down_{i}.conv2.weight")
-            if w is not None and f"down_{i}.grn_gamma" not in out:
-                shape = (1, w.shape[0]) + (1,) * (w.ndim - 2)
-                out[f"down_{i}.grn_gamma"] = torch.zeros(shape, dtype=w.dtype, device=w.device)
-                out[f"down_{i}.grn_beta"] = torch.zeros(shape, dtype=w.dtype, device=w.device)
-    if "dummy_tensor" not in out:
-        stem = out.get("stem.weight")
-        out["dummy_tensor"] = torch.ones(1, dtype=stem.dtype if stem is not None else torch.float32,
-                                         device=stem.device if stem is not None else None)
+    if _is_monai_format(sd):
+        out: dict[str, torch.Tensor] = {}
+        for key, value in sd.items():
+            new = key
+            for pattern, repl in _MONAI_RULES:
+                new = pattern.sub(repl, new, count=1)
+            out[new.replace("global_resp_beta", "grn_beta").replace("global_resp_gamma", "grn_gamma")] = value
+        if any(k.endswith("grn_gamma") for k in out):
+            for i in (1, 2, 3):
+                w = out.get(f"down_{i}.conv2.weight")
+                if w is not None and f"down_{i}.grn_gamma" not in out:
+                    shape = (1, w.shape[0]) + (1,) * (w.ndim - 2)
+                    out[f"down_{i}.grn_gamma"] = torch.zeros(shape, dtype=w.dtype, device=w.device)
+                    out[f"down_{i}.grn_beta"] = torch.zeros(shape, dtype=w.dtype, device=w.device)
+    else:
+        out = dict(sd)
+    if _is_official_format(out) and "dummy_tensor" not in out:
+        stem = out["stem.weight"]
+        out["dummy_tensor"] = torch.ones(1, dtype=stem.dtype, device=stem.device)
     return out
 
 

@@ -42,7 +42,7 @@ def device_text(device: dict[str, Any]) -> str:
     text = f"{dev_id}: {name}" if name else dev_id
     free, total = device.get("free_memory_mb"), device.get("total_memory_mb")
     if free is not None and total:
-        text += f" ({_gb(free)} of {_gb(total)} free)"
+        text += f" ({free / 1024:.1f} of {_gb(total)} free)"
     elif total:
         text += f" ({_gb(total)})"
     return text

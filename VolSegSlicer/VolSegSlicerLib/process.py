@@ -34,13 +34,14 @@ except ImportError:  # pragma: no cover - exercised only where psutil is missing
 _EOF = object()
 
 
-def kill_process_tree(pid: int, timeout: float = 5.0) -> None:
+def kill_process_tree(pid: int, timeout: float = 5.0, wait_for_root: bool = True) -> None:
     """Kill process ``pid`` and all of its descendants, and wait for them to go.
 
     Uses psutil when available (collects the descendants before killing, so orphans that a
     dying parent leaves behind are still found); otherwise kills the process group on POSIX
     (processes started by :class:`EngineProcess` lead their own group) or runs
-    ``taskkill /T /F`` on Windows.
+    ``taskkill /T /F`` on Windows. ``wait_for_root=False`` leaves reaping the root to its
+    ``subprocess.Popen`` (psutil reaping it would hide its exit status from Popen).
     """
     if psutil is not None:
         try:
@@ -56,7 +57,7 @@ def kill_process_tree(pid: int, timeout: float = 5.0) -> None:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=timeout)
+        psutil.wait_procs(procs if wait_for_root else procs[:-1], timeout=timeout)
         return
     if os.name == "nt":  # pragma: no cover - Windows only
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
@@ -199,7 +200,7 @@ class EngineProcess:
         """Kill the process and all its descendants now."""
         self.cancel_requested = True
         if self.proc is not None and self.proc.poll() is None:
-            kill_process_tree(self.proc.pid)
+            kill_process_tree(self.proc.pid, wait_for_root=False)
         if self.proc is not None and not os.name == "nt":
             try:  # anything left in the group (e.g. orphans that psutil could not see)
                 os.killpg(self.proc.pid, signal.SIGKILL)

@@ -1,0 +1,663 @@
+"""The Slicer module's logic outside Slicer.
+
+Part 1 tests the pure-Python pieces in ``VolSegSlicer/VolSegSlicerLib`` (progress protocol,
+background process with tree kill, command lines, model list, devices, resources).
+Part 2 imports ``VolSegSlicer/VolSegSlicer.py`` with the test-only FakeSlicerStandIn
+(``fake_slicer.py``) and runs the module's logic against the real ``volseg`` engine in a real
+background process: progress, result files, cancellation and the warm worker. Importing the
+result into a segmentation node needs real Slicer and is covered by the module's self-test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO_ROOT / "VolSegSlicer"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+import psutil  # noqa: E402
+
+from VolSegSlicerLib import process as process_module  # noqa: E402
+from VolSegSlicerLib.catalog import (  # noqa: E402
+    duplicate_inputs,
+    filter_models,
+    import_segment_ids,
+    input_titles,
+    model_tooltip_html,
+    parse_models_json,
+    prefill_inputs,
+    segment_rows,
+)
+from VolSegSlicerLib.command import (  # noqa: E402
+    SegmentOptions,
+    cancel_request_line,
+    engine_command,
+    engine_environment,
+    segment_args,
+    serve_request_line,
+)
+from VolSegSlicerLib.devices import device_choices, device_text  # noqa: E402
+from VolSegSlicerLib.jobs import EngineQuery, SegmentationJob  # noqa: E402
+from VolSegSlicerLib.process import EngineProcess, kill_process_tree, python_executable  # noqa: E402
+from VolSegSlicerLib.protocol import (  # noqa: E402
+    RunMonitor,
+    eta_text,
+    format_duration,
+    overall_fraction,
+    parse_line,
+)
+from VolSegSlicerLib.resources import (  # noqa: E402
+    LogBuffer,
+    missing_requirements,
+    read_requirements,
+    requirement_name,
+    resource_dir,
+)
+
+POSIX = os.name == "posix"
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pids, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(_gone(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return all(_gone(p) for p in pids)
+
+
+def _script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+def _poll_until(process: EngineProcess, predicate, timeout: float = 20.0) -> list:
+    events = []
+    end = time.monotonic() + timeout
+    while not predicate(events):
+        events += process.poll()
+        assert time.monotonic() < end, f"timed out; events so far: {[e.text for e in events]}"
+        time.sleep(0.02)
+    return events
+
+
+# A child that starts a sleeping grandchild and reports its pid: a small process tree.
+TREE_CHILD = """
+    import subprocess, sys, time
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    print(grandchild.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+# ---------------------------------------------------------------------------------------- protocol
+def test_parse_line_separates_protocol_events_from_other_output() -> None:
+    stage = parse_line('{"event": "stage", "stage": "infer", "message": "go"}\n')
+    assert (stage.kind, stage.data["stage"], stage.stream) == ("stage", "infer", "stdout")
+    assert parse_line("plain text").kind == "text"
+    assert parse_line('{"event": "stage"', "stdout").kind == "text"  # malformed JSON
+    assert parse_line('{"event": "surprise"}').kind == "text"  # unknown event
+    assert parse_line('{"event": "done"}', "stderr").kind == "text"  # only stdout carries the protocol
+    tagged = parse_line('{"event": "log", "level": "info", "message": "m", "request": "r7"}')
+    assert tagged.request == "r7" and parse_line("x").request is None
+
+
+def test_durations_and_time_left_read_naturally() -> None:
+    assert format_duration(42.4) == "42 s"
+    assert format_duration(65) == "1 min 05 s"
+    assert format_duration(3720) == "1 h 02 min"
+    assert format_duration(None) == "unknown" and format_duration(float("nan")) == "unknown"
+    assert eta_text(None) == "estimating time left"
+    assert eta_text(0.2) == "almost done"
+    assert eta_text(125) == "about 2 min 05 s left"
+
+
+def test_overall_fraction_gives_inference_most_of_the_bar() -> None:
+    assert overall_fraction("read", 0.0) == 0.0
+    assert overall_fraction("infer", 0.0) == pytest.approx(0.15)
+    assert overall_fraction("infer", 0.5) == pytest.approx(0.525)
+    assert overall_fraction("write", 1.0) == pytest.approx(1.0)
+    assert overall_fraction("unknown-stage", 0.5) == 0.0
+
+
+def test_run_monitor_follows_a_successful_run() -> None:
+    monitor = RunMonitor()
+    lines = [
+        '{"event": "stage", "stage": "read", "message": "reading 1 input(s)"}',
+        '{"event": "stage", "stage": "infer", "message": "inference: 20 windows"}',
+        '{"event": "progress", "stage": "infer", "fraction": 0.4, "done": 8, "total": 20, "elapsed_s": 3.0, "eta_s": 4.6}',
+        '{"event": "log", "level": "warning", "message": "demonstration model"}',
+        '{"event": "done", "outputs": {"segmentation": "/t/s.nrrd", "probabilities": null}, "elapsed_s": 9.2,'
+        ' "timings": {}, "device": "cpu", "labels_present": [1, 2]}',
+    ]
+    percents, logged = [], []
+    for line in lines:
+        logged.append(monitor.feed(parse_line(line)))
+        percents.append(monitor.percent)
+        if '"progress"' in line:
+            assert monitor.status == "Running the network: 8/20 windows, about 5 s left"
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert percents[2] == int(100 * overall_fraction("infer", 0.4))
+    assert logged[0] == "[read] reading 1 input(s)" and logged[2] is None
+    assert logged[3] == "Warning: demonstration model"
+    assert monitor.outcome == "done" and monitor.result["labels_present"] == [1, 2]
+    assert logged[4] == "Finished in 9 s on cpu"
+
+
+def test_run_monitor_reports_errors_cancels_and_silent_crashes() -> None:
+    failed = RunMonitor()
+    failed.feed(parse_line('{"event": "error", "message": "no such file", "hint": "check the path", "exit_code": 2}'))
+    assert (failed.outcome, failed.error, failed.hint, failed.exit_code) == ("error", "no such file", "check the path", 2)
+
+    cancelled = RunMonitor()
+    cancelled.feed(parse_line('{"event": "error", "message": "cancelled", "hint": null, "exit_code": 130}'))
+    assert cancelled.outcome == "cancelled" and cancelled.hint == ""
+
+    crashed = RunMonitor()
+    crashed.feed(parse_line("Traceback (most recent call last):", "stderr"))
+    crashed.feed(parse_line("MemoryError", "stderr"))
+    crashed.process_exited(-9)
+    assert crashed.outcome == "error" and "exit code -9" in crashed.error and "MemoryError" in crashed.error
+
+    killed_on_request = RunMonitor()
+    killed_on_request.process_exited(-9, cancel_requested=True)
+    assert killed_on_request.outcome == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------- processes
+def test_kill_process_tree_kills_child_and_grandchild(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, str(_script(tmp_path, "tree.py", TREE_CHILD))],
+                             stdout=subprocess.PIPE, text=True)
+    grandchild_pid = int(child.stdout.readline())
+    assert not _gone(child.pid) and not _gone(grandchild_pid)
+    kill_process_tree(child.pid)
+    child.wait(timeout=5)
+    assert _wait_gone([child.pid, grandchild_pid])
+
+
+def test_engine_process_kill_stops_the_whole_tree(tmp_path: Path) -> None:
+    proc = EngineProcess([sys.executable, str(_script(tmp_path, "tree.py", TREE_CHILD))]).start()
+    events = _poll_until(proc, lambda ev: any(e.kind == "text" and e.text.strip() for e in ev))
+    grandchild_pid = int(events[0].text)
+    proc.kill()
+    assert _wait_gone([proc.pid, grandchild_pid])
+    _poll_until(proc, lambda ev: proc.finished)
+
+
+@pytest.mark.skipif(not POSIX, reason="the process-group fallback is the POSIX path (Windows uses taskkill /T)")
+def test_tree_kill_without_psutil_uses_the_process_group(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(process_module, "psutil", None)
+    proc = EngineProcess([sys.executable, str(_script(tmp_path, "tree.py", TREE_CHILD))]).start()
+    events = _poll_until(proc, lambda ev: any(e.text.strip() for e in ev))
+    grandchild_pid = int(events[0].text)
+    proc.kill()
+    assert _wait_gone([proc.pid, grandchild_pid])
+
+
+def test_engine_process_streams_lines_without_blocking(tmp_path: Path) -> None:
+    child = _script(tmp_path, "talker.py", """
+        import json, sys, time
+        print(json.dumps({"event": "stage", "stage": "read", "message": "r"}), flush=True)
+        print("a warning on stderr", file=sys.stderr, flush=True)
+        time.sleep(1.0)
+        print(json.dumps({"event": "done", "outputs": {}, "elapsed_s": 1.0}), flush=True)
+    """)
+    proc = EngineProcess([sys.executable, str(child)]).start()
+    events = _poll_until(proc, lambda ev: len(ev) >= 2)
+    started = time.monotonic()
+    assert proc.poll() == []  # the child is sleeping: nothing new, and poll returns at once
+    assert time.monotonic() - started < 0.05
+    assert not proc.finished
+    events += proc.wait(timeout=20)
+    kinds = sorted((e.kind, e.stream) for e in events)
+    assert kinds == [("done", "stdout"), ("stage", "stdout"), ("text", "stderr")]
+    assert proc.returncode == 0 and proc.finished
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGTERM delivery to the process group is POSIX")
+def test_cancel_is_graceful_first(tmp_path: Path) -> None:
+    child = _script(tmp_path, "graceful.py", """
+        import json, signal, sys, time
+        def stop(signum, frame):
+            print(json.dumps({"event": "error", "message": "cancelled; nothing was written", "hint": None,
+                              "exit_code": 130}), flush=True)
+            sys.exit(130)
+        signal.signal(signal.SIGTERM, stop)
+        print(json.dumps({"event": "stage", "stage": "infer", "message": "inference"}), flush=True)
+        time.sleep(60)
+    """)
+    proc = EngineProcess([sys.executable, str(child)]).start()
+    job = SegmentationJob(proc)
+    end = time.monotonic() + 20
+    while job.monitor.stage != "infer":
+        job.poll()
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    job.cancel()
+    while not job.poll():
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    assert job.monitor.outcome == "cancelled" and proc.returncode == 130
+
+
+def test_cancel_kills_an_engine_that_ignores_the_stop_request(tmp_path: Path) -> None:
+    child = _script(tmp_path, "stubborn.py", """
+        import signal, time
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = EngineProcess([sys.executable, str(child)]).start()
+    _poll_until(proc, lambda ev: any(e.text == "ready" for e in ev))
+    started = time.monotonic()
+    proc.cancel(grace_s=0.3)
+    _poll_until(proc, lambda ev: proc.finished, timeout=10)
+    assert time.monotonic() - started < 5
+    assert proc.returncode != 0 and _gone(proc.pid)
+
+
+def test_send_line_reaches_the_process(tmp_path: Path) -> None:
+    child = _script(tmp_path, "echo.py", """
+        import sys
+        for line in sys.stdin:
+            print("got " + line.strip(), flush=True)
+    """)
+    proc = EngineProcess([sys.executable, str(child)], stdin_pipe=True).start()
+    proc.send_line('{"id": "r1"}')
+    events = _poll_until(proc, lambda ev: any(e.text.startswith("got") for e in ev))
+    assert events[-1].text == 'got {"id": "r1"}'
+    proc.close()  # closes stdin: the child ends on EOF
+    assert proc.returncode == 0
+    with pytest.raises(RuntimeError):
+        EngineProcess([sys.executable, "-c", "pass"]).start().send_line("x")
+
+
+def test_python_executable_outside_slicer_is_this_python(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    assert python_executable() == sys.executable
+
+
+# ---------------------------------------------------------------------------------------- command lines
+def test_segment_args_use_the_card_settings_by_default() -> None:
+    args = segment_args(SegmentOptions(model="/cards/demo.json", inputs=["/t/in0.nrrd"], output="/t/out.nrrd"))
+    assert args == ["segment", "/t/in0.nrrd", "--model", "/cards/demo.json", "-o", "/t/out.nrrd",
+                    "--progress", "json", "--device", "auto"]
+
+
+def test_segment_args_are_understood_by_the_engine_cli() -> None:
+    from volseg.cli import build_parser
+
+    opts = SegmentOptions(model="demo", inputs=["a.nrrd", "b.nrrd"], output="o.nrrd", checkpoint="w.pt",
+                          device="cuda:1", use_model_settings=False, overlap=0.625, roi_size=(96, 96, 64),
+                          sw_batch_size=2, flips=True, amp=False, keep_largest=True, fill_holes=False,
+                          min_island_mm3=50.0, cards_dir="/my/cards", overwrite=True)
+    parsed = build_parser().parse_args(segment_args(opts))
+    assert parsed.command == "segment"
+    assert [str(p) for p in parsed.inputs] == ["a.nrrd", "b.nrrd"]
+    assert (parsed.model, str(parsed.checkpoint), parsed.device, parsed.progress) == ("demo", "w.pt", "cuda:1", "json")
+    assert (parsed.overlap, parsed.roi_size, parsed.sw_batch_size) == (0.625, [96, 96, 64], 2)
+    assert (parsed.flips, parsed.amp, parsed.keep_largest, parsed.fill_holes) == (True, False, True, False)
+    assert parsed.min_island_mm3 == 50.0 and parsed.cards_dir == ["/my/cards"] and parsed.overwrite
+
+
+def test_segment_args_skip_unset_window_settings() -> None:
+    opts = SegmentOptions(model="m", inputs=["a"], output="o", use_model_settings=False, roi_size=(96, 0, 64))
+    args = segment_args(opts)
+    assert "--roi-size" not in args and "--sw-batch-size" not in args and "--min-island-mm3" not in args
+    assert "--no-flips" in args and "--amp" in args
+    with pytest.raises(ValueError):
+        segment_args(SegmentOptions(model="m", inputs=[], output="o"))
+
+
+def test_serve_request_drops_the_command_and_progress() -> None:
+    request = json.loads(serve_request_line("r3", SegmentOptions(model="m", inputs=["a"], output="o")))
+    assert request == {"id": "r3", "args": ["a", "--model", "m", "-o", "o", "--device", "auto"]}
+    assert json.loads(cancel_request_line("r3")) == {"cancel": "r3"}
+
+
+def test_engine_environment_puts_the_module_dir_first() -> None:
+    env = engine_environment("/slicer/modules/VolSegSlicer", {"PYTHONPATH": os.pathsep.join(["/x", "/y"]), "A": "1"})
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/slicer/modules/VolSegSlicer", "/x", "/y"]
+    assert env["A"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    assert engine_command("/py", ["models", "--json"]) == ["/py", "-m", "volseg", "models", "--json"]
+
+
+# ---------------------------------------------------------------------------------------- model list
+@pytest.fixture(scope="module")
+def tiny_cards(tmp_path_factory) -> Path:
+    """Two cards for a tiny randomly initialised MONAI SegResNet (weights written here)."""
+    import torch
+    from monai.networks.nets import SegResNet
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("cards")
+    torch.manual_seed(0)
+    config = dict(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=[1, 1], blocks_up=[1])
+    save_file({k: v.contiguous() for k, v in SegResNet(**config).state_dict().items()}, folder / "tiny.safetensors")
+    base = {
+        "modality": "CT", "architecture": {"name": "segresnet", "config": config},
+        "checkpoint": {"path": "tiny.safetensors"},
+        "inputs": [{"name": "CT", "modality": "CT", "name_hint": "ct|chest"}],
+        "labels": [
+            {"value": 1, "name": "Liver", "color": [220, 60, 60],
+             "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
+                             "type": ["SCT", "10200004", "Liver"]}},
+            {"value": 2, "name": "Spleen", "color": [60, 200, 60]},
+        ],
+        "preprocessing": [{"name": "ScaleIntensityRange",
+                           "args": {"a_min": -1000, "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True}}],
+    }
+    # One window over the whole 128x128x34 CT: a fast run.
+    fast = dict(base, id="tiny-fast", title="Tiny test network (one window)",
+                inference={"roi_size": [128, 128, 48], "overlap": 0.0, "sw_batch_size": 1})
+    # Hundreds of small windows: a run that lasts long enough to be cancelled.
+    slow = dict(base, id="tiny-slow", title="Tiny test network (many windows)",
+                inference={"roi_size": [16, 16, 8], "overlap": 0.5, "sw_batch_size": 1})
+    for card in (fast, slow):
+        (folder / f"{card['id']}.json").write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
+def _run_cli(args: list[str]) -> str:
+    env = engine_environment(str(MODULE_DIR))
+    done = subprocess.run(engine_command(sys.executable, args), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def models(tiny_cards: Path) -> list[dict]:
+    """The real ``volseg models --json`` output, parsed as the panel does."""
+    return parse_models_json(_run_cli(["models", "--json", "--cards-dir", str(tiny_cards)]))
+
+
+def test_model_list_comes_from_the_engine(models: list[dict]) -> None:
+    ids = {m["id"] for m in models}
+    assert {"demo", "tiny-fast", "tiny-slow"} <= ids
+    with pytest.raises(ValueError):
+        parse_models_json('{"cards": []}')
+
+
+def test_search_matches_every_word_in_any_field(models: list[dict]) -> None:
+    assert {m["id"] for m in filter_models(models, "tiny many")} == {"tiny-slow"}
+    assert {m["id"] for m in filter_models(models, "SPLEEN one window")} == {"tiny-fast"}  # label name + title
+    assert filter_models(models, "tiny brain-that-is-not-there") == []
+    assert len(filter_models(models, "")) == len(models)
+
+
+def test_tooltip_is_an_escaped_model_card(models: list[dict]) -> None:
+    tiny = next(m for m in models if m["id"] == "tiny-fast")
+    html = model_tooltip_html(tiny)
+    assert "Architecture: segresnet" in html and "Labels (2): Liver, Spleen" in html and "Modality: CT" in html
+    demo = next(m for m in models if m["id"] == "demo")
+    assert "not for use on patients" in model_tooltip_html(demo)
+    hostile = dict(tiny, title="<script>x</script>", timing={"gpu_s": 12, "cpu_s": 300})
+    html = model_tooltip_html(hostile)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "GPU about 12 s, CPU about 5 min 00 s" in html
+
+
+def test_inputs_are_titled_and_prefilled_from_name_hints() -> None:
+    model = {"inputs": [{"name": "T1", "modality": "MR", "name_hint": "t1(?!.*gd)"},
+                        {"name": "T1 contrast", "modality": "MR", "name_hint": "t1.*gd|t1c"},
+                        {"name": "FLAIR", "name_hint": "flair"},
+                        {"name": "T2", "name_hint": "[bad regex"},
+                        {"name": "extra"}]}
+    assert input_titles(model) == ["T1 (MR)", "T1 contrast (MR)", "FLAIR", "T2"]  # at most 4 selectors
+    names = ["patient FLAIR", "T1_Gd", "T1 pre", "t2"]
+    assert prefill_inputs(model, names) == [2, 1, 0, None]
+    # The same volume is never proposed twice, and a single input takes the first volume if no hint fits.
+    assert prefill_inputs({"inputs": [{"name": "a", "name_hint": "x"}, {"name": "b", "name_hint": "x"}]},
+                          ["x1"]) == [0, None]
+    assert prefill_inputs({"inputs": [{"name": "CT", "name_hint": "ct"}]}, ["MRHead"]) == [0]
+
+
+def test_duplicate_inputs_are_found() -> None:
+    assert duplicate_inputs(["vtkMRMLScalarVolumeNode1", None, "vtkMRMLScalarVolumeNode1"]) == [(0, 2)]
+    assert duplicate_inputs(["a", "b", None, None]) == []
+
+
+def test_segment_rows_carry_card_names_colours_and_terminology(models: list[dict]) -> None:
+    tiny = next(m for m in models if m["id"] == "tiny-fast")
+    rows = segment_rows(tiny)
+    assert [(r["id"], r["value"], r["name"]) for r in rows] == [("Segment_1", 1, "Liver"), ("Segment_2", 2, "Spleen")]
+    assert rows[0]["color"] == pytest.approx((220 / 255, 60 / 255, 60 / 255))
+    parts = rows[0]["terminology_tag"].split("~")
+    assert len(parts) == 7 and parts[1] == "SCT^123037004^Anatomical Structure" and parts[2] == "SCT^10200004^Liver"
+    assert rows[1]["terminology_tag"] == ""
+    assert import_segment_ids(rows, [0, 2, 1, 2]) == ["Segment_1", "Segment_2"]
+    assert import_segment_ids(rows, [0]) == []
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        import_segment_ids(rows, [1, 7])
+
+
+# ---------------------------------------------------------------------------------------- devices
+def test_device_choices_from_the_engine_and_from_a_gpu_machine() -> None:
+    choices = device_choices(_run_cli(["devices", "--json"]))
+    assert choices.items[0][0] == "auto" and "cpu" in [i for i, _ in choices.items]
+    assert choices.reason  # the engine always says why
+    gpu = device_choices({"devices": [
+        {"id": "cpu", "name": "CPU", "total_memory_mb": None, "free_memory_mb": None},
+        {"id": "cuda:0", "name": "NVIDIA H100", "total_memory_mb": 81559, "free_memory_mb": 72000},
+        {"id": "mps", "name": "Apple M2", "total_memory_mb": None, "free_memory_mb": None}],
+        "auto": "cuda:0", "reason": "the GPU with the most free memory"})
+    assert gpu.items == [("auto", "Automatic (cuda:0)"), ("cuda:0", "cuda:0: NVIDIA H100 (70.3 of 79.6 GB free)"),
+                         ("mps", "mps: Apple M2"), ("cpu", "CPU")]
+    assert device_text({"id": "cuda:1", "name": "A", "total_memory_mb": 2048, "free_memory_mb": None}) == "cuda:1: A (2.0 GB)"
+    with pytest.raises(ValueError):
+        device_choices('{"gpus": []}')
+
+
+# ---------------------------------------------------------------------------------------- resources
+def test_resources_are_found_in_a_checkout_and_in_a_build(tmp_path: Path) -> None:
+    assert resource_dir(MODULE_DIR) == REPO_ROOT / "Resources"  # source checkout: ../Resources
+    built = tmp_path / "qt-scripted-modules"
+    (built / "Resources" / "UI").mkdir(parents=True)
+    assert resource_dir(built) == built / "Resources"  # CMake build: beside the module file
+    with pytest.raises(FileNotFoundError):
+        resource_dir(tmp_path / "nowhere" / "module")
+
+
+def test_requirements_file_lists_engine_packages_but_not_torch_or_slicer_bundled_ones() -> None:
+    requirements = read_requirements(REPO_ROOT / "Resources" / "requirements.txt")
+    names = {requirement_name(r).lower() for r in requirements}
+    assert {"monai", "nibabel", "pynrrd", "slicerio", "safetensors", "jsonschema", "psutil"} <= names
+    assert not names & {"torch", "simpleitk", "numpy"}
+    assert missing_requirements(["numpy>=1.0"]) == []
+    assert missing_requirements(["numpy>=999"]) == ["numpy>=999"]
+    assert missing_requirements(["surely-not-installed-volseg-pkg"]) == ["surely-not-installed-volseg-pkg"]
+
+
+def test_log_buffer_is_capped() -> None:
+    log = LogBuffer(limit=100)
+    for i in range(50):
+        log.append(f"line {i:02d}")
+    text = log.text()
+    assert "line 49" in text and "line 00" not in text and log.dropped > 0
+    assert len(text) < 100 + 60  # the cap plus the "older lines" note
+    log.clear()
+    assert log.text() == ""
+
+
+# ---------------------------------------------------------------------------------------- module with the stand-in
+@pytest.fixture
+def vs(monkeypatch, tmp_path: Path):
+    """VolSegSlicer.py imported with FakeSlicerStandIn (test-only) in place of Slicer."""
+    from fake_slicer import install_fake_slicer
+
+    install_fake_slicer(monkeypatch, tmp_path)
+    spec = importlib.util.spec_from_file_location("VolSegSlicer", MODULE_DIR / "VolSegSlicer.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "VolSegSlicer", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _volume(ct_path: Path, name: str = "CTChest", node_id: str = "vtkMRMLScalarVolumeNode1"):
+    from fake_slicer import FakeStandInVolumeNode
+
+    return FakeStandInVolumeNode(ct_path, name, node_id)
+
+
+def _run(logic, job, timeout: float = 180.0):
+    """What the module's QTimer does: poll every 50 ms until the job has ended."""
+    end = time.monotonic() + timeout
+    while job in logic.jobs:
+        logic.pollJobs()
+        assert time.monotonic() < end, "the engine did not finish in time"
+        time.sleep(0.05)
+    return job
+
+
+def test_module_parameters_defaults_and_settings_round_trip(vs) -> None:
+    logic = vs.VolSegSlicerLogic()
+    params = logic.getParameterNode()
+    assert (params.useModelSettings, params.overlap, params.keepWarm, params.device) == (True, 0.5, False, "auto")
+    assert params.inputVolume0 is None and params.outputSegmentation is None
+    params.overlap, params.flips, params.roiX, params.device, params.modelId = 0.75, True, 96, "cuda:0", "demo"
+    logic.saveSettings(params)
+    fresh = vs.VolSegSlicerParameterNode(object())
+    logic.restoreSettings(fresh)
+    assert (fresh.overlap, fresh.flips, fresh.roiX, fresh.device, fresh.modelId) == (0.75, True, 96, "cuda:0", "demo")
+    assert vs.moduleResourcePath("UI/VolSegSlicer.ui") == str(REPO_ROOT / "Resources" / "UI" / "VolSegSlicer.ui")
+
+
+def test_module_options_follow_the_panel(vs, models: list[dict]) -> None:
+    logic = vs.VolSegSlicerLogic()
+    params = logic.getParameterNode()
+    tiny = next(m for m in models if m["id"] == "tiny-fast")
+    params.checkpointPath, params.device = "/w/best.pt", "cpu"
+    opts = logic.segmentOptions(tiny, ["/t/in0.nrrd"], "/t/out.nrrd", params)
+    assert opts.model == tiny["card_path"] and opts.checkpoint == "/w/best.pt" and opts.use_model_settings
+    params.useModelSettings, params.roiX, params.roiY, params.roiZ, params.fillHoles = False, 64, 64, 32, True
+    args = segment_args(logic.segmentOptions(tiny, ["/t/in0.nrrd"], "/t/out.nrrd", params))
+    assert args[args.index("--roi-size") + 1:args.index("--roi-size") + 4] == ["64", "64", "32"]
+    assert "--fill-holes" in args and "--overlap" in args
+
+
+def test_segment_refuses_wrong_or_repeated_inputs(vs, models: list[dict], ct_path: Path) -> None:
+    logic = vs.VolSegSlicerLogic()
+    params = logic.getParameterNode()
+    two_inputs = dict(next(m for m in models if m["id"] == "tiny-fast"),
+                      inputs=[{"name": "T1"}, {"name": "T2"}])
+    same = _volume(ct_path)
+    with pytest.raises(ValueError, match="same volume"):
+        logic.segment(two_inputs, [same, same], params)
+    with pytest.raises(ValueError, match="needs 2 input"):
+        logic.segment(two_inputs, [same], params)
+    assert logic.jobs == []
+
+
+def test_models_query_runs_in_the_background(vs, tiny_cards: Path) -> None:
+    logic = vs.VolSegSlicerLogic()
+    received = {}
+    logic.queryModels(str(tiny_cards), lambda result, error: received.update(result=result, error=error))
+    assert logic._timer.isActive() and received == {}  # asked, not answered yet: nothing blocked
+    query = logic.jobs[0]
+    assert isinstance(query, EngineQuery)
+    _run(logic, query, timeout=120)
+    assert received["error"] == "" and {"tiny-fast", "demo"} <= {m["id"] for m in received["result"]}
+    assert not logic._timer.isActive()
+
+
+def test_segmentation_runs_in_a_background_engine_process(vs, models: list[dict], ct_path: Path, monkeypatch) -> None:
+    import nrrd
+    import numpy as np
+
+    logic = vs.VolSegSlicerLogic()
+    params = logic.getParameterNode()
+    params.device = "cpu"
+    tiny = next(m for m in models if m["id"] == "tiny-fast")
+    imported = {}
+
+    def import_result(job):  # the Slicer-side import is the self-test's; check the file it would read
+        labels, header = nrrd.read(job.outputPath)
+        ct, ct_header = nrrd.read(str(ct_path))
+        imported["shape"], imported["ct_shape"] = labels.shape, ct.shape
+        imported["ids"] = import_segment_ids(segment_rows(job.model), np.unique(labels))
+        imported["directions"] = (np.asarray(header["space directions"], float),
+                                  np.asarray(ct_header["space directions"], float))
+        imported["tempDir"] = job.tempDir
+        return "segmentation node"
+
+    monkeypatch.setattr(logic, "importResult", import_result)
+    events, finished = [], []
+    job = logic.segment(tiny, [_volume(ct_path)], params, onEvent=lambda j, line: events.append(line),
+                        onFinished=finished.append)
+    assert isinstance(job, SegmentationJob) and job.ownsProcess and not job.finished
+    assert Path(job.tempDir, "input0.nrrd").is_file()  # the input was exported for the engine
+    _run(logic, job)
+    assert finished == [job] and job.finished
+    assert job.monitor.outcome == "done", job.monitor.error
+    assert job.monitor.percent == 100 and job.segmentationNode == "segmentation node"
+    assert any(line and line.startswith("[infer]") for line in events)
+    assert imported["shape"] == imported["ct_shape"]
+    np.testing.assert_allclose(*imported["directions"])
+    assert set(imported["ids"]) <= {"Segment_1", "Segment_2"}
+    assert not Path(imported["tempDir"]).exists()  # temporaries removed
+    assert not logic._timer.isActive() and _gone(job.process.pid)
+
+
+def test_cancel_stops_the_engine_and_writes_nothing(vs, models: list[dict], ct_path: Path, monkeypatch) -> None:
+    logic = vs.VolSegSlicerLogic()
+    params = logic.getParameterNode()
+    params.device = "cpu"
+    slow = next(m for m in models if m["id"] == "tiny-slow")
+    monkeypatch.setattr(logic, "importResult", lambda job: pytest.fail("a cancelled run must not be imported"))
+    job = logic.segment(slow, [_volume(ct_path)], params)
+    end = time.monotonic() + 120
+    while job.monitor.stage != "infer" or job.monitor.percent <= int(100 * overall_fraction("infer", 0.0)):
+        logic.pollJobs()
+        assert job in logic.jobs, f"the run ended before it could be cancelled: {job.monitor.error}"
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    output, temp_dir = Path(job.outputPath), Path(job.tempDir)
+    started = time.monotonic()
+    job.cancel()
+    _run(logic, job, timeout=30)
+    assert time.monotonic() - started < 15
+    assert job.monitor.outcome == "cancelled" and job.segmentationNode is None
+    assert job.monitor.exit_code == 130  # the engine stopped cleanly on SIGTERM
+    assert not output.exists() and not temp_dir.exists()
+    assert _gone(job.process.pid)
+
+
+def test_warm_worker_keeps_running_between_runs(vs, models: list[dict], ct_path: Path, monkeypatch) -> None:
+    logic = vs.VolSegSlicerLogic()
+    params = logic.getParameterNode()
+    params.device, params.keepWarm = "cpu", True
+    tiny = next(m for m in models if m["id"] == "tiny-fast")
+    outputs = []
+    monkeypatch.setattr(logic, "importResult", lambda job: outputs.append(Path(job.outputPath).stat().st_size) or "node")
+    first = _run(logic, logic.segment(tiny, [_volume(ct_path)], params))
+    assert first.monitor.outcome == "done", first.monitor.error
+    worker = logic.warmWorker
+    assert worker is not None and worker.is_running() and not first.ownsProcess
+    second = _run(logic, logic.segment(tiny, [_volume(ct_path)], params))
+    assert second.monitor.outcome == "done", second.monitor.error
+    assert logic.warmWorker is worker and worker.is_running()  # same process, model kept loaded
+    assert second.request != first.request and len(outputs) == 2 and all(size > 0 for size in outputs)
+    logic.shutdown()
+    assert _wait_gone([worker.pid])

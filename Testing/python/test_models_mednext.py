@@ -82,8 +82,8 @@ def test_published_variant_matches_manifest(golden_dir: Path, mid: str, k: int) 
 
 def test_checkpoint_style_is_accepted_and_ignored() -> None:
     torch.manual_seed(0)
-    kw = dict(in_channels=1, n_channels=4, n_classes=2, exp_r=2, kernel_size=3, block_counts=[1] * 9,
-              do_res=True, do_res_up_down=True)
+    kw = {"in_channels": 1, "n_channels": 4, "n_classes": 2, "exp_r": 2, "kernel_size": 3, "block_counts": [1] * 9,
+          "do_res": True, "do_res_up_down": True}
     plain = models.create("mednext", **kw).eval()
     ckpt = models.create("mednext", **kw, checkpoint_style="outside_block").eval()
     ckpt.load_state_dict(plain.state_dict(), strict=True)

@@ -34,8 +34,7 @@ Grid = tuple[int, int, int]
 
 #: The published configuration (experiments/brats_2017/.../config.yaml = constructor defaults).
 PUBLISHED_NUM_HEADS = (1, 2, 5, 8)
-_DEFAULT_KERNELS = (7, 3, 3, 3)
-_DEFAULT_STRIDES = (4, 2, 2, 2)
+PUBLISHED_STRIDES = (4, 2, 2, 2)
 ATTN_SCALES = ("num_heads", "head_dim")
 
 
@@ -318,13 +317,12 @@ def config_from_state_dict(sd: StateDict) -> dict[str, Any] | None:
         sr_ratios.append(int(sr.shape[2]) if sr is not None else 1)
         fc1 = sd.get(f"{_PREFIX}tf_block{stage}.0.mlp.fc1.weight")
         mlp_ratios.append(int(fc1.shape[0]) // embed_dims[stage - 1] if fc1 is not None else 4)
-    strides = [s if k == dk else max(1, k // 2) for k, dk, s in zip(kernels, _DEFAULT_KERNELS, _DEFAULT_STRIDES)]
     return {
         "in_channels": int(embeds[0].shape[1]),
         "sr_ratios": sr_ratios,
         "embed_dims": embed_dims,
         "patch_kernel_size": kernels,
-        "patch_stride": strides,
+        "patch_stride": list(PUBLISHED_STRIDES),  # invisible in the weights: the published strides
         "patch_padding": [k // 2 for k in kernels],
         "mlp_ratios": mlp_ratios,
         "num_heads": _default_num_heads(embed_dims),

@@ -113,6 +113,21 @@ def test_noncubic_grid_is_carried_not_guessed() -> None:
         assert torch.allclose(block.mlp.dwconv(h, grid), expected)
 
 
+def test_noncubic_axis_permutation_equivariance(golden_dir: Path) -> None:
+    """Permuting the input's axes and every conv kernel's axes permutes the output: with a wrong
+    (d, h, w) bookkeeping on a non-cubic input this fails (attention is order-free, the rest local)."""
+    g = _load(golden_dir / "segformer3d_small.pt")
+    perm = (2, 0, 1)
+    dims = (0, 1, *(2 + p for p in perm))
+    permuted = {k: (v.permute(dims).contiguous() if v.ndim == 5 else v) for k, v in g["state_dict"].items()}
+    net, net_p = models.load("segformer3d", g["state_dict"]), models.load("segformer3d", permuted)
+    x = torch.randn(1, 4, 32, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y, y_p = net(x), net_p(x.permute(dims))
+    assert y_p.shape == (1, 3, 96, 32, 64)
+    assert _rel_err(y_p, y.permute(dims)) < 1e-4
+
+
 def test_manifest_keys_shapes_and_count(golden_dir: Path) -> None:
     man = json.loads((golden_dir / "manifests" / "segformer3d_default.json").read_text())
     with torch.device("meta"):

@@ -334,11 +334,13 @@ def config_from_state_dict(sd: StateDict) -> dict[str, Any] | None:
 
 
 def describe_variant(config: dict[str, Any]) -> str:
+    """Short text for ``volseg inspect``; heads and attention scale are not visible in weights."""
     dims = list(config.get("embed_dims", []))
     heads = list(config.get("num_heads", []))
-    scale = config.get("attn_scale", "num_heads")
-    return (f"embed_dims {dims}, depths {list(config.get('depths', []))}, heads {heads}, "
-            f"{config.get('num_classes')} sigmoid channels, attention scale 1/sqrt({scale})")
+    scale = (f"attention scale 1/sqrt({config['attn_scale']})" if "attn_scale" in config else
+             "attention scale not visible in the weights (default 1/sqrt(num_heads), the released BraTS math)")
+    return (f"embed_dims {dims}, depths {list(config.get('depths', []))}, heads {heads} (assumed), "
+            f"{config.get('num_classes')} sigmoid channels; {scale}")
 
 
 ARCHITECTURES = [

@@ -206,6 +206,7 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
             f"{source}: labels {too_high} use output channels beyond the {out_channels} the network has",
             hint="fix the label 'channel'/'value' entries or output.channels",
         )
+    _check_architecture(arch["name"], source)
     inf = raw.get("inference", {})
     post = raw.get("postprocessing", {})
     ckpt = raw.get("checkpoint", {})
@@ -250,6 +251,20 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
         description=raw.get("description", ""),
         modality=raw.get("modality"),
     )
+
+
+def _check_architecture(name: str, source: str) -> None:
+    from volseg.models.registry import names
+
+    known = names()
+    if name.lower() != "torchscript" and name.lower() not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), known, n=2)
+        raise ModelCardError(
+            f"{source}: unknown architecture {name!r}",
+            hint=(f"did you mean {' or '.join(close)}? " if close else "") + "known: torchscript, " + ", ".join(known),
+        )
 
 
 def _bool_or_labels(v: bool | list[int]) -> bool | tuple[int, ...]:

@@ -25,8 +25,11 @@ from volseg.errors import CheckpointError
 
 #: Keys under which training frameworks nest the weights, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
-#: Prefixes added by DataParallel, torch.compile, Lightning modules and similar wrappers.
-STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
+#: Prefixes added by DataParallel/DDP and torch.compile: always removed.
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+#: Prefixes that a Lightning module's attribute adds (``self.model``) but that are also genuine
+#: first key components of some networks (MONAI's UNet keys start with ``model.``). They are
+#: removed only where the network being loaded needs it: see ``volseg.models.registry.prefix_variants``.
 
 
 @dataclass
@@ -39,7 +42,8 @@ class Checkpoint:
         state_dict: the weights with wrapper keys and prefixes removed (empty for TorchScript).
         module: the loaded TorchScript (or trusted pickled) module, if any.
         wrapper: the path of keys the weights were found under, e.g. ``["state_dict"]``.
-        stripped_prefixes: prefixes removed from every key, e.g. ``["module."]``.
+        stripped_prefixes: prefixes removed from every key, e.g. ``["module."]`` (a prefix such as
+            ``model.`` that may belong to the network itself is left for the loader to decide).
         extras: other top-level entries (epoch, plans, hyper-parameters), kept for ``inspect``.
     """
 
@@ -146,7 +150,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             hint="if you trust where this file comes from, pass --trust-pickle; better, re-save it as a plain "
             "state_dict or .safetensors",
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # torch raises assorted errors (IndexError, EOFError, ...) for non-checkpoint bytes
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"cannot read checkpoint {path}: {msg}",

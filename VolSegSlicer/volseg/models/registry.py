@@ -151,6 +151,45 @@ def implied_config(name: str, state_dict: StateDict) -> dict[str, Any]:
     return arch.config_from_state_dict(sd) or {}
 
 
+#: Key prefixes a training wrapper may add that can also be a network's own first key component.
+WRAPPER_PREFIXES = ("model.", "net.", "network.")
+
+
+def prefix_variants(state_dict: StateDict) -> list[dict[str, torch.Tensor]]:
+    """``state_dict`` as is, then with each wrapper prefix that every key shares removed in turn.
+
+    A Lightning module stores ``self.model``'s weights as ``model.*``; MONAI's UNet has keys
+    ``model.*`` of its own. Which reading is right depends on the network, so the loader tries
+    these variants in order (least stripped first) and keeps the first that fits.
+    """
+    variants = [dict(state_dict)]
+    while True:
+        sd = variants[-1]
+        prefix = next((p for p in WRAPPER_PREFIXES if sd and all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            return variants
+        variants.append({k[len(prefix):]: v for k, v in sd.items()})
+
+
+def _config_for(arch: Architecture, sd: StateDict, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    implied = {}
+    if arch.config_from_state_dict is not None:
+        try:
+            implied = arch.config_from_state_dict(sd) or {}
+        except (KeyError, IndexError, ValueError, StopIteration):
+            implied = {}
+    return {**implied, **overrides}
+
+
+def _fits(arch: Architecture, sd: StateDict, config: Mapping[str, Any]) -> bool:
+    try:
+        with torch.device("meta"):
+            model = arch.build(**config)
+    except Exception:  # an impossible config for this variant: it simply does not fit
+        return False
+    return compare_keys(model.state_dict(), sd).ok
+
+
 def load(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
     """Build ``name`` in the variant the state dict implies, load it strictly, return it in eval mode.
 
@@ -159,12 +198,12 @@ def load(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
     :class:`~volseg.errors.CheckpointError` naming missing, unexpected and wrongly shaped keys.
     """
     arch = get(name)
-    sd = arch.prepare_state_dict(state_dict) if arch.prepare_state_dict else dict(state_dict)
-    implied = (arch.config_from_state_dict(sd) or {}) if arch.config_from_state_dict else {}
-    config = {**implied, **kwargs}
+    variants = [arch.prepare_state_dict(v) if arch.prepare_state_dict else v for v in prefix_variants(state_dict)]
+    chosen = next((v for v in variants if _fits(arch, v, _config_for(arch, v, kwargs))), variants[0])
+    config = _config_for(arch, chosen, kwargs)
     model = create(arch.name, **config)
-    check_state_dict(model, sd, arch_name=arch.name, config=config)
-    model.load_state_dict(sd, strict=True)
+    check_state_dict(model, chosen, arch_name=arch.name, config=config)
+    model.load_state_dict(chosen, strict=True)
     return model.eval()
 
 
@@ -250,20 +289,17 @@ def match(state_dict: StateDict) -> list[Match]:
     for arch in all_architectures():
         if arch.config_from_state_dict is None:
             continue
-        sd = arch.prepare_state_dict(state_dict) if arch.prepare_state_dict else dict(state_dict)
-        try:
-            config = arch.config_from_state_dict(sd)
-        except Exception:  # a foreign state dict may break a family's shape reader
-            config = None
-        if config is None:
-            continue
-        try:
+        for raw in prefix_variants(state_dict):
+            sd = arch.prepare_state_dict(raw) if arch.prepare_state_dict else raw
+            try:
+                config = arch.config_from_state_dict(sd)
+            except Exception:  # a foreign state dict may break a family's shape reader
+                config = None
+            if config is None or not _fits(arch, sd, config):
+                continue
             with torch.device("meta"):
-                model = arch.build(**config)
-        except Exception:
-            continue
-        if compare_keys(model.state_dict(), sd).ok:
+                n_params = sum(p.numel() for p in arch.build(**config).parameters())
             variant = arch.describe_variant(config) if arch.describe_variant else ""
-            n_params = sum(p.numel() for p in model.parameters())
             found.append(Match(arch.name, config, variant, n_params))
+            break
     return found

@@ -1,0 +1,189 @@
+"""Checkpoint formats and wrappers, safe loading, and clear mismatch errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+from safetensors.torch import save_file
+
+from volseg import models
+from volseg.checkpoints import describe, read_checkpoint, sha256sum, unwrap
+from volseg.errors import CheckpointError
+
+CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+
+
+@pytest.fixture(scope="module")
+def unet_sd():
+    torch.manual_seed(0)
+    return UNet(**CONFIG).state_dict()
+
+
+def _prefixed(sd, prefix):
+    return {prefix + k: v for k, v in sd.items()}
+
+
+WRAPPERS = {
+    "plain.pth": lambda sd: sd,
+    "dataparallel.pt": lambda sd: _prefixed(sd, "module."),
+    "lightning.ckpt": lambda sd: {"epoch": 3, "global_step": 10, "state_dict": _prefixed(sd, "model."),
+                                  "hyper_parameters": {"lr": 1e-3}},
+    "nnunet.model": lambda sd: {"epoch": 1000, "state_dict": sd, "optimizer_state_dict": {},
+                                "plot_stuff": ([0.1, 0.2], [0.3], [0.4], [0.5])},
+    "monai_bundle.pt": lambda sd: {"model": sd, "optimizer": {}},
+    "net.pth": lambda sd: {"net": sd},
+    "network.pth": lambda sd: {"network": _prefixed(sd, "_orig_mod.")},
+    "compiled_ddp.pt": lambda sd: {"model_state_dict": _prefixed(_prefixed(sd, "_orig_mod."), "module.")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+def test_wrapped_checkpoints_unwrap_to_the_same_weights(name, unet_sd, tmp_path):
+    path = tmp_path / name
+    torch.save(WRAPPERS[name](unet_sd), path)
+    ckpt = read_checkpoint(path)
+    assert ckpt.format == "state_dict"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt.state_dict)
+    net = models.load("unet", ckpt.state_dict, **CONFIG)  # a Lightning "model." prefix is resolved here
+    assert not net.training
+    loaded = net.state_dict()
+    assert set(loaded) == set(unet_sd)
+    for k, v in unet_sd.items():
+        assert torch.equal(loaded[k], v)
+
+
+def test_genuine_model_prefix_is_kept(unet_sd):
+    """MONAI UNet's own keys start with "model.": a plain file must not lose that prefix."""
+    from volseg.checkpoints import unwrap as unwrap_
+
+    assert set(unwrap_(dict(unet_sd)).state_dict) == set(unet_sd)
+    assert [m.name for m in models.match(unet_sd)] == ["unet"]
+    lightning = {"model." + k: v for k, v in unet_sd.items()}
+    assert models.match(lightning)[0].config["channels"] == [4, 8, 16]
+
+
+def test_safetensors(unet_sd, tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in unet_sd.items()}, str(path))
+    ckpt = read_checkpoint(path)
+    assert ckpt.format == "safetensors"
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in unet_sd.items())
+
+
+def test_accelerate_folder(unet_sd, tmp_path):
+    folder = tmp_path / "checkpoint_best"
+    folder.mkdir()
+    torch.save(unet_sd, folder / "pytorch_model.bin")
+    torch.save({"param_groups": []}, folder / "optimizer.bin")
+    assert set(read_checkpoint(folder).state_dict) == set(unet_sd)
+
+
+def test_torchscript(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(**CONFIG).eval()
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(net, torch.randn(1, 1, 16, 16, 16)), str(path))
+    ckpt = read_checkpoint(path)
+    assert ckpt.format == "torchscript"
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert torch.allclose(ckpt.module(x), net(x), atol=1e-5)
+    assert describe(ckpt)["matches"][0]["architecture"] == "torchscript"
+
+
+class Payload:
+    """Unpickling this would run code (os.system) -- the classic malicious checkpoint."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/volseg-pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, unet_sd):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        torch.save({"state_dict": unet_sd, "trap": Payload()}, f)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert "--trust-pickle" in err.value.hint
+    assert "arbitrary code" in err.value.message
+
+
+def test_trusted_pickle_is_allowed_when_asked(tmp_path, unet_sd):
+    path = tmp_path / "legacy.pth"
+    torch.save({"state_dict": unet_sd, "args": pickle.dumps}, path)  # a function: needs a full unpickle
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+    assert set(read_checkpoint(path, trust_pickle=True).state_dict) == set(unet_sd)
+
+
+def test_whole_pickled_module_with_trust(tmp_path):
+    net = UNet(**CONFIG)
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust_pickle=True)
+    assert ckpt.format == "pickled-module"
+    assert set(ckpt.state_dict) == set(net.state_dict())
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "cannot read checkpoint"),
+    (b"this is not a checkpoint at all", "cannot read checkpoint"),
+])
+def test_garbage_files(tmp_path, content, expected):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=expected):
+        read_checkpoint(path)
+
+
+def test_missing_file_and_no_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "note": "no weights here"}, path)
+    with pytest.raises(CheckpointError, match="no weights found"):
+        read_checkpoint(path)
+
+
+def test_sha256_is_checked(tmp_path, unet_sd):
+    path = tmp_path / "w.pth"
+    torch.save(unet_sd, path)
+    read_checkpoint(path, sha256=sha256sum(path))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        read_checkpoint(path, sha256="0" * 64)
+
+
+def test_mismatch_names_missing_unexpected_and_wrong_shapes(unet_sd):
+    sd = dict(unet_sd)
+    sd.pop("model.0.conv.unit0.conv.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        models.load("unet", sd, **CONFIG)
+    text = str(err.value)
+    assert "missing keys (1): model.0.conv.unit0.conv.bias" in text
+    assert "unexpected keys (1): extra.weight" in text
+
+
+def test_wrong_label_count_is_diagnosed(unet_sd):
+    with pytest.raises(CheckpointError) as err:
+        models.load("unet", unet_sd, **{**CONFIG, "out_channels": 5})
+    assert "wrongly shaped" in err.value.message
+    assert err.value.hint
+
+
+def test_other_architecture_is_diagnosed(unet_sd):
+    with pytest.raises(CheckpointError) as err:
+        models.load("segresnet", unet_sd, spatial_dims=3, in_channels=1, out_channels=3, init_filters=8)
+    assert "another architecture" in err.value.hint
+
+
+def test_unwrap_keeps_scalar_extras():
+    ckpt = unwrap({"epoch": 7, "state_dict": {"w": torch.zeros(2)}})
+    assert ckpt.extras == {"epoch": 7}
+    assert ckpt.wrapper == ["state_dict"]

@@ -1,0 +1,211 @@
+"""The command line as a user and the Slicer module run it: JSON progress, cancellation,
+clear errors with exit codes, and nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_card
+
+from volseg.cli import main
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "volseg", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout, env=ENV)
+
+
+@pytest.fixture
+def small_ct(tmp_path) -> Path:
+    a = np.zeros((24, 20, 12), np.int16) - 1000
+    a[4:12, 6:14, 2:8] = 800
+    img = sitk.GetImageFromArray(a.transpose(2, 1, 0))
+    img.SetSpacing((1.5, 1.5, 3.0))
+    path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.fixture
+def threshold_card(tmp_path) -> Path:
+    scale = {"name": "ScaleIntensityRange", "args": {"a_min": -1000, "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True}}
+    return make_card(tmp_path, "thr", preprocessing=[scale])
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def test_progress_json_protocol(small_ct, threshold_card, threshold_torchscript, tmp_path):
+    out = tmp_path / "res.seg.nrrd"
+    r = run_cli("segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+                "-o", str(out), "--progress", "json", "--roi-size", "8", "8", "8")
+    assert r.returncode == 0, r.stderr
+    ev = events(r.stdout)  # every stdout line must be JSON
+    stages = [e["stage"] for e in ev if e["event"] == "stage"]
+    assert stages == ["read", "load_model", "preprocess", "infer", "postprocess", "write"]
+    progress = [e for e in ev if e["event"] == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"] and progress[-1]["fraction"] == 1.0
+    fractions = [p["fraction"] for p in progress]
+    assert fractions == sorted(fractions)
+    assert all(p["eta_s"] is None or p["eta_s"] >= 0 for p in progress)
+    done = ev[-1]
+    assert done["event"] == "done" and done["outputs"]["segmentation"] == str(out)
+    assert done["labels_present"] == [1]
+    assert set(done["timings"]) == set(stages)
+    assert out.exists()
+
+
+def test_sigterm_cancels_cleanly_and_writes_nothing(tmp_path, threshold_torchscript):
+    a = np.zeros((64, 64, 48), np.float32)
+    img = sitk.GetImageFromArray(a)
+    src = tmp_path / "big.nrrd"
+    sitk.WriteImage(img, str(src))
+    card = make_card(tmp_path, "slow", inference={"roi_size": [4, 4, 4], "overlap": 0.75, "sw_batch_size": 1})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "volseg", "segment", str(src), "--model", str(card),
+                             "--checkpoint", str(threshold_torchscript), "-o", str(out_dir / "res.nii.gz"),
+                             "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "progress" and seen[-1]["done"] >= 5:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=60)
+    seen += events(rest)
+    assert proc.returncode == 130
+    assert seen[-1]["event"] == "error" and "cancelled" in seen[-1]["message"]
+    assert list(out_dir.iterdir()) == []  # no output, no temporary file
+
+
+def test_errors_are_one_message_with_exit_code(small_ct, tmp_path, threshold_card, threshold_torchscript, capsys):
+    out = tmp_path / "x.nii.gz"
+    cases = [
+        (["segment", str(tmp_path / "missing.nrrd"), "--model", str(threshold_card), "-o", str(out)], "missing.nrrd"),
+        (["segment", str(small_ct), "--model", "no-such-model", "-o", str(out)], "unknown model"),
+        (["segment", str(small_ct), str(small_ct), "--model", str(threshold_card),
+          "--checkpoint", str(threshold_torchscript), "-o", str(out)], "channel"),
+        (["segment", str(small_ct), "--model", str(threshold_card), "-o", str(out)], "checkpoint"),
+        (["segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+          "-o", str(tmp_path / "x.png")], "png"),
+        (["segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+          "-o", str(out), "--overlap", "1.5"], "overlap"),
+        (["segment", str(small_ct), "--arch", "unet", "-o", str(out)], "--num-labels"),
+        (["segment", str(small_ct), "--arch", "nosucharch", "--num-labels", "2", "--checkpoint",
+          str(threshold_torchscript), "-o", str(out)], "unknown architecture"),
+    ]
+    for args, needle in cases:  # in-process: an unexpected exception would escape main() and fail here
+        assert main(args + ["--progress", "none"]) == 2, args
+        err = capsys.readouterr().err
+        assert needle.lower() in err.lower(), (needle, err)
+        assert not out.exists()
+
+
+def test_error_event_in_json_mode(small_ct, tmp_path):
+    r = run_cli("segment", str(small_ct), "--model", "no-such-model", "-o", str(tmp_path / "o.nrrd"), "--progress", "json")
+    assert r.returncode == 2
+    last = events(r.stdout)[-1]
+    assert last["event"] == "error" and last["exit_code"] == 2 and "unknown model" in last["message"]
+
+
+def test_card_with_typo_is_explained(tmp_path, small_ct):
+    card = make_card(tmp_path, "typo", infrence={"roi_size": [8, 8, 8]})
+    r = run_cli("segment", str(small_ct), "--model", str(card), "-o", str(tmp_path / "o.nrrd"))
+    assert r.returncode == 2
+    assert "infrence" in r.stderr and "allowed:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_existing_output_is_not_overwritten(small_ct, threshold_card, threshold_torchscript, tmp_path):
+    out = tmp_path / "res.nii.gz"
+    out.write_bytes(b"precious")
+    args = ["segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+            "-o", str(out), "--progress", "none"]
+    assert main(args) == 2
+    assert out.read_bytes() == b"precious"
+    assert main(args + ["--overwrite"]) == 0
+    assert out.read_bytes() != b"precious"
+
+
+def test_arch_without_card(small_ct, tmp_path):
+    import torch
+    from monai.networks.nets import UNet
+
+    cfg = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=1)
+    ckpt = tmp_path / "unet.pth"
+    torch.save({"state_dict": UNet(**cfg).state_dict()}, ckpt)
+    out = tmp_path / "o.nii.gz"
+    rc = main(["segment", str(small_ct), "--arch", "unet", "--num-labels", "2", "--checkpoint", str(ckpt),
+               "-o", str(out), "--progress", "none", "--roi-size", "16", "16", "16"])
+    assert rc == 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert labels.shape == (12, 20, 24) and set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_models_lists_builtin_cards_as_json():
+    r = run_cli("models", "--json")
+    assert r.returncode == 0
+    cards = {c["id"]: c for c in json.loads(r.stdout)["models"]}
+    assert "demo" in cards and cards["demo"]["demonstration"] is True
+    assert cards["demo"]["inputs"][0]["name"] == "CT"
+    assert len(cards["demo"]["labels"]) == 7
+
+
+def test_models_shows_user_cards_and_reports_invalid_ones(tmp_path):
+    make_card(tmp_path, "my-model")
+    (tmp_path / "broken.json").write_text('{"id": "broken", "title": "x"}')
+    r = run_cli("models", "--json", "--cards-dir", str(tmp_path))
+    data = json.loads(r.stdout)
+    assert "my-model" in {c["id"] for c in data["models"]}
+    assert any("broken.json" in p for p in data["problems"])
+
+
+def test_devices_json_says_why():
+    r = run_cli("devices", "--json")
+    data = json.loads(r.stdout)
+    assert data["auto"] in {d["id"] for d in data["devices"]}
+    assert data["reason"]
+    assert any(d["id"] == "cpu" for d in data["devices"])
+
+
+def test_inspect_names_the_architecture(tmp_path):
+    import torch
+    from monai.networks.nets import UNet
+
+    path = tmp_path / "w.ckpt"
+    cfg = dict(spatial_dims=3, in_channels=1, out_channels=4, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
+    torch.save({"state_dict": {"model." + k: v for k, v in UNet(**cfg).state_dict().items()}, "epoch": 4}, path)
+    r = run_cli("inspect", str(path), "--json")
+    info = json.loads(r.stdout)
+    assert info["wrapper"] == ["state_dict"]
+    assert info["matches"][0]["architecture"] == "unet"
+    assert info["matches"][0]["config"]["out_channels"] == 4
+    text = run_cli("inspect", str(path)).stdout
+    assert "fits unet" in text
+
+
+def test_serve_keeps_working_between_requests(small_ct, threshold_card, threshold_torchscript, tmp_path):
+    reqs = []
+    for n in range(2):
+        reqs.append({"id": n, "args": [str(small_ct), "--model", str(threshold_card), "--checkpoint",
+                                       str(threshold_torchscript), "-o", str(tmp_path / f"r{n}.nii.gz")]})
+    reqs.append({"id": 9, "args": ["--bogus"]})
+    r = run_cli("serve", input="\n".join(json.dumps(q) for q in reqs) + "\n")
+    assert r.returncode == 0
+    ev = events(r.stdout)
+    done = [e["request"] for e in ev if e["event"] == "done"]
+    assert done == [0, 1]
+    assert [e["request"] for e in ev if e["event"] == "error"] == [9]
+    assert (tmp_path / "r0.nii.gz").exists() and (tmp_path / "r1.nii.gz").exists()

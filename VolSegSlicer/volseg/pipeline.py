@@ -157,6 +157,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     checkpoint_stage("read", f"reading {len(request.inputs)} input(s)")
     volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
                          channel_names=[i.name for i in card.inputs])
+    check_segmentation_output(request.output, request.overwrite, reference=volume)  # e.g. .dcm needs DICOM input
     check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1)
 
     checkpoint_stage("load_model", f"loading {card.id}")

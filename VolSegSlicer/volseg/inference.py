@@ -106,7 +106,7 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
         y = _one_pass(model, batch, options, predictor, stitch, device, axes)
         if not options.activation_per_window:
             y = activate(y, options.activation)
-        acc = y if acc is None else acc.add_(y)
+        acc = y if acc is None else acc + y
     return (acc / len(passes))[0].cpu()
 
 

@@ -1,0 +1,98 @@
+"""Model cards: schema validation with clear messages, discovery, and interpretation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_card
+
+from volseg.cards import builtin_cards_dirs, list_cards, load_card, parse_card
+from volseg.errors import ModelCardError
+
+
+def test_every_builtin_card_is_valid_and_unique():
+    cards, problems = list_cards()
+    assert problems == []
+    ids = [c.id for c in cards]
+    assert len(ids) == len(set(ids))
+    assert {"demo", "uxnet-flare", "segformer3d-brats"} <= set(ids)
+    for card in cards:
+        assert card.labels and card.inputs
+        colors = [lab.color for lab in card.labels]
+        assert len(set(colors)) == len(colors), f"{card.id}: labels share a colour"
+
+
+def test_builtin_cards_folder_exists():
+    assert any(d.name == "ModelCards" for d in builtin_cards_dirs())
+
+
+def test_typo_in_a_key_names_the_key_and_the_allowed_ones(tmp_path):
+    path = make_card(tmp_path, labls=[])
+    with pytest.raises(ModelCardError) as err:
+        load_card(path)
+    assert "labls" in err.value.message and "allowed:" in err.value.message
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"labels": [{"value": 1, "name": "a"}, {"value": 1, "name": "b"}]}, "more than once"),
+    ({"labels": [{"value": 0, "name": "background"}]}, "labels/0/value"),
+    ({"labels": [{"value": 1, "name": "a", "color": [300, 0, 0]}]}, "labels/0/color/0"),
+    ({"inference": {"overlap": 1.0}}, "inference/overlap"),
+    ({"architecture": {"name": "uxnt"}}, "did you mean uxnet"),
+    ({"output": {"activation": "softmax", "channels": 1}}, "beyond the 1"),
+    ({"id": "Bad Id"}, "id"),
+])
+def test_invalid_cards_are_explained(tmp_path, fields, needle):
+    with pytest.raises(ModelCardError) as err:
+        load_card(make_card(tmp_path, **fields))
+    assert needle in str(err.value)
+
+
+def test_invalid_json_says_where(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"id": "x",\n "title": }')
+    with pytest.raises(ModelCardError, match="line 2"):
+        load_card(path)
+
+
+def test_unknown_id_suggests_close_names():
+    with pytest.raises(ModelCardError) as err:
+        load_card("uxnet-flar")
+    assert "uxnet-flare" in err.value.hint
+
+
+def test_user_folder_shadows_builtin_and_env_var(tmp_path, monkeypatch):
+    make_card(tmp_path, "demo", title="my own demo")
+    assert load_card("demo", [tmp_path]).title == "my own demo"
+    other = tmp_path / "env"
+    other.mkdir()
+    make_card(other, "from-env")
+    monkeypatch.setenv("VOLSEG_CARDS_PATH", str(other))
+    assert load_card("from-env").id == "from-env"
+    with pytest.raises(ModelCardError, match="does not exist"):
+        load_card("demo", [tmp_path / "nope"])
+
+
+def test_channels_default_to_value_for_softmax_and_position_for_sigmoid(tmp_path):
+    soft = load_card(make_card(tmp_path, "soft", labels=[{"value": 1, "name": "a"}, {"value": 3, "name": "c"}]))
+    assert [lab.channel for lab in soft.labels] == [1, 3] and soft.out_channels == 4
+    sig = load_card(make_card(tmp_path, "sig", output={"activation": "sigmoid"},
+                              labels=[{"value": 1, "name": "a"}, {"value": 2, "name": "b"}]))
+    assert [lab.channel for lab in sig.labels] == [0, 1] and sig.out_channels == 2
+
+
+def test_checkpoint_path_is_relative_to_the_card(tmp_path):
+    card = load_card(make_card(tmp_path, checkpoint={"path": "weights/w.pt"}))
+    assert card.checkpoint_path == (tmp_path / "weights" / "w.pt").resolve()
+
+
+def test_summary_is_json_serialisable():
+    card = load_card("demo")
+    summary = json.loads(json.dumps(card.summary()))
+    assert summary["id"] == "demo" and summary["labels"][4]["name"] == "right lung"
+
+
+def test_parse_card_without_file():
+    card = parse_card({"id": "x", "title": "t", "inputs": [{"name": "T1"}], "labels": [{"value": 1, "name": "a"}]})
+    assert card.is_torchscript and card.path is None and card.activation == "softmax"

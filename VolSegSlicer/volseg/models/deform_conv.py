@@ -38,19 +38,14 @@ D3D_IM2COL_STEP = 64
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
 
 
-def _axis_taps(pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower/upper neighbour index and linear weight along one axis.
+def _axis_weights(low: torch.Tensor, frac: torch.Tensor, size: int) -> torch.Tensor:
+    """Linear weights of the neighbours ``low`` and ``low + 1``, zero for those outside ``[0, size)``.
 
-    Shapes: ``pos (...)`` -> ``index (..., 2)`` (clamped into range), ``weight (..., 2)`` (zero
-    for neighbours outside ``[0, size)``).
+    Shapes: ``low, frac (...)`` -> ``(..., 2)``.
     """
-    low = torch.floor(pos)
-    frac = pos - low
-    low = low.long()
-    index = torch.stack((low, low + 1), dim=-1)
-    weight = torch.stack((1 - frac, frac), dim=-1)
-    inside = (index >= 0) & (index < size)
-    return index.clamp_(0, size - 1), weight * inside
+    w_low = (1 - frac) * ((low >= 0) & (low < size))
+    w_high = frac * ((low >= -1) & (low < size - 1))
+    return torch.stack((w_low, w_high), dim=-1)
 
 
 def _trilinear_taps(
@@ -64,16 +59,20 @@ def _trilinear_taps(
 
     Returns:
         ``index (M, 8)`` into the ``(B*D*H*W, C)`` channels-last input and ``weight (M, 8)``,
-        ``M = pd.numel()``, in ``pd``'s element order.
+        ``M = pd.numel()``, in ``pd``'s element order. Neighbours outside the volume get weight 0
+        (and an index clamped into range, so that they read a harmless row).
     """
     D, H, W = size
-    id_, wd = _axis_taps(pd, D)
-    ih, wh = _axis_taps(ph, H)
-    iw, ww = _axis_taps(pw, W)
+    d0, h0, w0 = torch.floor(pd), torch.floor(ph), torch.floor(pw)
+    wd = _axis_weights(d0, pd - d0, D)
+    wh = _axis_weights(h0, ph - h0, H)
+    ww = _axis_weights(w0, pw - w0, W)
+    weight = (wd[..., :, None, None] * wh[..., None, :, None]) * ww[..., None, None, :]
     batch = torch.arange(pd.shape[0], device=pd.device).view((-1,) + (1,) * (pd.dim() - 1))
-    id_ = id_ + (batch * D).unsqueeze(-1)
-    index = ((id_[..., :, None, None] * H + ih[..., None, :, None]) * W) + iw[..., None, None, :]
-    weight = wd[..., :, None, None] * wh[..., None, :, None] * ww[..., None, None, :]
+    corner = ((batch * D + d0.long()) * H + h0.long()) * W + w0.long()
+    delta = torch.tensor([a * H * W + b * W + c for a in (0, 1) for b in (0, 1) for c in (0, 1)],
+                         device=pd.device)
+    index = (corner.unsqueeze(-1) + delta).clamp_(0, pd.shape[0] * D * H * W - 1)
     return index.reshape(-1, 8), weight.reshape(-1, 8)
 
 

@@ -268,7 +268,9 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelsReady(self, models: Optional[list], error: str) -> None:
         if models is None:
             self._models = []
-            self.ui.modelInfoLabel.text = _("Could not read the model list: {error}").format(error=error)
+            self.ui.modelInfoLabel.text = _(
+                "Could not read the model list: {error}\nIf a Python package is missing, click "
+                "'Check Python packages' under Advanced.").format(error=error.splitlines()[-1] if error else "")
             self.appendLog(error)
         else:
             self._models = models
@@ -292,8 +294,9 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 current = item
         listWidget.blockSignals(False)
         if current is not None:
-            listWidget.setCurrentItem(current)
-        self.onModelSelected(listWidget.currentItem(), None)
+            listWidget.setCurrentItem(current)  # calls onModelSelected
+        elif not any(m["id"] == wanted for m in self._models):
+            self.onModelSelected(None)  # the remembered model is gone; a search that hides it keeps it
 
     def onSearchChanged(self, text: str) -> None:
         self.showModels()
@@ -316,6 +319,8 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         setSettingsValue("LastModel", model["id"])
         info = model.get("description") or ""
+        if len(info) > 300:  # the whole card is in the list item's tooltip
+            info = info[:300].rsplit(" ", 1)[0] + " ..."
         if model.get("demonstration"):
             info = _("Demonstration model: it only shows the software working and must not be used on patients.")
         self.ui.modelInfoLabel.text = info

@@ -216,9 +216,11 @@ macro(slicerMacroBuildScriptedModule)
     if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${value})
       message(FATAL_ERROR "slicerMacroBuildScriptedModule given nonexistent file '${value}'")
     endif()
-    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${value} ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${value} COPYONLY)
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${value}
+                   ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${value} COPYONLY)
   endforeach()
-  file(APPEND ${CMAKE_BINARY_DIR}/stand-in-record.txt "module ${MY_SLICER_NAME} generic_tests=${MY_SLICER_WITH_GENERIC_TESTS}\n")
+  file(APPEND ${CMAKE_BINARY_DIR}/stand-in-record.txt
+       "module ${MY_SLICER_NAME} generic_tests=${MY_SLICER_WITH_GENERIC_TESTS}\n")
 endmacro()
 macro(slicer_add_python_unittest)
   cmake_parse_arguments(MY "" "TESTNAME_PREFIX;SCRIPT" "SLICER_ARGS" ${ARGN})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -146,7 +145,8 @@ def test_run_monitor_follows_a_successful_run() -> None:
     lines = [
         '{"event": "stage", "stage": "read", "message": "reading 1 input(s)"}',
         '{"event": "stage", "stage": "infer", "message": "inference: 20 windows"}',
-        '{"event": "progress", "stage": "infer", "fraction": 0.4, "done": 8, "total": 20, "elapsed_s": 3.0, "eta_s": 4.6}',
+        '{"event": "progress", "stage": "infer", "fraction": 0.4, "done": 8, "total": 20, "elapsed_s": 3.0,'
+        ' "eta_s": 4.6}',
         '{"event": "log", "level": "warning", "message": "demonstration model"}',
         '{"event": "done", "outputs": {"segmentation": "/t/s.nrrd", "probabilities": null}, "elapsed_s": 9.2,'
         ' "timings": {}, "device": "cpu", "labels_present": [1, 2]}',
@@ -168,7 +168,8 @@ def test_run_monitor_follows_a_successful_run() -> None:
 def test_run_monitor_reports_errors_cancels_and_silent_crashes() -> None:
     failed = RunMonitor()
     failed.feed(parse_line('{"event": "error", "message": "no such file", "hint": "check the path", "exit_code": 2}'))
-    assert (failed.outcome, failed.error, failed.hint, failed.exit_code) == ("error", "no such file", "check the path", 2)
+    assert (failed.outcome, failed.error, failed.hint) == ("error", "no such file", "check the path")
+    assert failed.exit_code == 2
 
     cancelled = RunMonitor()
     cancelled.feed(parse_line('{"event": "error", "message": "cancelled", "hint": null, "exit_code": 130}'))
@@ -465,7 +466,8 @@ def test_device_choices_from_the_engine_and_from_a_gpu_machine() -> None:
         "auto": "cuda:0", "reason": "the GPU with the most free memory"})
     assert gpu.items == [("auto", "Automatic (cuda:0)"), ("cuda:0", "cuda:0: NVIDIA H100 (70.3 of 79.6 GB free)"),
                          ("mps", "mps: Apple M2"), ("cpu", "CPU")]
-    assert device_text({"id": "cuda:1", "name": "A", "total_memory_mb": 2048, "free_memory_mb": None}) == "cuda:1: A (2.0 GB)"
+    no_free = {"id": "cuda:1", "name": "A", "total_memory_mb": 2048, "free_memory_mb": None}
+    assert device_text(no_free) == "cuda:1: A (2.0 GB)"
     with pytest.raises(ValueError):
         device_choices('{"gpus": []}')
 
@@ -650,7 +652,8 @@ def test_warm_worker_keeps_running_between_runs(vs, models: list[dict], ct_path:
     params.device, params.keepWarm = "cpu", True
     tiny = next(m for m in models if m["id"] == "tiny-fast")
     outputs = []
-    monkeypatch.setattr(logic, "importResult", lambda job: outputs.append(Path(job.outputPath).stat().st_size) or "node")
+    monkeypatch.setattr(logic, "importResult",
+                        lambda job: outputs.append(Path(job.outputPath).stat().st_size) or "node")
     first = _run(logic, logic.segment(tiny, [_volume(ct_path)], params))
     assert first.monitor.outcome == "done", first.monitor.error
     worker = logic.warmWorker

@@ -43,8 +43,15 @@ def threshold_card(tmp_path) -> Path:
     return make_card(tmp_path, "thr", preprocessing=[scale])
 
 
+def parse_event(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        raise AssertionError(f"stdout line is not a JSON event: {line!r}") from None
+
+
 def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    return [parse_event(line) for line in stdout.splitlines() if line.strip()]
 
 
 def test_progress_json_protocol(small_ct, threshold_card, threshold_torchscript, tmp_path):
@@ -80,7 +87,7 @@ def test_sigterm_cancels_cleanly_and_writes_nothing(tmp_path, threshold_torchscr
                              "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     seen = []
     for line in proc.stdout:
-        seen.append(json.loads(line))
+        seen.append(parse_event(line))
         if seen[-1]["event"] == "progress" and seen[-1]["done"] >= 5:
             proc.send_signal(signal.SIGTERM)
             break

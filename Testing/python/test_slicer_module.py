@@ -216,6 +216,20 @@ def test_tree_kill_without_psutil_uses_the_process_group(tmp_path: Path, monkeyp
     assert _wait_gone([proc.pid, grandchild_pid])
 
 
+@pytest.mark.skipif(not POSIX, reason="process groups are POSIX")
+def test_tree_kill_without_psutil_never_kills_the_callers_group(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(process_module, "psutil", None)
+    child = subprocess.Popen([sys.executable, str(_script(tmp_path, "tree.py", TREE_CHILD))],
+                             stdout=subprocess.PIPE, text=True)  # shares this test's process group
+    grandchild_pid = int(child.stdout.readline())
+    try:
+        kill_process_tree(child.pid)
+        child.wait(timeout=5)
+        assert child.returncode == -9 and _gone(child.pid)  # the child itself, and this process survived
+    finally:
+        os.kill(grandchild_pid, 9)
+
+
 def test_engine_process_streams_lines_without_blocking(tmp_path: Path) -> None:
     child = _script(tmp_path, "talker.py", """
         import json, sys, time

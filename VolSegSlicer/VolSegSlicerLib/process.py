@@ -62,8 +62,11 @@ def kill_process_tree(pid: int, timeout: float = 5.0, wait_for_root: bool = True
     if os.name == "nt":  # pragma: no cover - Windows only
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
         return
-    try:  # pragma: no cover - only where psutil is missing
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    try:  # only where psutil is missing
+        if os.getpgid(pid) == pid:  # it leads its own group (EngineProcess starts it so): kill the group
+            os.killpg(pid, signal.SIGKILL)
+        else:  # never kill a group that may hold the caller
+            os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -199,19 +202,21 @@ class EngineProcess:
     def kill(self) -> None:
         """Kill the process and all its descendants now."""
         self.cancel_requested = True
-        if self.proc is not None and self.proc.poll() is None:
-            kill_process_tree(self.proc.pid, wait_for_root=False)
-        if self.proc is not None and not os.name == "nt":
-            try:  # anything left in the group (e.g. orphans that psutil could not see)
+        self._kill_deadline = None
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        kill_process_tree(self.proc.pid, wait_for_root=False)
+        if os.name != "nt":
+            # Anything left in its group (e.g. orphans psutil could not see). The root is not reaped
+            # yet, so its pid (= the group id) cannot have been reused by another process.
+            try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError, OSError):
                 pass
-        self._kill_deadline = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
 
     def close(self) -> None:
         """Stop the process if it still runs (used when the module is closed or reloaded)."""

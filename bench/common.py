@@ -1,0 +1,250 @@
+"""Shared helpers for the benchmarks in ``bench/``: timing, peak memory, the result table.
+
+Every benchmark times a callable with :func:`measure` (warm-up, repeats, median) and prints a
+Markdown table with :func:`markdown_table`, whose ratio columns compare each row with a named
+baseline row measured in the same process -- absolute numbers depend on the machine and its
+load, the ratios much less.
+
+Peak memory:
+
+- GPU: growth of ``torch.cuda.max_memory_allocated`` over the call (exact, allocator view).
+- CPU: growth of the process's resident set size (RSS) over the call, sampled every
+  millisecond by a thread. PyTorch's CPU allocator and ITK do not report to ``tracemalloc``,
+  so RSS is the one measure that sees every allocation. :func:`release_freed_memory` makes glibc
+  serve large blocks with ``mmap`` so freed memory really leaves the process and the next row
+  starts from a fair base. Sampling can miss a peak shorter than a millisecond: CPU figures
+  are close lower bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "VolSegSlicer") not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "VolSegSlicer"))
+
+MiB = 2**20
+
+
+def release_freed_memory() -> None:
+    """glibc: serve every block >= 64 KiB by ``mmap`` and give it back on free (CPU RSS = live memory)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: CPU memory figures are then upper bounds
+
+
+class PeakRSS:
+    """Largest growth of the resident set over a ``with`` block (CPU), sampled every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        self.interval_s = interval_s
+        self.base = self.peak = 0
+
+    def __enter__(self) -> PeakRSS:
+        self._proc = psutil.Process()
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def grown(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+@dataclass
+class Timing:
+    """Timings of one callable: median wall and CPU seconds, all wall times, peak extra memory, last output.
+
+    ``cpu_seconds`` is the process's CPU time (all threads) per call: on a loaded machine it
+    tracks the work done better than wall time, which includes waiting for a core.
+    """
+
+    seconds: float
+    cpu_seconds: float
+    times: list[float]
+    peak_bytes: int
+    result: Any = field(repr=False, default=None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, int, Any]:
+    """(wall s, CPU s, peak extra bytes, output) of one call."""
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = fn()
+        _sync(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return wall, cpu, torch.cuda.max_memory_allocated(device) - base, result
+    with PeakRSS() as mem:
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = fn()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, mem.grown, result
+
+
+def measure_interleaved(fns: Sequence[tuple[Callable[[], Any], torch.device | str]], repeats: int = 3,
+                        warmup: int = 1) -> list[Timing]:
+    """Time several callables in rounds (A B C, A B C, ...) so a change in machine load hits all alike.
+
+    Each callable is first called ``warmup`` times untimed. Returns one :class:`Timing` per
+    callable: median wall and CPU time over the ``repeats`` rounds, the largest peak memory, and
+    the output of its last call (for correctness checks).
+    """
+    devices = [torch.device(d) for _, d in fns]
+    for (fn, _), _d in zip(fns, devices):
+        for _ in range(warmup):
+            fn()
+    walls: list[list[float]] = [[] for _ in fns]
+    cpus: list[list[float]] = [[] for _ in fns]
+    peaks = [0] * len(fns)
+    results: list[Any] = [None] * len(fns)
+    for _ in range(max(1, repeats)):
+        for i, ((fn, _), device) in enumerate(zip(fns, devices)):
+            results[i] = None
+            wall, cpu, peak, results[i] = _timed_call(fn, device)
+            walls[i].append(wall)
+            cpus[i].append(cpu)
+            peaks[i] = max(peaks[i], peak)
+    return [Timing(statistics.median(w), statistics.median(c), w, p, r)
+            for w, c, p, r in zip(walls, cpus, peaks, results)]
+
+
+def measure(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats: int = 3,
+            warmup: int = 1) -> Timing:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; medians and largest peak memory."""
+    return measure_interleaved([(fn, device)], repeats=repeats, warmup=warmup)[0]
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    """A table column: ``key`` in each row dict, header text and a format for the value."""
+
+    key: str
+    header: str
+    fmt: str = "{}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or base <= 0:
+        return "-"
+    return f"{value / base:.2f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], baseline: str,
+                   name_key: str = "name", ratio_of: Sequence[tuple[str, str]] = ()) -> str:
+    """Render ``rows`` as a Markdown table, with a ratio column after each key in ``ratio_of``.
+
+    Args:
+        rows: one dict per row; ``row[name_key]`` names it. A value of ``None`` prints as "-".
+        columns: the columns in order.
+        baseline: name of the row the ratios divide by (must be one of the rows).
+        ratio_of: (key, header) pairs: after the column of ``key`` a column ``header`` holds
+            ``row[key] / baseline_row[key]`` ("n/a" where ``key`` is in the row's ``no_ratio``,
+            e.g. GPU memory against a CPU baseline).
+
+    Raises:
+        ValueError: the baseline row is missing.
+    """
+    base = next((r for r in rows if r.get(name_key) == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline row {baseline!r} is not among the rows")
+    ratio_after = dict(ratio_of)
+    headers: list[str] = []
+    for col in columns:
+        headers.append(col.header)
+        if col.key in ratio_after:
+            headers.append(ratio_after[col.key])
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    for row in rows:
+        cells: list[str] = []
+        for col in columns:
+            value = row.get(col.key)
+            cells.append("-" if value is None else col.fmt.format(value))
+            if col.key in ratio_after:
+                comparable = col.key not in row.get("no_ratio", ())
+                cells.append(_ratio(value, base.get(col.key)) if comparable else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller problem (smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, help=f"timed calls per row (default {repeats}, 1 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.set_defaults(default_repeats=repeats)
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply thread count and memory settings; return the device; fill in ``args.repeats``."""
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else args.default_repeats
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    release_freed_memory()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for but CUDA is not available in this torch build/machine")
+    return device
+
+
+def environment(device: torch.device | str) -> str:
+    """One line: torch version, device, threads, CPU count and load -- printed above every table."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    try:
+        load = ", load average %.1f" % os.getloadavg()[0]
+    except OSError:
+        load = ""
+    return (f"torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
+            f"{os.cpu_count()} CPUs{load}, python {platform.python_version()}")
+
+
+def mib(n: int | None) -> float | None:
+    return None if n is None else n / MiB

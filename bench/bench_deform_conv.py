@@ -108,7 +108,8 @@ def main() -> None:
     stages = [(c, args.roi // 2 ** (i + 1)) for i, c in enumerate(CHANNELS) if args.roi // 2 ** (i + 1) >= 1]
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"ROI {args.roi}^3, batch 1, zero offsets")
-    header = f"{'stage (C, side)':<16} {'method':<22} {'chunk':>6} {'time s':>9} {'x conv3d':>9} {'peak MiB':>9} {'x conv3d':>9} {'max|diff|':>10}"
+    header = (f"{'stage (C, side)':<16} {'method':<22} {'chunk':>6} {'time s':>9} {'x conv3d':>9} "
+              f"{'peak MiB':>9} {'x conv3d':>9} {'max|diff|':>10}")
     print(header)
     print("-" * len(header))
     torch.manual_seed(0)

@@ -283,6 +283,15 @@ def test_deform_conv_module_runs_without_gradients_and_starts_as_conv():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_deform_conv_half_precision_keeps_float32_positions():
+    torch.manual_seed(5)
+    x, offset = torch.randn(1, 4, 6, 7, 8), torch.randn(1, 81, 6, 7, 8)
+    weight, bias = torch.randn(4, 1, 3, 3, 3), torch.randn(4)
+    ref = deform_conv3d(x, offset, weight, bias, 1)
+    low = deform_conv3d(x.bfloat16(), offset.bfloat16(), weight.bfloat16(), bias.bfloat16(), 1)
+    assert low.dtype == torch.bfloat16 and rel_err(low.float(), ref) < 2e-2
+
+
 def test_deform_conv_gradients_reach_offsets():
     torch.manual_seed(4)
     x = torch.randn(1, 2, 4, 4, 4, requires_grad=True)

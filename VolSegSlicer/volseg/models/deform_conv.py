@@ -35,7 +35,7 @@ D3D_IM2COL_STEP = 64
 
 
 #: Default bound on the sampled-columns buffer of one chunk (elements; 4 bytes each in float32).
-DEFAULT_CHUNK_ELEMENTS = 1 << 25
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
 
 def _axis_weights(low: torch.Tensor, frac: torch.Tensor, size: int) -> torch.Tensor:
@@ -123,25 +123,28 @@ def deform_conv3d(
         step = max(1, int(chunk_size))
     rows = x.permute(0, 2, 3, 4, 1).reshape(B * D * H * W, C)
     kernel_t = weight.reshape(C, n_points).t().to(x.dtype)  # (K, C)
-    offset = offset.to(x.dtype).view(B, n_points, 3, Do, Ho, Wo)
+    # positions in at least float32: half precision cannot hold fractions of large coordinates
+    pos_dtype = torch.promote_types(x.dtype, torch.float32)
+    offset = offset.to(pos_dtype).view(B, n_points, 3, Do, Ho, Wo)
     # kernel point p = (i, j, l) -> its position relative to the output voxel, minus the padding
-    taps = torch.arange(k, device=x.device, dtype=x.dtype) - padding
+    taps = torch.arange(k, device=x.device, dtype=pos_dtype) - padding
     tap_d = taps.repeat_interleave(k * k).view(1, n_points, 1, 1, 1)
     tap_h = taps.repeat_interleave(k).repeat(k).view(1, n_points, 1, 1, 1)
     tap_w = taps.repeat(k * k).view(1, n_points, 1, 1, 1)
-    grid_h = torch.arange(Ho, device=x.device, dtype=x.dtype).view(1, 1, 1, Ho, 1) + tap_h
-    grid_w = torch.arange(Wo, device=x.device, dtype=x.dtype).view(1, 1, 1, 1, Wo) + tap_w
+    grid_h = torch.arange(Ho, device=x.device, dtype=pos_dtype).view(1, 1, 1, Ho, 1) + tap_h
+    grid_w = torch.arange(Wo, device=x.device, dtype=pos_dtype).view(1, 1, 1, 1, Wo) + tap_w
     chunks = []
     for d0 in range(0, Do, step):
         d1 = min(Do, d0 + step)
         off = offset[:, :, :, d0:d1]  # (B, K, 3, n, Ho, Wo)
-        grid_d = torch.arange(d0, d1, device=x.device, dtype=x.dtype).view(1, 1, -1, 1, 1) + tap_d
+        grid_d = torch.arange(d0, d1, device=x.device, dtype=pos_dtype).view(1, 1, -1, 1, 1) + tap_d
         # positions ordered (B, n, Ho, Wo, K) so each voxel's K samples are adjacent rows
         pd = (grid_d + off[:, :, 0]).permute(0, 2, 3, 4, 1)
         ph = (grid_h + off[:, :, 1]).permute(0, 2, 3, 4, 1)
         pw = (grid_w + off[:, :, 2]).permute(0, 2, 3, 4, 1)
         index, tap_weight = _trilinear_taps(pd, ph, pw, (D, H, W))
-        sampled = F.embedding_bag(index, rows, per_sample_weights=tap_weight, mode="sum")  # (M*K, C)
+        # im2col columns (voxels * K, C): one weighted gather of 8 channels-last rows each
+        sampled = F.embedding_bag(index, rows, per_sample_weights=tap_weight.to(rows.dtype), mode="sum")
         sampled = sampled.view(-1, n_points, C).mul_(kernel_t).sum(dim=1)
         chunks.append(sampled.view(B, d1 - d0, Ho, Wo, C))
     out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)

@@ -338,12 +338,20 @@ def list_cards(cards_dirs_: Sequence[str | Path] | None = None) -> tuple[list[Mo
 
 def card_from_arguments(architecture: str, num_labels: int, in_channels: int = 1,
                         config: dict[str, Any] | None = None) -> ModelCard:
-    """A minimal card for a checkpoint without one (``--arch NAME --num-labels N``)."""
+    """A minimal card for a checkpoint without one (``--arch NAME --num-labels N``).
+
+    The output activation is the architecture family's (softmax with a background channel for
+    most, sigmoid without one for SegFormer3D); TorchScript is taken as softmax.
+    """
+    from volseg.models.registry import get
+
+    activation = "softmax" if architecture.lower() == "torchscript" else get(architecture).output_kind
     raw = {
         "id": f"{architecture}-adhoc",
         "title": f"{architecture} ({num_labels} labels, no model card)",
         "architecture": {"name": architecture, "config": config or {}},
         "inputs": [{"name": f"input {i}"} for i in range(in_channels)],
         "labels": [{"value": v, "name": f"Label {v}"} for v in range(1, num_labels + 1)],
+        "output": {"activation": activation},
     }
     return parse_card(raw)

@@ -216,3 +216,51 @@ def test_serve_keeps_working_between_requests(small_ct, threshold_card, threshol
     assert done == [0, 1]
     assert [e["request"] for e in ev if e["event"] == "error"] == [9]
     assert (tmp_path / "r0.nii.gz").exists() and (tmp_path / "r1.nii.gz").exists()
+
+
+def test_dicom_series_in_dicom_seg_out(tmp_path, ct_path, threshold_torchscript, capsys):
+    """A DICOM CT series folder through `volseg segment` to a DICOM SEG that references it."""
+    import highdicom as hd
+    import pydicom
+    from test_io_dicom import _crop_grid, write_ct_series
+
+    from volseg.io import read_volume
+
+    series = tmp_path / "series"
+    series.mkdir()
+    write_ct_series(series, _crop_grid(read_volume(ct_path)))
+    scale = {"name": "ScaleIntensityRange", "args": {"a_min": -1000, "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True}}
+    card = make_card(tmp_path, "dcm", preprocessing=[scale], inference={"roi_size": [16, 16, 8]})
+    out = tmp_path / "seg.dcm"
+    rc = main(["segment", str(series), "--model", str(card), "--checkpoint", str(threshold_torchscript), "-o", str(out),
+               "--progress", "none"])
+    assert rc == 0, capsys.readouterr().err
+    seg = hd.seg.segread(str(out))
+    first = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert seg.SegmentSequence[0].SegmentLabel == "bright"
+    assert seg.StudyInstanceUID == first.StudyInstanceUID
+
+
+def test_nifti_input_cannot_become_dicom_seg_and_nothing_is_computed(small_ct, threshold_card, threshold_torchscript,
+                                                                    tmp_path, capsys):
+    rc = main(["segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+               "-o", str(tmp_path / "x.dcm"), "--progress", "json"])
+    assert rc == 2
+    ev = events(capsys.readouterr().out)
+    assert ev[-1]["event"] == "error" and "DICOM" in ev[-1]["message"]
+    assert "infer" not in [e.get("stage") for e in ev]
+
+
+def test_volume_too_large_for_memory_is_refused_up_front(small_ct, threshold_card, threshold_torchscript, tmp_path,
+                                                         monkeypatch, capsys):
+    import volseg.pipeline
+
+    monkeypatch.setattr(volseg.pipeline, "_available_memory", lambda: 1000)  # bytes
+    out = tmp_path / "o.nii.gz"
+    rc = main(["segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+               "-o", str(out), "--progress", "none"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "MiB of memory" in err and "are available" in err and "hint:" in err
+    assert not out.exists()

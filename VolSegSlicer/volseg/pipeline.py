@@ -124,13 +124,17 @@ def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, p
     return voxels * 4 * (in_channels + 2 * out_channels + (out_channels if passes > 1 else 0) + 1) + voxels * 2
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
 def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int) -> None:
     need = estimate_memory(shape, in_channels, out_channels, passes)
     free = _available_memory()
     if free is not None and need > 0.9 * free:
         raise ResourceError(
-            f"this volume needs about {need / 2**30:.1f} GiB of memory after preprocessing "
-            f"(grid {tuple(shape)}, {out_channels} output channels) but only {free / 2**30:.1f} GiB are available",
+            f"this volume needs about {_size(need)} of memory after preprocessing "
+            f"(grid {tuple(shape)}, {out_channels} output channels) but only {_size(free)} are available",
             hint="crop the volume to the region of interest, resample it coarser, or close other programs",
         )
 

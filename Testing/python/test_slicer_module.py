@@ -10,6 +10,7 @@ result into a segmentation node needs real Slicer and is covered by the module's
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -616,6 +617,10 @@ def test_segmentation_runs_in_a_background_engine_process(vs, models: list[dict]
         imported["directions"] = (np.asarray(header["space directions"], float),
                                   np.asarray(ct_header["space directions"], float))
         imported["tempDir"] = job.tempDir
+        # The engine's colour table beside the labelmap agrees with the segments the module makes.
+        with open(Path(job.outputPath).with_suffix(".csv"), newline="", encoding="utf-8") as table:
+            imported["table"] = {int(r["LabelValue"]): r for r in csv.DictReader(table)}
+        imported["rows"] = segment_rows(job.model)
         return "segmentation node"
 
     monkeypatch.setattr(logic, "importResult", import_result)
@@ -632,6 +637,13 @@ def test_segmentation_runs_in_a_background_engine_process(vs, models: list[dict]
     assert imported["shape"] == imported["ct_shape"]
     np.testing.assert_allclose(*imported["directions"])
     assert set(imported["ids"]) <= {"Segment_1", "Segment_2"}
+    for row in imported["rows"]:
+        entry = imported["table"][row["value"]]
+        assert entry["Name"] == row["name"]
+        assert [int(entry[f"Color_{c}"]) / 255 for c in "RGB"] == pytest.approx(row["color"])
+        codes = row["terminology_tag"].split("~")
+        assert (codes[2] if row["terminology_tag"] else "^^") == "^".join(
+            entry[f"Type_{k}"] for k in ("CodingScheme", "CodeValue", "CodeMeaning"))
     assert not Path(imported["tempDir"]).exists()  # temporaries removed
     assert not logic._timer.isActive() and _gone(job.process.pid)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from volseg.errors import ModelCardError
+from volseg.inference import InferenceOptions
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "model_card.schema.json"
 CARDS_ENV = "VOLSEG_CARDS_PATH"
@@ -51,22 +52,6 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
-class InferenceSettings:
-    """Sliding-window settings (MONAI ``sliding_window_inference`` names)."""
-
-    roi_size: tuple[int, int, int] = (96, 96, 96)
-    overlap: float = 0.5
-    mode: str = "constant"
-    sigma_scale: float = 0.125
-    sw_batch_size: int = 1
-    flips: tuple[tuple[int, ...], ...] = ()
-    amp: bool = True
-    activation_per_window: bool = False
-    padding_mode: str = "constant"
-    divisible_by: int = 1
-
-
-@dataclass(frozen=True)
 class PostprocessSettings:
     keep_largest_component: bool | tuple[int, ...] = False
     fill_holes: bool | tuple[int, ...] = False
@@ -90,7 +75,7 @@ class ModelCard:
     out_channels: int
     select_output: int
     preprocessing: tuple[dict[str, Any], ...]
-    inference: InferenceSettings
+    inference: InferenceOptions
     postprocessing: PostprocessSettings
     checkpoint_path: Path | None = None
     checkpoint_sha256: str | None = None
@@ -228,7 +213,7 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
         out_channels=out_channels,
         select_output=int(output.get("select", 0)),
         preprocessing=tuple(raw.get("preprocessing", [])),
-        inference=InferenceSettings(
+        inference=InferenceOptions(
             roi_size=tuple(inf.get("roi_size", (96, 96, 96))),
             overlap=float(inf.get("overlap", 0.5)),
             mode=inf.get("mode", "constant"),
@@ -236,9 +221,10 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
             sw_batch_size=int(inf.get("sw_batch_size", 1)),
             flips=tuple(tuple(f) for f in inf.get("flips", [])),
             amp=bool(inf.get("amp", True)),
+            activation=activation,
             activation_per_window=bool(inf.get("activation_per_window", False)),
             padding_mode=inf.get("padding_mode", "constant"),
-            divisible_by=int(inf.get("divisible_by", 1)),
+            select_output=int(output.get("select", 0)),
         ),
         postprocessing=PostprocessSettings(
             keep_largest_component=_bool_or_labels(post.get("keep_largest_component", False)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,19 +92,15 @@ def load_model(card: ModelCard, checkpoint: Path, trust_pickle: bool = False) ->
 
 
 def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
+    """The card's inference settings with the user's overrides applied."""
     s = card.inference
-    return InferenceOptions(
+    return replace(
+        s,
         roi_size=tuple(o.roi_size or s.roi_size),
         overlap=s.overlap if o.overlap is None else o.overlap,
-        mode=s.mode,
-        sigma_scale=s.sigma_scale,
         sw_batch_size=o.sw_batch_size or s.sw_batch_size,
         flips=s.flips if o.flips in (None, True) else (),
         amp=s.amp if o.amp is None else o.amp,
-        activation=card.activation,
-        activation_per_window=s.activation_per_window,
-        padding_mode=s.padding_mode,
-        select_output=card.select_output,
     )
 
 

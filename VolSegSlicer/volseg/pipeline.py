@@ -149,6 +149,10 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     check_segmentation_output(request.output, request.overwrite)
     if request.probabilities is not None:
         check_writable(request.probabilities, request.overwrite)
+    ckpt_path = checkpoint_for(card, request.checkpoint)  # fail before any work is done
+    if not ckpt_path.exists():
+        raise CheckpointError(f"checkpoint {ckpt_path} does not exist",
+                              hint="check the path given with --checkpoint or in the card")
     device, reason = resolve_device(request.device)
     reporter.log(f"device {device}: {reason}")
     if card.demonstration:
@@ -161,8 +165,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1)
 
     checkpoint_stage("load_model", f"loading {card.id}")
-    ckpt_path = checkpoint_for(card, request.checkpoint)
-    key = (card.id, card.architecture, str(ckpt_path.resolve()), ckpt_path.stat().st_mtime if ckpt_path.exists() else 0)
+    key = (card.id, card.architecture, str(ckpt_path.resolve()), ckpt_path.stat().st_mtime)
     model = cache.get(key) if cache else None
     if model is None:
         model = load_model(card, ckpt_path, request.trust_pickle)

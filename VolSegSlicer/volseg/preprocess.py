@@ -10,6 +10,7 @@ recorded on the tensor, volseg's through their own ``inverse``.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,9 @@ def build_transforms(steps: Sequence[Mapping[str, Any]]) -> list[Transform]:
         cls = resolve_transform(step["name"])
         args = dict(step.get("args", {}))
         try:
-            transforms.append(cls(**args))
+            with warnings.catch_warnings():  # MONAI's deprecation notices about its own defaults are not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                transforms.append(cls(**args))
         except (TypeError, ValueError) as exc:
             raise ModelCardError(
                 f"preprocessing step {n} ({step['name']}) has invalid arguments {args}: {exc}",

@@ -264,3 +264,12 @@ def test_volume_too_large_for_memory_is_refused_up_front(small_ct, threshold_car
     err = capsys.readouterr().err
     assert "MiB of memory" in err and "are available" in err and "hint:" in err
     assert not out.exists()
+
+
+def test_models_are_listed_before_torch_is_installed():
+    """The Slicer panel lists models before PyTorch is installed: reading cards must not need torch."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
+            "from volseg.cli import main; sys.exit(main(['models', '--json']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "demo" in {c["id"] for c in json.loads(r.stdout)["models"]}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from volseg.errors import ModelCardError
-from volseg.inference import InferenceOptions
+from volseg.options import InferenceOptions
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "model_card.schema.json"
 CARDS_ENV = "VOLSEG_CARDS_PATH"
@@ -240,8 +240,10 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
 
 
 def _check_architecture(name: str, source: str) -> None:
-    from volseg.models.registry import names
-
+    try:
+        from volseg.models.registry import names
+    except ImportError:  # torch not installed yet: listing cards still works, running them will say why
+        return
     known = names()
     if name.lower() != "torchscript" and name.lower() not in known:
         import difflib

@@ -133,7 +133,8 @@ class _CancelOnSignal:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> threading.Event:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGBREAK is what CTRL_BREAK_EVENT (the Slicer module's cancel on Windows) delivers.
+        for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self.event
 
@@ -171,10 +172,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 # -- models / inspect / devices -------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
-    from volseg import models
     from volseg.cards import list_cards
 
     if args.architectures:
+        from volseg import models
+
         archs = models.all_architectures()
         if args.json:
             print(json.dumps({"architectures": [{"name": a.name, "summary": a.summary} for a in archs]}, indent=1))

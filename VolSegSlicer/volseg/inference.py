@@ -5,28 +5,16 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from monai.inferers import sliding_window_inference
 
 from volseg.errors import Cancelled, ResourceError
+from volseg.options import InferenceOptions
 from volseg.progress import Reporter
 
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    roi_size: tuple[int, int, int] = (96, 96, 96)
-    overlap: float = 0.5
-    mode: str = "constant"
-    sigma_scale: float = 0.125
-    sw_batch_size: int = 1
-    flips: tuple[tuple[int, ...], ...] = ()
-    amp: bool = True
-    activation: str = "softmax"  # softmax | sigmoid | none
-    activation_per_window: bool = False
-    padding_mode: str = "constant"
-    select_output: int = 0
+__all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback"]
 
 
 def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:

@@ -1,0 +1,31 @@
+"""Plain settings types shared by the model cards and the inference code.
+
+Kept free of torch and MONAI so that reading model cards (``volseg models``, the Slicer panel's
+model list) works before PyTorch is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Sliding-window settings, in MONAI ``sliding_window_inference`` terms.
+
+    ``activation`` is applied after blending (or to every window with
+    ``activation_per_window``, as nnU-Net does); ``flips`` lists the spatial axes of each extra
+    test-time pass; ``select_output`` picks one output of a network that returns a list.
+    """
+
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.5
+    mode: str = "constant"
+    sigma_scale: float = 0.125
+    sw_batch_size: int = 1
+    flips: tuple[tuple[int, ...], ...] = ()
+    amp: bool = True
+    activation: str = "softmax"  # softmax | sigmoid | none
+    activation_per_window: bool = False
+    padding_mode: str = "constant"
+    select_output: int = 0

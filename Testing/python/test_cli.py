@@ -101,7 +101,8 @@ def test_sigterm_cancels_cleanly_and_writes_nothing(tmp_path, threshold_torchscr
 def test_errors_are_one_message_with_exit_code(small_ct, tmp_path, threshold_card, threshold_torchscript, capsys):
     out = tmp_path / "x.nii.gz"
     cases = [
-        (["segment", str(tmp_path / "missing.nrrd"), "--model", str(threshold_card), "-o", str(out)], "missing.nrrd"),
+        (["segment", str(tmp_path / "missing.nrrd"), "--model", str(threshold_card),
+          "--checkpoint", str(threshold_torchscript), "-o", str(out)], "missing.nrrd"),
         (["segment", str(small_ct), "--model", "no-such-model", "-o", str(out)], "unknown model"),
         (["segment", str(small_ct), str(small_ct), "--model", str(threshold_card),
           "--checkpoint", str(threshold_torchscript), "-o", str(out)], "channel"),

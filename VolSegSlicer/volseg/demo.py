@@ -41,11 +41,27 @@ def fresh_folder(base: Path) -> Path:
     return candidate
 
 
+def to_lps_axes(array: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Permute and flip an (I, J, K) array so its axes run toward L, P and S (nearest axes).
+
+    Then ``a[:, :, z].T`` is an axial slice in radiological display (anterior at the top,
+    the patient's right on the left) whatever order the file stored the voxels in.
+    """
+    axes = [int(np.argmax(np.abs(direction[:, a]))) for a in range(3)]  # LPS axis of each index axis
+    out = np.transpose(array, np.argsort(axes))
+    for lps_axis in range(3):
+        source_axis = axes.index(lps_axis)
+        if direction[lps_axis, source_axis] < 0:
+            out = np.flip(out, axis=lps_axis)
+    return out
+
+
 def overlay_png(ct: np.ndarray, labels: np.ndarray, colors: dict[int, tuple[int, int, int]], path: Path,
                 window: tuple[float, float] = (-1000.0, 400.0), alpha: float = 0.45) -> Path:
-    """Save a strip of axial slices (at 25/50/75 % of K) and a coronal slice with labels overlaid.
+    """Save a strip of axial slices (at 25/50/75 % of the S axis) and a coronal slice with labels overlaid.
 
-    ``ct`` and ``labels`` are (I, J, K) arrays on the same grid; ``colors`` maps value -> RGB.
+    ``ct`` and ``labels`` are arrays on the same grid with axes toward L, P, S (see
+    :func:`to_lps_axes`); ``colors`` maps value -> RGB.
     """
     from PIL import Image
 
@@ -66,7 +82,7 @@ def overlay_png(ct: np.ndarray, labels: np.ndarray, colors: dict[int, tuple[int,
     tiles = []
     for frac in (0.25, 0.5, 0.75):
         z = min(k - 1, int(frac * k))
-        tiles.append(render(gray[:, :, z].T, labels[:, :, z].T))  # rows = J, columns = I
+        tiles.append(render(gray[:, :, z].T, labels[:, :, z].T))  # rows: anterior to posterior
     j = labels.shape[1] // 2
     coronal = render(gray[:, j, :].T[::-1], labels[:, j, :].T[::-1])  # superior at the top
     height = tiles[0].shape[0]
@@ -96,6 +112,8 @@ def run_demo(output_dir: Path | None, device: str, reporter: Reporter,
 
     seg = slicerio.read_segmentation(str(out))
     colors = {int(s["labelValue"]): tuple(int(round(c * 255)) for c in s["color"]) for s in seg["segments"]}
-    overlay_png(read_volume(ct).array, np.asarray(seg["voxels"]), colors, png)
+    volume = read_volume(ct)
+    overlay_png(to_lps_axes(volume.array, volume.direction),
+                to_lps_axes(np.asarray(seg["voxels"]), volume.direction), colors, png)
     reporter.log(f"picture of a few slices with the labels: {png}")
     return {**result, "png": str(png)}

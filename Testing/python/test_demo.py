@@ -1,0 +1,79 @@
+"""`volseg demo`: the embedded default runs end to end on slicerio's chest CT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import slicerio
+from PIL import Image
+
+from volseg.cards import load_card
+from volseg.checkpoints import sha256sum
+from volseg.cli import main
+from volseg.demo import fresh_folder
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "-o", str(folder), "--progress", "none", "--device", "cpu"]) == 0
+    return folder
+
+
+def test_demo_checkpoint_matches_its_card():
+    card = load_card("demo")
+    assert card.demonstration and "NOT for clinical use" in card.title
+    assert card.checkpoint_path.is_file()
+    assert sha256sum(card.checkpoint_path) == card.checkpoint_sha256
+
+
+def test_demo_writes_a_segmentation_that_matches_the_reference(demo_run, ct_segmentation_path):
+    seg = slicerio.read_segmentation(str(demo_run / "CTChest4-demo.seg.nrrd"))
+    names = [s["name"] for s in seg["segments"]]
+    assert names == [lab.name for lab in load_card("demo").labels]
+    ref = slicerio.read_segmentation(str(ct_segmentation_path))
+    got, want = np.asarray(seg["voxels"]), np.asarray(ref["voxels"])
+    assert got.shape == want.shape
+    np.testing.assert_allclose(seg["ijkToLPS"], ref["ijkToLPS"], atol=1e-4)
+    ref_value = {s["name"]: s["labelValue"] for s in ref["segments"]}
+    got_value = {s["name"]: s["labelValue"] for s in seg["segments"]}
+    # The demonstration model was trained on this very CT: the large structures must come back.
+    for name in ("right lung", "left lung", "tissue"):
+        assert dice(got == got_value[name], want == ref_value[name]) > 0.85, name
+
+
+def test_demo_writes_a_picture(demo_run):
+    png = demo_run / "CTChest4-demo.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > im.height > 100
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels[:, 0].astype(int) - pixels[:, 1]) > 20).any()  # coloured labels, not only grey
+
+
+def test_demo_never_overwrites(demo_run, capsys):
+    assert main(["demo", "-o", str(demo_run), "--progress", "none"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_fresh_folder_numbers_existing_names(tmp_path):
+    base = tmp_path / "volseg-demo"
+    assert fresh_folder(base) == base
+    base.mkdir()
+    (tmp_path / "volseg-demo-2").mkdir()
+    assert fresh_folder(base) == tmp_path / "volseg-demo-3"
+
+
+def test_to_lps_axes_undoes_any_storage_order():
+    from volseg.demo import to_lps_axes
+
+    a = np.arange(24).reshape(2, 3, 4)
+    lps = np.eye(3)
+    # Stored as (S, A, R): index axes point to +S, -P (anterior), -L (right).
+    direction = np.array([[0, 0, -1], [0, -1, 0], [1, 0, 0]], float)
+    stored = np.flip(np.flip(np.transpose(a, (2, 1, 0)), axis=1), axis=2)
+    np.testing.assert_array_equal(to_lps_axes(stored, direction), a)
+    np.testing.assert_array_equal(to_lps_axes(a, lps), a)

@@ -156,7 +156,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     device, reason = resolve_device(request.device)
     reporter.log(f"device {device}: {reason}")
     if card.demonstration:
-        reporter.log(f"{card.title} is a demonstration model, not for clinical use", "warning")
+        reporter.log(f"model {card.id!r} is a demonstration model: not for clinical use", "warning")
 
     checkpoint_stage("read", f"reading {len(request.inputs)} input(s)")
     volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import html
 import json
-import re
 from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
 from VolSegSlicerLib.protocol import format_duration
+from volseg.cards import match_inputs
 
 #: The panel has this many input selectors.
 MAX_INPUTS = 4
@@ -96,26 +96,9 @@ def prefill_inputs(model: dict[str, Any], node_names: Sequence[str]) -> list[int
     input's ``name_hint`` (case-insensitive regex) and is not taken by an earlier input.
 
     Inputs without a hint (or without a match) get None, except that a single-input card with
-    no hint match takes the first volume."""
+    no hint match takes the first volume (the engine's :func:`volseg.cards.match_inputs`)."""
     inputs = (model.get("inputs") or [{"name": "Image"}])[:MAX_INPUTS]
-    taken: set[int] = set()
-    chosen: list[int | None] = []
-    for item in inputs:
-        hint = item.get("name_hint")
-        pick = None
-        if hint:
-            try:
-                pattern = re.compile(hint, re.IGNORECASE)
-            except re.error:
-                pattern = None
-            if pattern is not None:
-                pick = next((i for i, n in enumerate(node_names) if i not in taken and pattern.search(n)), None)
-        if pick is not None:
-            taken.add(pick)
-        chosen.append(pick)
-    if len(inputs) == 1 and chosen[0] is None and node_names:
-        chosen[0] = 0
-    return chosen
+    return match_inputs([item.get("name_hint") for item in inputs], node_names)
 
 
 def duplicate_inputs(ids: Sequence[str | None]) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -279,6 +280,32 @@ def _parse_labels(items: list[dict[str, Any]], source: str, activation: str) -> 
             )
         )
     return tuple(labels)
+
+
+def match_inputs(hints: Sequence[str | None], names: Sequence[str]) -> list[int | None]:
+    """For each input's name hint (a case-insensitive regular expression), the index in ``names``
+    of the first name it matches that no earlier input took; None where nothing matches.
+
+    A single input without a match takes the first name. Used to pre-fill the Slicer panel's
+    input selectors and to pick each channel's file in ``volseg batch`` case folders.
+    """
+    taken: set[int] = set()
+    chosen: list[int | None] = []
+    for hint in hints:
+        pick = None
+        if hint:
+            try:
+                pattern = re.compile(hint, re.IGNORECASE)
+            except re.error:
+                pattern = None
+            if pattern is not None:
+                pick = next((i for i, n in enumerate(names) if i not in taken and pattern.search(n)), None)
+        if pick is not None:
+            taken.add(pick)
+        chosen.append(pick)
+    if len(hints) == 1 and chosen[0] is None and names:
+        chosen[0] = 0
+    return chosen
 
 
 def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) -> ModelCard:

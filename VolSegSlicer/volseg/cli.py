@@ -7,6 +7,7 @@
     volseg inspect best_metric_model.pth [--json]
     volseg devices [--json]
     volseg demo [-o FOLDER]
+    volseg batch cases/*.nii.gz --model uxnet-flare --checkpoint best_metric_model.pth -o results/
     volseg serve            # warm worker: JSON requests on stdin, JSON events on stdout
 
 Errors are one message (and a hint) with a non-zero exit code: 2 for bad input, 3 for missing
@@ -87,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output-dir", type=Path, default=None, help="folder for the results (default: a new ./volseg-demo*)")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+
+    batch = sub.add_parser("batch", help="segment many cases with one model (loaded once)")
+    _add_segment_options(batch)
+    for action in batch._actions:  # -o is a folder here
+        if action.dest == "output":
+            action.help, action.metavar = "folder for the results (created if missing)", "OUT_DIR"
+    batch.add_argument("--format", default=".seg.nrrd", choices=(".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"),
+                       help="result format (default .seg.nrrd)")
+    batch.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
 
     sub.add_parser("serve", help="warm worker: one JSON request per stdin line, JSON events on stdout")
     return parser
@@ -236,6 +246,26 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from volseg.batch import run_batch
+    from volseg.progress import make_reporter
+
+    reporter = make_reporter(args.progress)
+    summary: dict = {}
+
+    def run() -> None:
+        if args.probabilities is not None:
+            raise VolSegError("--probabilities is for single runs", hint="use `volseg segment` per case")
+        template = request_from_args(args)
+        summary.update(run_batch(template, list(args.inputs), args.output, args.format, reporter, cancel))
+        reporter.log(f"batch: {len(summary['done'])} done, {len(summary['skipped'])} skipped, "
+                     f"{len(summary['failed'])} failed")
+
+    with _CancelOnSignal() as cancel:
+        rc = _run_reported(reporter, run)
+    return rc or (1 if summary.get("failed") else 0)
+
+
 # -- demo / serve ---------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from volseg.demo import run_demo
@@ -288,7 +318,7 @@ def cmd_serve(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
             "demo": cmd_demo, "serve": cmd_serve}
 
 

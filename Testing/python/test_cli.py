@@ -273,3 +273,23 @@ def test_models_are_listed_before_torch_is_installed():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "demo" in {c["id"] for c in json.loads(r.stdout)["models"]}
+
+
+def test_unexpected_failure_is_reported_without_traceback(small_ct, threshold_card, threshold_torchscript, tmp_path,
+                                                          monkeypatch, capsys):
+    import volseg.pipeline
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(volseg.pipeline, "postprocess", broken)
+    args = ["segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+            "-o", str(tmp_path / "o.nrrd"), "--progress", "json"]
+    assert main(args) == 1
+    last = events(capsys.readouterr().out)[-1]
+    assert last["event"] == "error" and "internal error (ZeroDivisionError: boom)" in last["message"]
+    assert "VOLSEG_DEBUG" in last["hint"]
+    assert not (tmp_path / "o.nrrd").exists()
+    monkeypatch.setenv("VOLSEG_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(args)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import signal
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from volseg import __version__
-from volseg.errors import Cancelled, VolSegError
+from volseg.errors import Cancelled, ResourceError, VolSegError
 
 
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
@@ -159,16 +160,32 @@ class _CancelOnSignal:
 
 
 def _run_reported(reporter, fn) -> int:
+    """Run ``fn``; report any failure as one error event (no traceback) and return the exit code.
+
+    Set ``VOLSEG_DEBUG=1`` to get the traceback of an unexpected error instead.
+    """
     try:
         fn()
         return 0
     except KeyboardInterrupt:
-        err = Cancelled()
-        reporter.error(err.message, err.hint, err.exit_code)
-        return err.exit_code
-    except VolSegError as err:
-        reporter.error(err.message, err.hint, err.exit_code)
-        return err.exit_code
+        err: VolSegError = Cancelled()
+    except VolSegError as exc:
+        err = exc
+    except MemoryError:
+        err = ResourceError("out of memory", hint="use a smaller ROI (--roi-size), a smaller volume, or free memory")
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for those who ask
+        if os.environ.get("VOLSEG_DEBUG"):
+            raise
+        if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+            err = ResourceError("out of memory: " + str(exc).splitlines()[0],
+                                hint="use a smaller ROI (--roi-size), a smaller volume, or free memory")
+        else:
+            err = VolSegError(f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                              hint="this is a bug in volseg: please report it with the command line; "
+                              "VOLSEG_DEBUG=1 shows the traceback")
+            err.exit_code = 1
+    reporter.error(err.message, err.hint, err.exit_code)
+    return err.exit_code
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

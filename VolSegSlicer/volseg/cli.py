@@ -351,6 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return Cancelled.exit_code
+    except Exception as exc:  # a bug in models/inspect/devices: one line, as for segment
+        if os.environ.get("VOLSEG_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {exc})\n  hint: this is a bug in volseg: please "
+              "report it with the command line; VOLSEG_DEBUG=1 shows the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, unet_sd):
         read_checkpoint(path)
     assert "--trust-pickle" in err.value.hint
     assert "arbitrary code" in err.value.message
+    assert "posix.system" in err.value.message or "os.system" in err.value.message
 
 
 def test_trusted_pickle_is_allowed_when_asked(tmp_path, unet_sd):
@@ -133,7 +134,7 @@ def test_whole_pickled_module_with_trust(tmp_path):
 
 @pytest.mark.parametrize("content,expected", [
     (b"", "cannot read checkpoint"),
-    (b"this is not a checkpoint at all", "cannot read checkpoint"),
+    (b"this is not a checkpoint at all", "is not a PyTorch checkpoint"),
 ])
 def test_garbage_files(tmp_path, content, expected):
     path = tmp_path / "bad.pth"

@@ -141,9 +141,12 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint",
+                                  hint="expected a .pt/.pth/.ckpt/.bin file written by torch.save, or .safetensors") from None
         if trust_pickle:
             raise CheckpointError(f"cannot unpickle {path}: {exc}") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        first = _blocked_object(str(exc))
         raise CheckpointError(
             f"{path} stores Python objects that only a full unpickle can rebuild, and a full unpickle can run "
             f"arbitrary code, so it was refused ({first})",
@@ -156,6 +159,22 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             f"cannot read checkpoint {path}: {msg}",
             hint="the file is not a PyTorch checkpoint or is truncated; check the download",
         ) from None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _blocked_object(message: str) -> str:
+    """The line of torch's weights-only refusal that names the offending object."""
+    for line in message.splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip()
+    return "it holds objects other than tensors and plain containers"
 
 
 def _is_state_dict(obj: Any) -> bool:

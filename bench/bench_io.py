@@ -160,7 +160,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser, repeats=3)
+    common.add_common_args(parser, repeats=3, device=False)  # file I/O runs on the CPU
     parser.add_argument("--size", type=int, nargs=3, default=None, metavar=("I", "J", "K"),
                         help="volume size (default 256 256 128; 128 128 64 with --quick)")
     args = parser.parse_args(argv)

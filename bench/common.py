@@ -8,12 +8,13 @@ load, the ratios much less.
 Peak memory:
 
 - GPU: growth of ``torch.cuda.max_memory_allocated`` over the call (exact, allocator view).
-- CPU: growth of the process's resident set size (RSS) over the call, sampled every
-  millisecond by a thread. PyTorch's CPU allocator and ITK do not report to ``tracemalloc``,
-  so RSS is the one measure that sees every allocation. :func:`release_freed_memory` makes glibc
-  serve large blocks with ``mmap`` so freed memory really leaves the process and the next row
-  starts from a fair base. Sampling can miss a peak shorter than a millisecond: CPU figures
-  are close lower bounds.
+- CPU: growth of the process's resident set size (RSS) over one extra call made after the
+  timed rounds, sampled every millisecond by a thread. PyTorch's CPU allocator and ITK do not
+  report to ``tracemalloc``, so RSS is the one measure that sees every allocation. For that call
+  :func:`malloc_for_memory` makes glibc serve large blocks with ``mmap`` so freed memory really
+  leaves the process and each row starts from a fair base; times are taken in
+  :func:`malloc_for_timing` mode, because forced ``mmap`` slows allocation-heavy code a lot.
+  Sampling can miss a peak shorter than a millisecond: CPU figures are close lower bounds.
 """
 
 from __future__ import annotations
@@ -42,14 +43,34 @@ if str(REPO_ROOT / "VolSegSlicer") not in sys.path:  # run from a checkout witho
 MiB = 2**20
 
 
-def release_freed_memory() -> None:
-    """glibc: serve every block >= 64 KiB by ``mmap`` and give it back on free (CPU RSS = live memory)."""
+def _mallopt(mmap_threshold: int, trim_threshold: int, trim: bool = False) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
-        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD (setting it stops glibc's dynamic adjustment)
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+        if trim:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: CPU memory figures are then upper bounds
+
+
+def malloc_for_timing() -> None:
+    """glibc: large blocks from the heap and reused, as in a warmed-up process (32 MiB mmap threshold).
+
+    Forcing ``mmap`` for every block (as :func:`malloc_for_memory` does) makes each tensor
+    allocation page-fault fresh memory: measured here, that made sliding-window inference about
+    2.6x slower and changed the ratios between rows. So times are taken in this mode.
+    """
+    _mallopt(32 * MiB, 64 * MiB)
+
+
+def malloc_for_memory() -> None:
+    """glibc: serve every block >= 64 KiB by ``mmap`` and give it back on free, so RSS = live memory."""
+    _mallopt(64 * 1024, 64 * 1024, trim=True)
+
+
+#: Older name of :func:`malloc_for_memory`, kept for the benchmarks that call it.
+release_freed_memory = malloc_for_memory
 
 
 class PeakRSS:
@@ -103,34 +124,43 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, int, Any]:
-    """(wall s, CPU s, peak extra bytes, output) of one call."""
+    """(wall s, CPU s, peak extra GPU bytes (0 on CPU), output) of one call."""
     gc.collect()
+    peak = 0
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        result = fn()
-        _sync(device)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return wall, cpu, torch.cuda.max_memory_allocated(device) - base, result
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = fn()
+    _sync(device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    return wall, cpu, peak, result
+
+
+def _peak_rss(fn: Callable[[], Any]) -> int:
+    gc.collect()
+    malloc_for_memory()  # also trims what the previous call freed, so every row starts alike
     with PeakRSS() as mem:
-        c0, t0 = time.process_time(), time.perf_counter()
-        result = fn()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return wall, cpu, mem.grown, result
+        fn()
+    return mem.grown
 
 
 def measure_interleaved(fns: Sequence[tuple[Callable[[], Any], torch.device | str]], repeats: int = 3,
                         warmup: int = 1) -> list[Timing]:
     """Time several callables in rounds (A B C, A B C, ...) so a change in machine load hits all alike.
 
-    Each callable is first called ``warmup`` times untimed. Returns one :class:`Timing` per
-    callable: median wall and CPU time over the ``repeats`` rounds, the largest peak memory, and
-    the output of its last call (for correctness checks).
+    Each callable is first called ``warmup`` times untimed, then ``repeats`` rounds are timed
+    (glibc in :func:`malloc_for_timing` mode). GPU peak memory comes from the timed calls; CPU
+    peak memory from one more call of each CPU callable afterwards, in
+    :func:`malloc_for_memory` mode. Returns one :class:`Timing` per callable: median wall and
+    CPU time, the largest peak memory, and the output of its last timed call.
     """
     devices = [torch.device(d) for _, d in fns]
-    for (fn, _), _d in zip(fns, devices):
+    malloc_for_timing()
+    for fn, _ in fns:
         for _ in range(warmup):
             fn()
     walls: list[list[float]] = [[] for _ in fns]
@@ -144,6 +174,12 @@ def measure_interleaved(fns: Sequence[tuple[Callable[[], Any], torch.device | st
             walls[i].append(wall)
             cpus[i].append(cpu)
             peaks[i] = max(peaks[i], peak)
+    if any(d.type == "cpu" for d in devices):
+        malloc_for_memory()
+        for i, ((fn, _), device) in enumerate(zip(fns, devices)):
+            if device.type == "cpu":
+                peaks[i] = _peak_rss(fn)
+        malloc_for_timing()
     return [Timing(statistics.median(w), statistics.median(c), w, p, r)
             for w, c, p, r in zip(walls, cpus, peaks, results)]
 
@@ -213,21 +249,23 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], ba
 # --- command line ------------------------------------------------------------------------------
 
 
-def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller problem (smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help=f"timed calls per row (default {repeats}, 1 with --quick)")
+def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3, device: bool = True) -> None:
+    """``--quick``, ``--repeats``, ``--threads`` and (when ``device``) ``--device``."""
+    parser.add_argument("--quick", action="store_true", help="one round, no warm-up (bench_io: also a smaller volume)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed rounds per row (default {repeats}, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    parser.set_defaults(default_repeats=repeats)
+    if device:
+        parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.set_defaults(default_repeats=repeats, device="cpu")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply thread count and memory settings; return the device; fill in ``args.repeats``."""
+    """Apply the thread count; return the device; fill in ``args.repeats``."""
     if args.repeats is None:
         args.repeats = 1 if args.quick else args.default_repeats
     if args.threads:
         torch.set_num_threads(args.threads)
-    release_freed_memory()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for but CUDA is not available in this torch build/machine")

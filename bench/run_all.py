@@ -24,7 +24,7 @@ def benchmarks(folder: Path = BENCH_DIR) -> list[Path]:
 
 
 #: Options every script built on ``common.add_common_args`` has.
-COMMON_OPTIONS = ("--quick", "--repeats", "--threads", "--device")
+COMMON_OPTIONS = ("--quick", "--repeats", "--threads")
 
 
 def accepts(script: Path, option: str) -> bool:

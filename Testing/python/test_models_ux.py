@@ -7,6 +7,7 @@ Golden vectors (``Testing/golden/*_small.pt``) were produced by the official cod
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -18,6 +19,7 @@ from volseg import models
 from volseg.errors import CheckpointError
 from volseg.models import registry
 from volseg.models.deform_conv import DeformConv3d, d3d_offset_view, deform_conv3d
+from volseg.models.repuxnet import RepUXBlock, RepUXNet
 from volseg.models.uxnet import UXNet
 
 UX_MODULES = {name: registry.BUILTIN_MODULES[name] for name in ("uxnet", "repuxnet", "deformuxnet")}
@@ -315,6 +317,149 @@ def test_source_offset_layout_reads_like_the_cuda_op():
     assert torch.equal(stepped[64], many[64].reshape(-1)[:24].view(3, 2, 2, 2))
     with pytest.raises(ValueError, match="multiple of 64"):
         d3d_offset_view(torch.randn(65, 3, 3, 3, 3), (2, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def previous_deform_conv(repo_root: Path):
+    """The engine's previous implementation, kept in bench/bench_deform_conv.py as the reference."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_deform_conv", repo_root / "bench" / "bench_deform_conv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_deform_conv3d
+
+
+@pytest.mark.parametrize("k,padding,size,scale", [(3, 1, (6, 7, 8), 2.0), (3, 1, (9, 4, 5), 0.7),
+                                                  (5, 2, (5, 6, 4), 3.0), (3, 1, (1, 3, 2), 1.5)])
+def test_deform_conv_equals_previous_implementation(previous_deform_conv, k, padding, size, scale):
+    """Random fractional offsets, many taps far outside the volume (|offset| up to ~4 * scale voxels)."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 5, *size)
+    weight, bias = torch.randn(5, 1, k, k, k), torch.randn(5)
+    offset = torch.randn(2, 3 * k ** 3, *size) * scale
+    offset[:, 3:6] = torch.tensor([-1.0, size[1] - 0.5, 0.25]).view(1, 3, 1, 1, 1)  # exactly on / near borders
+    expected = previous_deform_conv(x, offset, weight, bias, padding)
+    for chunk in (None, 1, 2):
+        out = deform_conv3d(x, offset, weight, bias, padding, chunk_size=chunk)
+        assert out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # the offsets really reach beyond the volume: kernel point 0's positions, every axis
+    for axis in range(3):
+        grid = torch.arange(size[axis]).view([-1 if a == axis else 1 for a in range(3)]) - padding
+        pos = grid + offset[:, axis]
+        assert ((pos <= -1) | (pos >= size[axis])).any() and ((pos > -1) & (pos < size[axis])).any()
+
+
+def test_deform_conv_nan_offsets_give_nan_not_a_crash(previous_deform_conv):
+    torch.manual_seed(8)
+    x, weight = torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3)
+    offset = torch.zeros(1, 81, 4, 4, 4)
+    offset[0, 0, 1, 2, 3] = float("nan")
+    out = deform_conv3d(x, offset, weight, None, 1)
+    ref = previous_deform_conv(x, offset, weight, None, 1)
+    assert torch.isnan(out[0, :, 1, 2, 3]).all() and torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.allclose(out.nan_to_num(), ref.nan_to_num(), atol=1e-5)
+
+
+# --- RepUX-Net centre-only fast path ------------------------------------------------------------
+
+
+def centre_only(sd: dict) -> dict:
+    """A copy of ``sd`` with every off-centre tap of the large depthwise kernels set to zero."""
+    out = dict(sd)
+    for key, value in sd.items():
+        if key.endswith("dwconv.weight"):
+            c = value.shape[-1] // 2
+            zeroed = torch.zeros_like(value)
+            zeroed[:, :, c, c, c] = value[:, :, c, c, c]
+            out[key] = zeroed
+    return out
+
+
+def test_repuxnet_centre_only_kernels_take_an_exact_fast_path(golden, monkeypatch):
+    g = golden("repuxnet_small.pt")
+    sd = centre_only(g["state_dict"])
+    model = models.load("repuxnet", sd)
+    assert model.centre_only_blocks() == (4, 4)
+    blocks = [m for m in model.modules() if isinstance(m, RepUXBlock)]
+    with torch.no_grad():
+        assert all(b.uses_fast_path(g["input"]) for b in blocks[:1])
+        fast = model(g["input"])
+        monkeypatch.setattr(RepUXBlock, "uses_fast_path", lambda self, x: False)
+        full = model(g["input"])
+    assert torch.equal(fast, full)
+    assert list(model.state_dict()) == list(g["state_dict"])  # no key added or removed
+
+
+def test_repuxnet_fast_path_is_never_taken_for_real_kernels(golden, monkeypatch):
+    g = golden("repuxnet_small.pt")
+    model = models.load("repuxnet", g["state_dict"])
+    assert model.centre_only_blocks() == (0, 4)
+
+    def forbidden(self, x):
+        raise AssertionError("fast path taken")
+
+    monkeypatch.setattr(RepUXBlock, "centre_scale", forbidden)
+    with torch.no_grad():
+        assert rel_err(model(g["input"]), g["output"]) < 1e-4
+    # one tiny off-centre tap (a subnormal) is enough to keep the full conv
+    block = RepUXBlock(4, ks=5).eval()
+    with torch.no_grad():
+        block.dwconv.weight.zero_()
+        block.dwconv.weight[:, :, 2, 2, 2] = 1.5
+        assert block.centre_only()
+        block.dwconv.weight[3, 0, 0, 4, 1] = 1e-40
+    assert not block.centre_only()
+
+
+def test_repux_block_fast_path_conditions():
+    torch.manual_seed(9)
+    block = RepUXBlock(3, ks=5).eval()
+    with torch.no_grad():
+        block.dwconv.weight.zero_()
+        block.dwconv.weight[:, 0, 2, 2, 2] = torch.randn(3)
+    x = torch.randn(2, 3, 6, 5, 4)
+    with torch.no_grad():
+        assert block.uses_fast_path(x)
+        assert torch.equal(block.centre_scale(x), block.dwconv(x))
+        # non-finite input: the conv spreads NaN through its zero taps; so does the block
+        bad = x.clone()
+        bad[0, 1, 3, 2, 1] = float("inf")
+        assert not block.uses_fast_path(bad)
+        assert torch.isnan(block(bad)[0, 1, 2, 2, 1])
+    # recording weight gradients: the full conv (its weight gradient has off-centre terms)
+    assert not block.uses_fast_path(x)
+    block(x).sum().backward()
+    assert block.dwconv.weight.grad[:, :, 0, 0, 0].abs().sum() > 0
+    # the check follows later edits of the weights
+    with torch.no_grad():
+        block.dwconv.weight[0, 0, 1, 2, 2] = 0.5
+        assert not block.uses_fast_path(x)
+    with torch.device("meta"):
+        assert not RepUXNet(**TINY, ks=5).centre_only_blocks()[0]
+
+
+def test_benchmarks_run_tiny_and_check_their_results(repo_root):
+    """bench_deform_conv and bench_repux run against the current engine and report exact results."""
+    import importlib.util
+
+    def load(name):
+        folder = str(repo_root / "bench")
+        sys.path.insert(0, folder)  # the benchmarks import their shared ``common`` helpers
+        try:
+            spec = importlib.util.spec_from_file_location(name, repo_root / "bench" / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
+        return module
+
+    with torch.no_grad():
+        rows = load("bench_deform_conv").stage_rows(8, 4, torch.device("cpu"), repeats=1)
+    assert rows[0]["method"] == "F.conv3d (baseline)" and rows[1]["method"] == "previous (reference)"
+    assert all(r["diff"] < 1e-5 and r["zero_diff"] < 1e-5 for r in rows)
+    tables, all_equal = load("bench_repux").run(16, 5, network=False, device=torch.device("cpu"), repeats=1, warmup=0)
+    assert all_equal and len(tables) == 4 and "centre-only, fast path" in tables[0] and "| yes |" in tables[0]
 
 
 # --- model cards ---------------------------------------------------------------------------------

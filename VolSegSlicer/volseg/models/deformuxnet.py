@@ -35,7 +35,8 @@ class DeformUXNet(UXUNet):
 
     Args:
         offset_kernel_size: 3 (compiled extension, default) or 1 (repository source).
-        chunk_size: output depth slices per deformable-conv chunk (memory only; None = all).
+        chunk_size: output depth slices per deformable-conv chunk (memory and speed only; None =
+            automatic, see :func:`volseg.models.deform_conv.deform_conv3d`).
         conv_block: accepted; unused, as in the official code.
         Others: as :class:`volseg.models.uxnet.UXNet` (the official signature is UX-Net's).
 

@@ -9,6 +9,25 @@ Bayesian frequency re-parameterisation (BFM) is a *training-time* device: the of
 The official inference script uses ``deploy=True``: the plain conv with the stored weights.
 This implementation is always the deploy form; ``a`` and ``deploy`` are accepted so official
 configs pass straight in, and do not change inference. The state dict is the same in both modes.
+
+Centre-only fast path. Because of a defect in the official BFM code, the optimiser never updates
+the large kernels and each training forward call multiplies them by the BFM mask again, so in
+checkpoints trained with the official code every off-centre tap is expected to have underflowed
+to exactly 0 (REFERENCE sections 2 and 8; predicted from the code, not yet seen in a released
+checkpoint). A depthwise conv whose off-centre taps are all exactly zero is exactly
+``x * w_centre + bias`` per channel, so :class:`RepUXBlock` computes that instead of the ``ks``^3
+conv when
+
+* every off-centre tap of ``dwconv.weight`` is exactly zero (checked on every call by counting
+  non-zeros -- one pass over the weights, milliseconds -- so no edit of the weights is missed),
+* no gradient for the weights is being recorded (the conv's weight gradient has off-centre
+  terms the scale cannot give), and
+* the input is finite (inf/NaN spread to neighbours through the conv's zero taps: ``0 * inf``).
+
+The result is then bit-identical to the CPU conv (same two roundings, product then bias; tested);
+a GPU conv algorithm may round differently, by its own rounding error only. Nothing is added
+to the module's state: keys, shapes and checkpoints are unchanged.
+``RepUXBlock.centre_only()`` and ``RepUXNet.centre_only_blocks()`` tell whether it applies.
 """
 
 from __future__ import annotations
@@ -26,7 +45,7 @@ PREFIX = "repuxnet_3d"
 
 
 class RepUXBlock(nn.Module):
-    """``GELU(BN(dwconv(x)))`` with a ``ks``^3 depthwise conv.
+    """``GELU(BN(dwconv(x)))`` with a ``ks``^3 depthwise conv (exact per-channel scale when centre-only).
 
     Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``.
     Keys: ``dwconv.{weight [C,1,ks,ks,ks], bias}``, ``norm.{weight, bias, running_*, num_batches_tracked}``.
@@ -38,8 +57,36 @@ class RepUXBlock(nn.Module):
         self.norm = nn.BatchNorm3d(channels)
         self.act = nn.GELU()
 
+    def centre_only(self) -> bool:
+        """Whether every off-centre tap of ``dwconv.weight`` is exactly zero (the conv is then a scale)."""
+        weight = self.dwconv.weight
+        if weight.is_meta:
+            return False
+        c = weight.shape[-1] // 2
+        # exact: NaN counts as non-zero, and both counts are integers
+        return bool(torch.count_nonzero(weight) == torch.count_nonzero(weight[:, :, c, c, c]))
+
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` replaces the conv by the exact per-channel scale for this input."""
+        weight = self.dwconv.weight
+        records_grad = torch.is_grad_enabled() and weight.requires_grad
+        if records_grad or not self.centre_only():
+            return False
+        # a finite sum proves every element finite (an overflowing sum only costs the fast path)
+        total = x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
+        return bool(torch.isfinite(total))
+
+    def centre_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * w_centre + bias`` per channel: the conv when all other taps are zero. ``(B,C,...)`` -> same."""
+        weight, bias = self.dwconv.weight, self.dwconv.bias
+        c = weight.shape[-1] // 2
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = x * weight[:, 0, c, c, c].view(shape)
+        return out + bias.view(shape) if bias is not None else out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.dwconv(x)))
+        y = self.centre_scale(x) if self.uses_fast_path(x) else self.dwconv(x)
+        return self.act(self.norm(y))
 
 
 class RepUXNet(UXUNet):
@@ -78,6 +125,11 @@ class RepUXNet(UXUNet):
         encoder = UXEncoder(in_chans, feat_size, depths, lambda channels, _dp: RepUXBlock(channels, ks))
         super().__init__(PREFIX, encoder, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block,
                          spatial_dims)
+
+    def centre_only_blocks(self) -> tuple[int, int]:
+        """(blocks whose kernels are centre-only, all blocks): how many take the exact fast path."""
+        blocks = [m for m in self.modules() if isinstance(m, RepUXBlock)]
+        return sum(b.centre_only() for b in blocks), len(blocks)
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:

@@ -201,7 +201,7 @@ def stage_rows(channels: int, side: int, device: torch.device, repeats: int) -> 
             dict(method="previous (reference)", chunk=str(reference_auto_chunk(1, channels, 27, side * side, side)),
                  t=t_ref, m=m_ref, diff=0.0,
                  zero_diff=float((reference_deform_conv3d(x, zero, weight, bias, 1) - conv).abs().max()))]
-    auto = _auto_chunk(1, channels, 27, side * side, side)
+    auto = _auto_chunk(1, channels, 27, side * side, side, device.type)
     for chunk in sorted({1, auto, side}):
         def call(chunk=chunk):
             return deform_conv3d(x, offset, weight, bias, 1, chunk_size=chunk)

@@ -350,6 +350,15 @@ def test_deform_conv_equals_previous_implementation(previous_deform_conv, k, pad
         assert ((pos <= -1) | (pos >= size[axis])).any() and ((pos > -1) & (pos < size[axis])).any()
 
 
+def test_deform_conv_chunks_are_cache_sized_on_cpu_only():
+    from volseg.models import deform_conv
+
+    per_slice = 27 * 48 * 48 * (48 + 24)  # published ROI 96, first stage
+    assert deform_conv._auto_chunk(1, 48, 27, 48 * 48, 48) == max(1, deform_conv.CACHE_CHUNK_ELEMENTS // per_slice)
+    assert deform_conv._auto_chunk(1, 48, 27, 48 * 48, 48, "cuda") == deform_conv.DEFAULT_CHUNK_ELEMENTS // per_slice
+    assert deform_conv.CACHE_CHUNK_ELEMENTS < deform_conv.DEFAULT_CHUNK_ELEMENTS
+
+
 def test_deform_conv_nan_offsets_give_nan_not_a_crash(previous_deform_conv):
     torch.manual_seed(8)
     x, weight = torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3)

@@ -27,8 +27,9 @@ finish the convolution. What makes it fast:
   vectors (broadcasting over a trailing dimension of size 2 is several times slower);
 * the gathered table is a contiguous (rows, C) tensor -- ``embedding_bag``'s vectorised path
   needs that -- and indices are int32 when the volume allows;
-* output depth slices are processed in chunks small enough to stay in cache (and, for memory,
-  under :data:`DEFAULT_CHUNK_ELEMENTS`); the result does not depend on the chunk size.
+* output depth slices are processed in chunks under :data:`DEFAULT_CHUNK_ELEMENTS` (memory)
+  and, on CPU, small enough to stay in cache; the result does not depend on the chunk size
+  (the sum over kernel points always runs in the same order).
 
 The previous formulation (masks, clamped indices, voxel-major columns; about 5x slower on CPU) is
 kept in ``bench/bench_deform_conv.py`` as the reference the benchmark and tests compare with.
@@ -51,18 +52,21 @@ D3D_IM2COL_STEP = 64
 #: Default bound on the working buffers of one chunk (elements; 4 bytes each in float32).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
-#: Chunks are also kept under this many elements by default: small chunks stay in the CPU cache
-#: (measured with bench/bench_deform_conv.py on CPU: 1.5-2.5x faster than whole-volume chunks).
+#: On CPU, chunks are also kept under this many elements by default so the working set stays in
+#: cache (bench/bench_deform_conv.py, 2 CPU cores: 1-2x faster than whole-volume chunks, at a
+#: fraction of their memory). Not applied on GPUs, where small chunks only add kernel launches.
 CACHE_CHUNK_ELEMENTS = 1 << 21
 
 #: Zero planes added before / after every spatial axis of the gathered input.
 _PAD_LOW, _PAD_HIGH = 1, 2
 
 
-def _auto_chunk(batch: int, channels: int, n_points: int, plane: int, depth: int) -> int:
-    """Output depth slices per chunk: under both :data:`DEFAULT_CHUNK_ELEMENTS` and the cache target."""
+def _auto_chunk(
+    batch: int, channels: int, n_points: int, plane: int, depth: int, device_type: str = "cpu"
+) -> int:
+    """Output depth slices per chunk: under :data:`DEFAULT_CHUNK_ELEMENTS` (and, on CPU, the cache target)."""
     per_slice = batch * n_points * plane * (channels + 24)  # columns + indices, weights, positions
-    budget = min(DEFAULT_CHUNK_ELEMENTS, CACHE_CHUNK_ELEMENTS)
+    budget = min(DEFAULT_CHUNK_ELEMENTS, CACHE_CHUNK_ELEMENTS) if device_type == "cpu" else DEFAULT_CHUNK_ELEMENTS
     return max(1, min(depth, budget // max(1, per_slice)))
 
 
@@ -127,8 +131,8 @@ def deform_conv3d(
         padding: implicit zero padding (same on every side and axis).
         chunk_size: output depth slices per chunk. None: see :func:`_auto_chunk` (columns
             ``B * k^3 * slices * H_out * W_out * C`` plus per-point buffers under
-            :data:`CACHE_CHUNK_ELEMENTS` and :data:`DEFAULT_CHUNK_ELEMENTS`). Only memory and
-            speed change, never the result.
+            :data:`DEFAULT_CHUNK_ELEMENTS` and, on CPU, :data:`CACHE_CHUNK_ELEMENTS`). Only
+            memory and speed change, never the result.
 
     Returns:
         ``(B, C, D_out, H_out, W_out)`` with ``D_out = D + 2*padding - k + 1`` (a channels-last
@@ -146,8 +150,8 @@ def deform_conv3d(
     if tuple(offset.shape) != (B, 3 * n_points, *out_size):
         raise ValueError(f"offset must have shape {(B, 3 * n_points, *out_size)}, got {tuple(offset.shape)}")
     Do, Ho, Wo = out_size
-    step = _auto_chunk(B, C, n_points, Ho * Wo, Do) if chunk_size is None else max(1, int(chunk_size))
     device = x.device
+    step = _auto_chunk(B, C, n_points, Ho * Wo, Do, device.type) if chunk_size is None else max(1, int(chunk_size))
 
     rows = _padded_rows(x)
     extra = _PAD_LOW + _PAD_HIGH
@@ -234,7 +238,7 @@ class DeformConv3d(nn.Module):
             offsets), 1 in the repository source (offset map larger than the output, read with
             the CUDA op's strides, see :func:`d3d_offset_view`).
         bias: whether the deformable conv has a bias (the official layer always does).
-        chunk_size: output depth slices processed at once (memory bound only).
+        chunk_size: output depth slices processed at once (memory and speed only; None = automatic).
 
     Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)`` for k=3, padding=1.
     Keys: ``weight [C,1,k,k,k]``, ``bias [C]``, ``conv_offset.{weight [3k^3,C,ko,ko,ko], bias}``.

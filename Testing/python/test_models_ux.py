@@ -431,6 +431,9 @@ def test_repux_block_fast_path_conditions():
     with torch.no_grad():
         assert block.uses_fast_path(x)
         assert torch.equal(block.centre_scale(x), block.dwconv(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # follows the conv's autocast rounding and dtype
+            fast, conv = block.centre_scale(x), block.dwconv(x)
+        assert fast.dtype == conv.dtype == torch.bfloat16 and torch.equal(fast, conv)
         # non-finite input: the conv spreads NaN through its zero taps; so does the block
         bad = x.clone()
         bad[0, 1, 3, 2, 1] = float("inf")

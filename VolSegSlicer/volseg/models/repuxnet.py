@@ -24,8 +24,9 @@ conv when
   terms the scale cannot give), and
 * the input is finite (inf/NaN spread to neighbours through the conv's zero taps: ``0 * inf``).
 
-The result is then bit-identical to the CPU conv (same two roundings, product then bias; tested);
-a GPU conv algorithm may round differently, by its own rounding error only. Nothing is added
+The result is then bit-identical to the CPU conv (same two roundings, product then bias; tested,
+also under bfloat16 autocast, which the scale follows); a GPU conv algorithm may round
+differently, by its own rounding error only. Nothing is added
 to the module's state: keys, shapes and checkpoints are unchanged.
 ``RepUXBlock.centre_only()`` and ``RepUXNet.centre_only_blocks()`` tell whether it applies.
 """
@@ -77,12 +78,25 @@ class RepUXBlock(nn.Module):
         return bool(torch.isfinite(total))
 
     def centre_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """``x * w_centre + bias`` per channel: the conv when all other taps are zero. ``(B,C,...)`` -> same."""
+        """``x * w_centre + bias`` per channel: the conv when all other taps are zero. ``(B,C,...)`` -> same.
+
+        Under autocast it follows the conv: operands rounded to the autocast dtype, the product and
+        sum in float32, the result in the autocast dtype.
+        """
         weight, bias = self.dwconv.weight, self.dwconv.bias
         c = weight.shape[-1] // 2
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = x * weight[:, 0, c, c, c].view(shape)
-        return out + bias.view(shape) if bias is not None else out
+        scale = weight[:, 0, c, c, c].view(shape)
+        shift = bias.view(shape) if bias is not None else None
+        if not torch.is_autocast_enabled(x.device.type):
+            out = x * scale
+            return out + shift if shift is not None else out
+        low = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            out = x.to(low).float() * scale.to(low).float()
+            if shift is not None:
+                out = out + shift.to(low).float()
+            return out.to(low)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.centre_scale(x) if self.uses_fast_path(x) else self.dwconv(x)

@@ -112,8 +112,10 @@ def network_case(roi: int, ks: int, device: torch.device) -> tuple[nn.Module, nn
     return full, centre, torch.randn(1, 1, roi, roi, roi, device=device)
 
 
-def run(roi: int, ks: int, network: bool, device: torch.device, repeats: int, warmup: int) -> tuple[list[str], bool]:
-    """Markdown tables (one per stage, one for the network); whether every fast path was exact."""
+def run(roi: int, ks: int, network: bool, device: torch.device, repeats: int, warmup: int,
+        on_table: Callable[[str], None] | None = None) -> tuple[list[str], bool]:
+    """Markdown tables (one per stage, one for the network; each also passed to ``on_table`` as soon
+    as it is measured); whether every fast path was exact."""
     columns = [Column("name", "case"), Column("s", "time s", "{:.4f}"), Column("cpu", "CPU s", "{:.3f}"),
                Column("mib", "peak MiB", "{:.1f}"), Column("equal", "equal to conv")]
     tables, all_equal = [], True
@@ -128,6 +130,8 @@ def run(roi: int, ks: int, network: bool, device: torch.device, repeats: int, wa
         all_equal &= equal
         tables.append(common.markdown_table(rows, columns, baseline=rows[0]["name"],
                                             ratio_of=[("s", "x baseline"), ("cpu", "CPU x")]))
+        if on_table is not None:
+            on_table(tables[-1])
         del full, centre, x
     return tables, all_equal
 
@@ -153,11 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     print(common.environment(device))
     print(f"RepUX-Net {args.ks}^3 depthwise blocks, batch 1, eval, no grad, ROI {roi}^3, "
           f"median of {repeats} interleaved rounds")
-    tables, all_equal = run(roi, args.ks, network=not (args.quick or args.no_network), device=device,
-                            repeats=repeats, warmup=0 if args.quick else 1)
-    for table in tables:
-        print()
-        print(table, flush=True)
+    _, all_equal = run(roi, args.ks, network=not (args.quick or args.no_network), device=device,
+                       repeats=repeats, warmup=0 if args.quick else 1,
+                       on_table=lambda table: print(f"\n{table}", flush=True))
     if not all_equal:
         print("\nFAIL: the fast path differs from the conv on centre-only kernels")
         return 1

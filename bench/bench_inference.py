@@ -26,17 +26,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Column  # noqa: E402
-
-from volseg import models  # noqa: E402
-from volseg.inference import InferenceOptions, count_windows, predict  # noqa: E402
+import common
+from common import Column
+from volseg import models
+from volseg.inference import InferenceOptions, count_windows, predict
 
 #: Tiny configurations (a few hundred thousand parameters) so a CPU run stays short.
 TINY = {
-    "segformer3d": dict(in_channels=1, embed_dims=[8, 16, 40, 64], decoder_head_embedding_dim=32, num_classes=3),
-    "unet": dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2),
-                 num_res_units=1),
+    "segformer3d": {"in_channels": 1, "embed_dims": [8, 16, 40, 64], "decoder_head_embedding_dim": 32, "num_classes": 3},
+    "unet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": (8, 16, 32, 64), "strides": (2, 2, 2),
+                 "num_res_units": 1},
 }
 #: Preprocessing of the CT, as a model card would list it.
 CT_STEPS = [{"name": "ScaleIntensityRange",
@@ -79,7 +78,6 @@ def load_image(size: tuple[int, int, int] | None) -> tuple[torch.Tensor, str]:
         image = torch.nn.functional.interpolate(coarse, size=tuple(size), mode="trilinear")[0]
         return image, f"synthetic smooth volume {tuple(size)}"
     import slicerio
-
     from volseg.io import read_volume
     from volseg.preprocess import preprocess
 

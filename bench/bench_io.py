@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Column  # noqa: E402
-
-from volseg.io import Volume, read_volume, write_segmentation, write_volume  # noqa: E402
+import common
+from common import Column
+from volseg.io import Volume, read_volume, write_segmentation, write_volume
 
 VOLUME_SUFFIXES = {"NRRD": ".nrrd", "NIfTI": ".nii.gz", "MHA": ".mha"}
 

@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Column  # noqa: E402
-
-from volseg import models  # noqa: E402
+import common
+from common import Column
+from volseg import models
 
 GOLDEN_DIR = common.REPO_ROOT / "Testing" / "golden"
 
@@ -45,10 +44,10 @@ TINY_GOLDEN = {
     "mednext_small.pt": ("mednext", {}),
     "mednext_small_k5.pt": ("mednext", {}),
 }
-UNET_TINY = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
-                 num_res_units=1)  # 0.60 M parameters, like the golden tiny networks (0.1-0.6 M)
-UNET_PUBLISHED = dict(spatial_dims=3, in_channels=1, out_channels=14, channels=(32, 64, 128, 256, 512),
-                      strides=(2, 2, 2, 2), num_res_units=2)  # 19.2 M parameters (published nets: 5-66 M)
+UNET_TINY = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": (16, 32, 64, 128), "strides": (2, 2, 2),
+                 "num_res_units": 1}  # 0.60 M parameters, like the golden tiny networks (0.1-0.6 M)
+UNET_PUBLISHED = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "channels": (32, 64, 128, 256, 512),
+                      "strides": (2, 2, 2, 2), "num_res_units": 2}  # 19.2 M parameters (published nets: 5-66 M)
 #: DeformUX-Net variants differ in a switch the manifest names but the constructor spells out.
 VARIANT_KWARGS = {("deformuxnet", "source"): {"offset_kernel_size": 1}, ("deformuxnet", "egg"): {"offset_kernel_size": 3}}
 

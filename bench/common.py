@@ -80,7 +80,7 @@ class PeakRSS:
         self.interval_s = interval_s
         self.base = self.peak = 0
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034 (Self needs Python 3.11)
         self._proc = psutil.Process()
         self.base = self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
@@ -277,7 +277,7 @@ def environment(device: torch.device | str) -> str:
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     try:
-        load = ", load average %.1f" % os.getloadavg()[0]
+        load = f", load average {os.getloadavg()[0]:.1f}"
     except OSError:
         load = ""
     return (f"torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "

@@ -117,3 +117,22 @@ def test_monai_networks_segment(arch, tmp_path, capsys):
         want = net(x[None])[0].argmax(0).numpy()
     got = read_volume(out).array
     assert (got == want).mean() > 0.999
+
+
+def test_batch_dependent_deformuxnet_runs_windows_one_at_a_time(tmp_path, capsys):
+    """The repository-source DeformUX-Net mixes samples of a batch; the engine must not let the
+    sliding-window batch size change the result."""
+    g = torch.load(GOLDEN / "deformuxnet_small.pt", weights_only=True)
+    ckpt = save_official(g["state_dict"], "plain", tmp_path)
+    x = torch.randn(48, 32, 32, generator=torch.Generator().manual_seed(0))
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(x.numpy(), np.eye(4)), str(src))
+    outs = []
+    for sw in ("1", "4"):
+        out = tmp_path / f"o{sw}.nii.gz"
+        assert main(["segment", str(src), "--arch", "deformuxnet", "--num-labels", "2", "--checkpoint", str(ckpt),
+                     "-o", str(out), "--roi-size", "32", "32", "32", "--overlap", "0.5", "--sw-batch-size", sw,
+                     "--progress", "none"]) == 0
+        outs.append(read_volume(out).array)
+    assert "one at a time" in capsys.readouterr().err
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -177,6 +177,10 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     options = inference_options(card, o)
     check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips))
 
+    if getattr(model, "batch_dependent", False) and options.sw_batch_size > 1:
+        reporter.log("this checkpoint's outputs depend on the other windows in a batch (DeformUX-Net repository-"
+                     "source offsets); running windows one at a time so each gets its batch-1 output", "warning")
+        options = replace(options, sw_batch_size=1)
     windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap) * (1 + len(options.flips))
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
     probs, where = predict_with_fallback(model, pre.image, options, device, reporter, cancel)

@@ -70,6 +70,9 @@ class DeformUXNet(UXUNet):
         encoder = UXEncoder(in_chans, feat_size, depths, make_block, drop_path_rate)
         super().__init__(PREFIX, encoder, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block,
                          spatial_dims)
+        #: A sample's output depends on the other samples in its batch (repository-source offsets):
+        #: the inference engine then runs sliding windows one at a time (the batch-1 outputs).
+        self.batch_dependent = offset_kernel_size == 1
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:

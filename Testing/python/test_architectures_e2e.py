@@ -134,5 +134,5 @@ def test_batch_dependent_deformuxnet_runs_windows_one_at_a_time(tmp_path, capsys
                      "-o", str(out), "--roi-size", "32", "32", "32", "--overlap", "0.5", "--sw-batch-size", sw,
                      "--progress", "none"]) == 0
         outs.append(read_volume(out).array)
-    assert "one at a time" in capsys.readouterr().err
     np.testing.assert_array_equal(outs[0], outs[1])
+    assert "one at a time" in capsys.readouterr().err

@@ -150,25 +150,19 @@ def run(model_name: str = "segformer3d", roi: tuple[int, int, int] = (64, 64, 32
         if counted != expected:
             ok, note = False, f"FAIL: {counted} windows run, count_windows says {expected}"
         rows.append({
-            "name": case.name, "device": str(case.device), "windows": round(counted, 2), "seconds": timing.seconds,
-            "cpu_seconds": timing.cpu_seconds, "peak_mib": common.mib(timing.peak_bytes),
+            "name": case.name, "device": str(case.device), "windows": round(counted, 2), **common.timing_fields(timing),
             "max_diff": float((out - reference).abs().max()), "check": note, "ok": ok,
             "no_ratio": ("peak_mib", "cpu_seconds") if case.device.type != "cpu" else (),
         })
     return rows, what
 
 
-COLUMNS = [
-    Column("name", "setting"), Column("device", "device"), Column("windows", "windows", "{:g}"),
-    Column("seconds", "median s", "{:.3f}"), Column("cpu_seconds", "CPU s", "{:.2f}"),
-    Column("peak_mib", "peak MiB", "{:.1f}"),
-    Column("max_diff", "max abs diff vs baseline", "{:.1e}"), Column("check", "check"),
-]
-RATIOS = [("seconds", "time x base"), ("cpu_seconds", "CPU x base"), ("peak_mib", "memory x base")]
+COLUMNS = [Column("name", "setting"), Column("device", "device"), Column("windows", "windows", "{:g}"),
+           *common.TIMING_COLUMNS, Column("max_diff", "max abs diff vs baseline", "{:.1e}"), Column("check", "check")]
 
 
 def table(rows: list[dict]) -> str:
-    return common.markdown_table(rows, COLUMNS, baseline=rows[0]["name"], ratio_of=RATIOS)
+    return common.timing_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="window size (default 64 64 32; SegFormer3D needs multiples of 32)")
     parser.add_argument("--size", type=int, nargs=3, default=None, metavar=("I", "J", "K"),
                         help="synthetic volume of this size instead of the chest CT")
-    args = parser.parse_args(argv)
-    common.setup(args)
+    args, _ = common.start(parser, argv, environment_device="cuda" if torch.cuda.is_available() else "cpu")
     roi = tuple(args.roi or (64, 64, 32))
-    print(common.environment("cuda" if torch.cuda.is_available() else "cpu"))
     rows, what = run(args.model, roi, tuple(args.size) if args.size else None, repeats=args.repeats,
                      warmup=0 if args.quick else 1)
     print(f"input: {what}; network: tiny {args.model}; ROI {list(roi)}; "
@@ -192,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: CUDA is not available here, so the 'cuda + AMP' row was skipped")
     print()
     print(table(rows))
-    failed = [r["name"] for r in rows if not r["ok"]]
-    if failed:
-        print(f"\nCORRECTNESS CHECK FAILED for: {', '.join(failed)}")
-        return 1
-    return 0
+    return common.exit_status(rows)
 
 
 if __name__ == "__main__":

@@ -140,43 +140,34 @@ def run(size: tuple[int, int, int] = (256, 256, 128), repeats: int = 3, warmup: 
 def _row(fmt: str, op: str, path: Path, timing: common.Timing, problem: str | None) -> dict:
     size = path.stat().st_size if path.exists() else None
     return {"name": f"{fmt} {op}", "format": fmt, "op": op, "file_mib": common.mib(size),
-            "seconds": timing.seconds, "cpu_seconds": timing.cpu_seconds, "peak_mib": common.mib(timing.peak_bytes),
+            **common.timing_fields(timing),
             "check": problem or ("ok (round trip exact)" if op == "read" else "ok"), "ok": problem is None}
 
 
-COLUMNS = [
-    Column("name", "format, operation"), Column("file_mib", "file MiB", "{:.2f}"),
-    Column("seconds", "median s", "{:.3f}"), Column("cpu_seconds", "CPU s", "{:.2f}"),
-    Column("peak_mib", "peak MiB", "{:.1f}"), Column("check", "check"),
-]
-RATIOS = [("seconds", "time x base"), ("cpu_seconds", "CPU x base"), ("peak_mib", "memory x base")]
+COLUMNS = [Column("name", "format, operation"), Column("file_mib", "file MiB", "{:.2f}"), *common.TIMING_COLUMNS,
+           Column("check", "check")]
 BASELINE = "NRRD read"
 
 
 def table(rows: list[dict]) -> str:
-    return common.markdown_table(rows, COLUMNS, baseline=BASELINE, ratio_of=RATIOS)
+    return common.timing_table(rows, COLUMNS, baseline=BASELINE)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser, repeats=3, device=False)  # file I/O runs on the CPU
+    common.add_common_args(parser, repeats=3, device=False,  # file I/O runs on the CPU
+                           quick_help="one round, no warm-up, a 128x128x64 volume")
     parser.add_argument("--size", type=int, nargs=3, default=None, metavar=("I", "J", "K"),
                         help="volume size (default 256 256 128; 128 128 64 with --quick)")
-    args = parser.parse_args(argv)
-    common.setup(args)
+    args, _ = common.start(parser, argv)
     size = tuple(args.size or ((128, 128, 64) if args.quick else (256, 256, 128)))
-    print(common.environment("cpu"))
     print(f"volume: synthetic CT int16 {size} and a 7-label uint8 label map (volume in memory "
           f"{np.prod(size) * 2 / 2**20:.1f} MiB); {args.repeats} round(s), rows interleaved, median; "
           "CPU memory = peak RSS growth")
     print()
     rows = run(size, repeats=args.repeats, warmup=0 if args.quick else 1)
     print(table(rows))
-    failed = [r["name"] for r in rows if not r["ok"]]
-    if failed:
-        print(f"\nCORRECTNESS CHECK FAILED for: {', '.join(failed)}")
-        return 1
-    return 0
+    return common.exit_status(rows)
 
 
 if __name__ == "__main__":

@@ -139,23 +139,18 @@ def run(cases: list[Case], device: torch.device, repeats: int = 3, warmup: int =
     for case, timing in zip(cases, timings):
         ok, note = check(case, timing.result)
         rows.append({"name": case.name, "params_m": n_params(case.net) / 1e6,
-                     "input": "x".join(str(s) for s in case.x.shape[1:]), "seconds": timing.seconds,
-                     "cpu_seconds": timing.cpu_seconds, "peak_mib": common.mib(timing.peak_bytes),
+                     "input": "x".join(str(s) for s in case.x.shape[1:]), **common.timing_fields(timing),
                      "check": note, "ok": ok})
         case.net.to("cpu")
     return rows
 
 
-COLUMNS = [
-    Column("name", "network"), Column("params_m", "params M", "{:.2f}"), Column("input", "input (C x D x H x W)"),
-    Column("seconds", "median s", "{:.3f}"), Column("cpu_seconds", "CPU s", "{:.2f}"),
-    Column("peak_mib", "peak MiB", "{:.1f}"), Column("check", "check"),
-]
-RATIOS = [("seconds", "time x base"), ("cpu_seconds", "CPU x base"), ("peak_mib", "memory x base")]
+COLUMNS = [Column("name", "network"), Column("params_m", "params M", "{:.2f}"), Column("input", "input (C x D x H x W)"),
+           *common.TIMING_COLUMNS, Column("check", "check")]
 
 
 def table(rows: list[dict]) -> str:
-    return common.markdown_table(rows, COLUMNS, baseline=rows[0]["name"], ratio_of=RATIOS)
+    return common.timing_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", action="store_true",
                         help="also the published configurations (from the golden manifests) at a reduced input")
     parser.add_argument("--published-size", type=int, default=64, help="input side for --published (default 64)")
-    args = parser.parse_args(argv)
-    device = common.setup(args)
-    print(common.environment(device))
+    args, device = common.start(parser, argv)
     print(f"one forward pass, batch 1, inference mode, float32; {args.repeats} round(s), rows interleaved, "
           "median; CPU memory = peak RSS growth, GPU = max_memory_allocated growth")
     print("\n### Tiny configurations (golden files, 32^3 input)\n")
@@ -177,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         published = run(published_cases(args.published_size), device, repeats=args.repeats, warmup=1)
         print(table(published))
         rows += published
-    failed = [r["name"] for r in rows if not r["ok"]]
-    if failed:
-        print(f"\nCORRECTNESS CHECK FAILED for: {', '.join(failed)}")
-        return 1
-    return 0
+    return common.exit_status(rows)
 
 
 if __name__ == "__main__":

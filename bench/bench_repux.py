@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Column  # noqa: E402
-
-from volseg.models.repuxnet import RepUXBlock, RepUXNet  # noqa: E402
+import common
+from common import Column
+from volseg.models.repuxnet import RepUXBlock, RepUXNet
 
 #: Channels of the four encoder stages; their sides are roi/2, roi/4, roi/8, roi/16.
 CHANNELS = (48, 96, 192, 384)
@@ -79,16 +78,12 @@ def compare(name: str, full: nn.Module, centre: nn.Module, x: torch.Tensor, devi
             (_without_fast_path(lambda: centre(x)), device),
             (lambda: centre(x), device),
         ], repeats=repeats, warmup=warmup)
-    t_full, t_conv, t_fast = timings
+    _, t_conv, t_fast = timings
     equal = torch.equal(t_fast.result, t_conv.result)
-    rows = [
-        dict(name=f"{name}: full kernels (baseline)", s=t_full.seconds, cpu=t_full.cpu_seconds,
-             mib=common.mib(t_full.peak_bytes), equal=None),
-        dict(name=f"{name}: centre-only, full conv", s=t_conv.seconds, cpu=t_conv.cpu_seconds,
-             mib=common.mib(t_conv.peak_bytes), equal=None),
-        dict(name=f"{name}: centre-only, fast path", s=t_fast.seconds, cpu=t_fast.cpu_seconds,
-             mib=common.mib(t_fast.peak_bytes), equal="yes" if equal else "NO"),
-    ]
+    labels = ("full kernels (baseline)", "centre-only, full conv", "centre-only, fast path")
+    rows = [{"name": f"{name}: {label}", "s": t.seconds, "cpu": t.cpu_seconds, "mib": common.mib(t.peak_bytes),
+             "equal": None} for label, t in zip(labels, timings)]
+    rows[2]["equal"] = "yes" if equal else "NO"
     return rows, equal
 
 
@@ -103,7 +98,7 @@ def stage_case(channels: int, side: int, ks: int, device: torch.device) -> tuple
 
 def network_case(roi: int, ks: int, device: torch.device) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """The published RepUX-Net (16 classes, AMOS), random weights, and a centre-only copy."""
-    kwargs = dict(in_chans=1, out_chans=16, ks=ks)
+    kwargs = {"in_chans": 1, "out_chans": 16, "ks": ks}
     full = RepUXNet(**kwargs).to(device).eval()
     centre = RepUXNet(**kwargs).to(device).eval()
     centre.load_state_dict(full.state_dict())
@@ -138,23 +133,13 @@ def run(roi: int, ks: int, network: bool, device: torch.device, repeats: int, wa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="ROI 32, no network, one round, no warm-up")
+    common.add_common_args(parser, repeats=3, quick_help="ROI 32, no network, one round, no warm-up")
     parser.add_argument("--roi", type=int, default=64, help="window side (96 = published; 64 default for speed)")
     parser.add_argument("--ks", type=int, default=21, help="depthwise kernel size (21 published)")
     parser.add_argument("--no-network", action="store_true", help="stages only")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3, 1 with --quick)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    common.release_freed_memory()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for but CUDA is not available")
+    args, device = common.start(parser, argv)
     roi = 32 if args.quick else args.roi
-    repeats = args.repeats or (1 if args.quick else 3)
-    print(common.environment(device))
+    repeats = args.repeats
     print(f"RepUX-Net {args.ks}^3 depthwise blocks, batch 1, eval, no grad, ROI {roi}^3, "
           f"median of {repeats} interleaved rounds")
     _, all_equal = run(roi, args.ks, network=not (args.quick or args.no_network), device=device,

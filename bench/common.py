@@ -1,9 +1,12 @@
 """Shared helpers for the benchmarks in ``bench/``: timing, peak memory, the result table.
 
-Every benchmark times a callable with :func:`measure` (warm-up, repeats, median) and prints a
-Markdown table with :func:`markdown_table`, whose ratio columns compare each row with a named
-baseline row measured in the same process -- absolute numbers depend on the machine and its
-load, the ratios much less.
+Every benchmark times its rows with :func:`measure_interleaved` (warm-up, interleaved rounds,
+median) and prints a Markdown table with :func:`markdown_table` (:func:`timing_table` for the
+usual time / CPU / memory columns), whose ratio columns compare each row with a named baseline
+row measured in the same process -- absolute numbers depend on the machine and its load, the
+ratios much less. The command line: :func:`add_common_args`, then :func:`start` (parse, apply
+the thread count, print the :func:`environment` line); :func:`exit_status` turns failed
+correctness checks into exit status 1.
 
 Peak memory:
 
@@ -67,10 +70,6 @@ def malloc_for_timing() -> None:
 def malloc_for_memory() -> None:
     """glibc: serve every block >= 64 KiB by ``mmap`` and give it back on free, so RSS = live memory."""
     _mallopt(64 * 1024, 64 * 1024, trim=True)
-
-
-#: Older name of :func:`malloc_for_memory`, kept for the benchmarks that call it.
-release_freed_memory = malloc_for_memory
 
 
 class PeakRSS:
@@ -249,15 +248,25 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], ba
 # --- command line ------------------------------------------------------------------------------
 
 
-def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3, device: bool = True) -> None:
-    """``--quick``, ``--repeats``, ``--threads`` and (when ``device``) ``--device``."""
-    parser.add_argument("--quick", action="store_true", help="one round, no warm-up (bench_io: also a smaller volume)")
+def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3, device: bool = True, *,
+                    quick_help: str = "one round, no warm-up", threads: int | None = None,
+                    default_device: str = "cpu") -> None:
+    """``--quick``, ``--repeats``, ``--threads`` and (when ``device``) ``--device``.
+
+    ``threads``: default thread count (``None``: torch's choice); ``default_device``: default of
+    ``--device`` (without ``device`` the benchmark picks its devices itself and ``args.device``
+    is ``"cpu"``).
+    """
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed rounds per row (default {repeats}, 1 with --quick)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    threads_default = str(threads) if threads else "torch's choice"
+    parser.add_argument("--threads", type=int, default=threads, help=f"torch CPU threads (default: {threads_default})")
     if device:
-        parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    parser.set_defaults(default_repeats=repeats, device="cpu")
+        parser.add_argument("--device", default=default_device, help=f"cpu | cuda | cuda:N (default {default_device})")
+    else:
+        parser.set_defaults(device="cpu")
+    parser.set_defaults(default_repeats=repeats)
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -270,6 +279,28 @@ def setup(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for but CUDA is not available in this torch build/machine")
     return device
+
+
+def start(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+          environment_device: torch.device | str | None = None) -> tuple[argparse.Namespace, torch.device]:
+    """Parse the command line, apply it (:func:`setup`) and print the :func:`environment` line.
+
+    ``environment_device``: the device to describe, when not ``--device`` (e.g. a benchmark
+    whose last row runs on CUDA when there is one). Returns ``(args, device)``.
+    """
+    args = parser.parse_args(argv)
+    device = setup(args)
+    print(environment(device if environment_device is None else environment_device))
+    return args, device
+
+
+def exit_status(rows: Sequence[dict[str, Any]], name_key: str = "name") -> int:
+    """0 when every row's check passed (``row["ok"]``); else print the failed rows' names and return 1."""
+    failed = [str(r[name_key]) for r in rows if not r["ok"]]
+    if failed:
+        print(f"\nCORRECTNESS CHECK FAILED for: {', '.join(failed)}")
+        return 1
+    return 0
 
 
 def environment(device: torch.device | str) -> str:
@@ -286,3 +317,23 @@ def environment(device: torch.device | str) -> str:
 
 def mib(n: int | None) -> float | None:
     return None if n is None else n / MiB
+
+
+# --- the columns every timing table has ----------------------------------------------------------
+
+#: Median wall time, median CPU time and peak memory of a :class:`Timing` (keys of :func:`timing_fields`).
+TIMING_COLUMNS = [Column("seconds", "median s", "{:.3f}"), Column("cpu_seconds", "CPU s", "{:.2f}"),
+                  Column("peak_mib", "peak MiB", "{:.1f}")]
+#: Their ratio columns against the baseline row.
+TIMING_RATIOS = [("seconds", "time x base"), ("cpu_seconds", "CPU x base"), ("peak_mib", "memory x base")]
+
+
+def timing_fields(timing: Timing) -> dict[str, float | None]:
+    """The :data:`TIMING_COLUMNS` values of one row."""
+    return {"seconds": timing.seconds, "cpu_seconds": timing.cpu_seconds, "peak_mib": mib(timing.peak_bytes)}
+
+
+def timing_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], baseline: str | None = None) -> str:
+    """:func:`markdown_table` with the :data:`TIMING_RATIOS`; baseline: the first row unless named."""
+    return markdown_table(rows, columns, baseline=rows[0]["name"] if baseline is None else baseline,
+                          ratio_of=TIMING_RATIOS)

@@ -7,6 +7,7 @@ result, so the benchmarks cannot silently rot.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -116,5 +117,82 @@ def test_run_all_finds_every_benchmark(bench):
     found = [p.name for p in ra.benchmarks()]
     for name in ("bench_inference.py", "bench_io.py", "bench_models.py", "bench_deform_conv.py"):
         assert name in found
-    assert ra.accepts(ra.BENCH_DIR / "bench_models.py", "--quick")
-    assert not ra.accepts(ra.BENCH_DIR / "bench_deform_conv.py", "--quick")
+    for name in ("bench_inference.py", "bench_io.py", "bench_models.py", "bench_deform_conv.py", "bench_repux.py"):
+        assert ra.accepts(ra.BENCH_DIR / name, "--quick"), name
+    assert not ra.accepts(ra.BENCH_DIR / "bench_io.py", "--roi")
+
+
+def test_command_line_helpers(bench, capsys):
+    common = bench("common")
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, repeats=5, quick_help="tiny", threads=1, default_device="cpu")
+    threads = torch.get_num_threads()
+    try:
+        args, device = common.start(parser, ["--quick"])
+        assert torch.get_num_threads() == 1  # the benchmark's default thread count was applied
+    finally:
+        torch.set_num_threads(threads)
+    assert device == torch.device("cpu") and args.repeats == 1 and args.threads == 1
+    assert capsys.readouterr().out.startswith(f"torch {torch.__version__}, device cpu")
+    args, _ = common.start(parser, ["--repeats", "2", "--threads", str(threads)])
+    assert args.repeats == 2
+    assert common.start(parser, [])[0].repeats == 5
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, device=False)
+    assert common.start(parser, [])[1] == torch.device("cpu")
+    capsys.readouterr()
+    assert common.exit_status([{"name": "a", "ok": True}]) == 0
+    assert capsys.readouterr().out == ""
+    assert common.exit_status([{"name": "a", "ok": True}, {"name": "b", "ok": False}]) == 1
+    assert "CORRECTNESS CHECK FAILED for: b" in capsys.readouterr().out
+    assert not hasattr(common, "release_freed_memory")  # bench_repux uses the real name now
+
+
+def test_timing_table_columns(bench):
+    common = bench("common")
+    timing = common.Timing(seconds=2.0, cpu_seconds=1.0, times=[2.0], peak_bytes=3 * common.MiB)
+    assert common.timing_fields(timing) == {"seconds": 2.0, "cpu_seconds": 1.0, "peak_mib": 3.0}
+    rows = [{"name": "base", **common.timing_fields(timing)},
+            {"name": "other", "seconds": 4.0, "cpu_seconds": 0.5, "peak_mib": 6.0}]
+    lines = common.timing_table(rows, [common.Column("name", "row"), *common.TIMING_COLUMNS]).splitlines()
+    assert lines[0] == "| row | median s | time x base | CPU s | CPU x base | peak MiB | memory x base |"
+    assert lines[3] == "| other | 4.000 | 2.00 | 0.50 | 0.50 | 6.0 | 2.00 |"
+    assert common.timing_table(rows, [common.Column("name", "row"), *common.TIMING_COLUMNS],
+                               baseline="other").splitlines()[2].startswith("| base | 2.000 | 0.50 |")
+
+
+def test_deform_conv_bench_tiny(bench, monkeypatch):
+    bd = bench("bench_deform_conv")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        rows = bd.stage_rows(8, 4, torch.device("cpu"), repeats=1, warmup=0)
+    methods = [r["method"] for r in rows]
+    assert methods[:2] == ["F.conv3d (baseline)", "previous (reference)"]
+    assert methods[2:] == ["deform_conv3d", "deform_conv3d (auto)"] or methods[2:] == ["deform_conv3d (auto)",
+                                                                                        "deform_conv3d"]
+    assert {r["chunk"] for r in rows[2:]} == {"1", "4"}
+    assert all(r["ok"] for r in rows), [(r["diff"], r["zero_diff"]) for r in rows]
+    assert rows[1]["speedup"] == 1.0 and all(r["peak_mib"] >= 0 and r["seconds"] > 0 for r in rows)
+    assert all(r["no_ratio"] == ("peak_mib",) for r in rows)  # F.conv3d on 8x4^3 needs far less than 1 MiB
+    text = bd.stage_table(rows)
+    assert text.splitlines()[0].startswith("| stage (C, side) | method | chunk | median s | x conv3d |")
+    assert "| (8, 4) | F.conv3d (baseline) | - |" in text
+    assert bd.stage_table(rows, header=False).splitlines()[0].startswith("| (8, 4) |")
+    # the check catches a deformable conv that no longer matches the previous implementation
+    real = bd.deform_conv3d
+    monkeypatch.setattr(bd, "deform_conv3d", lambda *a, **k: real(*a, **k) + 0.01)
+    with torch.no_grad():
+        wrong = bd.stage_rows(8, 4, torch.device("cpu"), repeats=1, warmup=0)
+    assert [r["ok"] for r in wrong] == [True, True, False, False]
+
+
+def test_deform_conv_and_repux_quick_runs(bench, capsys):
+    bd = bench("bench_deform_conv")
+    assert bd.main(["--quick", "--threads", str(torch.get_num_threads())]) == 0
+    out = capsys.readouterr().out
+    assert "ROI 32^3" in out and "| (48, 16) | F.conv3d (baseline) |" in out and "| (384, 2) |" in out
+    assert out.count("| stage (C, side) |") == 1  # one table over all stages
+    br = bench("bench_repux")
+    assert br.main(["--quick", "--ks", "5", "--threads", str(torch.get_num_threads())]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("torch ") and "centre-only, fast path | " in out and "| NO |" not in out

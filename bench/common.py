@@ -17,7 +17,9 @@ Peak memory:
   :func:`malloc_for_memory` makes glibc serve large blocks with ``mmap`` so freed memory really
   leaves the process and each row starts from a fair base; times are taken in
   :func:`malloc_for_timing` mode, because forced ``mmap`` slows allocation-heavy code a lot.
-  Sampling can miss a peak shorter than a millisecond: CPU figures are close lower bounds.
+  Sampling can miss a peak shorter than a millisecond, and heap pages freed during the timed
+  rounds are reused (and stay resident) before glibc ``mmap``s, which can inflate the figure:
+  CPU peaks are approximate (see bench/README.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ or failed run leaves no output behind.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -165,7 +166,8 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1)
 
     checkpoint_stage("load_model", f"loading {card.id}")
-    key = (card.id, card.architecture, str(ckpt_path.resolve()), ckpt_path.stat().st_mtime)
+    key = (card.id, str(card.path), card.architecture, json.dumps(card.config, sort_keys=True, default=str),
+           str(ckpt_path.resolve()), ckpt_path.stat().st_mtime, request.trust_pickle)
     model = cache.get(key) if cache else None
     if model is None:
         model = load_model(card, ckpt_path, request.trust_pickle)

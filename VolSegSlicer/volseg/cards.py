@@ -226,6 +226,7 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
             activation_per_window=bool(inf.get("activation_per_window", False)),
             padding_mode=inf.get("padding_mode", "constant"),
             select_output=int(output.get("select", 0)),
+            out_channels=out_channels,
         ),
         postprocessing=PostprocessSettings(
             keep_largest_component=_bool_or_labels(post.get("keep_largest_component", False)),

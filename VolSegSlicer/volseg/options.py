@@ -15,7 +15,8 @@ class InferenceOptions:
 
     ``activation`` is applied after blending (or to every window with
     ``activation_per_window``, as nnU-Net does); ``flips`` lists the spatial axes of each extra
-    test-time pass; ``select_output`` picks one output of a network that returns a list.
+    test-time pass; ``select_output`` picks one output of a network that returns a list;
+    ``out_channels``, when given, is checked against the first window's output.
     """
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
@@ -29,3 +30,4 @@ class InferenceOptions:
     activation_per_window: bool = False
     padding_mode: str = "constant"
     select_output: int = 0
+    out_channels: int | None = None  # checked on the first window, so a mismatch fails early

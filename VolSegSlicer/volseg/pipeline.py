@@ -9,6 +9,9 @@ or failed run leaves no output behind.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,9 +25,18 @@ from volseg import __version__, models
 from volseg.cards import ModelCard
 from volseg.checkpoints import read_checkpoint
 from volseg.devices import resolve_device
-from volseg.errors import Cancelled, CheckpointError, ResourceError
+from volseg.errors import Cancelled, CheckpointError, OutputError, ResourceError
 from volseg.inference import InferenceOptions, count_windows, predict_with_fallback
-from volseg.io import check_segmentation_output, check_writable, read_inputs, write_probabilities, write_segmentation
+from volseg.io import (
+    PROBABILITY_SUFFIXES,
+    check_segmentation_output,
+    check_writable,
+    full_suffix,
+    read_inputs,
+    segmentation_outputs,
+    write_probabilities,
+    write_segmentation,
+)
 from volseg.postprocess import postprocess, to_labelmap
 from volseg.preprocess import invert, preprocess
 from volseg.progress import Reporter
@@ -114,19 +126,29 @@ def _available_memory() -> int | None:
         return None
 
 
-def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int = 1) -> int:
+def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int = 1,
+                    roi_size: Sequence[int] | None = None, sw_batch_size: int = 1) -> int:
     """Bytes the CPU needs for one run on a preprocessed grid of ``shape``: the input, the
-    blended output and its weight map, the averaged probabilities and the label map."""
-    voxels = int(np.prod(shape))
-    return voxels * 4 * (in_channels + 2 * out_channels + (out_channels if passes > 1 else 0) + 1) + voxels * 2
+    blended output and its weight map, the averaged probabilities and the label map (all on the
+    grid padded up to the window), plus one batch of windows in and out. The network's own
+    activations are not included: they depend on the architecture."""
+    padded = [max(s, r) for s, r in zip(shape, roi_size or shape)]
+    voxels = int(np.prod(padded))
+    grid = voxels * 4 * (in_channels + 2 * out_channels + (out_channels if passes > 1 else 0) + 1) + voxels * 2
+    if roi_size is None:
+        return grid
+    windows = count_windows(shape, roi_size, 0.0)
+    batch = min(sw_batch_size, max(1, windows)) * int(np.prod(roi_size)) * 4 * (in_channels + out_channels)
+    return grid + batch
 
 
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
-def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int) -> None:
-    need = estimate_memory(shape, in_channels, out_channels, passes)
+def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int,
+                 roi_size: Sequence[int] | None = None, sw_batch_size: int = 1) -> None:
+    need = estimate_memory(shape, in_channels, out_channels, passes, roi_size, sw_batch_size)
     free = _available_memory()
     if free is not None and need > 0.9 * free:
         raise ResourceError(
@@ -134,6 +156,20 @@ def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, pass
             f"(grid {tuple(shape)}, {out_channels} output channels) but only {_size(free)} are available",
             hint="crop the volume to the region of interest, resample it coarser, or close other programs",
         )
+
+
+def check_probabilities_output(request: SegmentRequest) -> None:
+    """Refuse, before any work, a probabilities path with the wrong format or that would clash
+    with the segmentation's own files."""
+    path = request.probabilities
+    if full_suffix(path).lower() not in PROBABILITY_SUFFIXES:
+        raise OutputError(f"cannot write probabilities as {path.name}",
+                          hint="use one of " + ", ".join(PROBABILITY_SUFFIXES))
+    clash = {p.resolve() for p in segmentation_outputs(request.output)}
+    if path.resolve() in clash:
+        raise OutputError(f"--probabilities {path} is a file of the segmentation itself",
+                          hint="give the probabilities their own file name")
+    check_writable(path, request.overwrite)
 
 
 def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event | None = None,
@@ -149,7 +185,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
 
     check_segmentation_output(request.output, request.overwrite)
     if request.probabilities is not None:
-        check_writable(request.probabilities, request.overwrite)
+        check_probabilities_output(request)
     ckpt_path = checkpoint_for(card, request.checkpoint)  # fail before any work is done
     if not ckpt_path.exists():
         raise CheckpointError(f"checkpoint {ckpt_path} does not exist",
@@ -177,16 +213,21 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     checkpoint_stage("preprocess", "preprocessing")
     pre = preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
     options = inference_options(card, o)
-    check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips))
 
     if getattr(model, "batch_dependent", False) and options.sw_batch_size > 1:
         reporter.log("this checkpoint's outputs depend on the other windows in a batch (DeformUX-Net repository-"
                      "source offsets); running windows one at a time so each gets its batch-1 output", "warning")
         options = replace(options, sw_batch_size=1)
+    check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips),
+                 options.roi_size, options.sw_batch_size)
     windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap) * (1 + len(options.flips))
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
     probs, where = predict_with_fallback(model, pre.image, options, device, reporter, cancel)
-    _check_channels(probs, card)
+    if not torch.isfinite(probs).all():
+        raise CheckpointError(
+            "the network produced NaN or infinite values, so no segmentation was written",
+            hint="the checkpoint may be corrupt or not match the card; on a GPU, try --no-amp",
+        )
 
     checkpoint_stage("postprocess", "postprocessing")
     probs = invert(probs, pre)
@@ -202,21 +243,40 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     checkpoint_stage("write", f"writing {request.output}")
     provenance = {"model": card.id, "title": card.title, "architecture": card.architecture,
                   "checkpoint": ckpt_path.name, "software": f"volseg {__version__}", "device": where}
-    outputs: dict[str, Any] = {"segmentation": str(write_segmentation(
-        request.output, labelmap, volume, card.labels, overwrite=request.overwrite, provenance=provenance))}
-    outputs["probabilities"] = None
-    if request.probabilities is not None:
-        outputs["probabilities"] = str(write_probabilities(request.probabilities, probs.numpy(), volume,
-                                                           overwrite=request.overwrite))
+    outputs = write_outputs(request, labelmap, probs, volume, provenance)
     present = sorted(int(v) for v in np.unique(labelmap) if v)
     result = {"outputs": outputs, "device": str(device), "where": where, "labels_present": present}
     reporter.done(**result)
     return result
 
 
-def _check_channels(probs: torch.Tensor, card: ModelCard) -> None:
-    if probs.shape[0] != card.out_channels:
-        raise CheckpointError(
-            f"the network returned {probs.shape[0]} channels but the card {card.id!r} describes {card.out_channels}",
-            hint="the card's labels (or output.channels) do not match the checkpoint; check the label count",
-        )
+def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Tensor, volume,
+                  provenance: dict[str, Any]) -> dict[str, Any]:
+    """Write the segmentation (and the probabilities) as one group: every file is first written
+    into a hidden staging folder beside its destination and moved into place only when all of
+    them were written, so a failure (a full disk, say) leaves none of them behind."""
+    stages: list[Path] = []
+
+    def staged(path: Path) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix=".volseg-stage-", dir=path.parent))
+        stages.append(folder)
+        return folder / path.name
+
+    try:
+        seg = write_segmentation(staged(request.output), labelmap, volume, request.card.labels,
+                                 overwrite=False, provenance=provenance)
+        moves = [(p, request.output.parent / p.name) for p in segmentation_outputs(seg)]
+        outputs: dict[str, Any] = {"segmentation": str(request.output), "probabilities": None}
+        if request.probabilities is not None:
+            prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False)
+            moves.append((prob, request.probabilities))
+            outputs["probabilities"] = str(request.probabilities)
+        for source, target in moves:
+            if target.exists() and not request.overwrite:
+                raise OutputError(f"{target} exists already", hint="pass --overwrite to replace it")
+        for source, target in moves:
+            os.replace(source, target)
+        return outputs
+    finally:
+        for folder in stages:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -20,13 +20,25 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, Transform
 
-from volseg.errors import ModelCardError
+from volseg.errors import InputError, ModelCardError
 
 _SEARCH_MODULES = ("volseg.transforms", "monai.transforms")
+#: Only transforms that change the image may come from a card: spatial, intensity and crop/pad
+#: transforms. Cards are data users download; transforms that read or write files (SaveImage,
+#: LoadImage) or run arbitrary callables (Lambda) are refused, as pickled code in checkpoints is.
+_ALLOWED_MONAI_MODULES = (
+    "monai.transforms.spatial.array",
+    "monai.transforms.intensity.array",
+    "monai.transforms.croppad.array",
+)
+
+
+def _allowed(cls: type) -> bool:
+    return cls.__module__.startswith("volseg.transforms") or cls.__module__ in _ALLOWED_MONAI_MODULES
 
 
 def resolve_transform(name: str) -> type:
-    """The transform class a card's ``name`` refers to."""
+    """The transform class a card's ``name`` refers to (spatial, intensity or crop/pad only)."""
     for module_name in _SEARCH_MODULES:
         try:
             module = importlib.import_module(module_name)
@@ -34,13 +46,17 @@ def resolve_transform(name: str) -> type:
             continue
         cls = getattr(module, name, None)
         if isinstance(cls, type) and issubclass(cls, Transform):
-            if name.endswith("d") and hasattr(cls, "keys") and module_name == "monai.transforms":
-                break  # dictionary transforms need keys; cards use array transforms
+            if not _allowed(cls):
+                raise ModelCardError(
+                    f"preprocessing transform {name!r} is not allowed in a model card",
+                    hint="cards may use spatial, intensity and crop/pad transforms only; "
+                    "transforms that read or write files or run code are refused",
+                )
             return cls
     raise ModelCardError(
         f"unknown preprocessing transform {name!r}",
         hint="use a MONAI array transform (e.g. Spacing, Orientation, ScaleIntensityRange, CropForeground) "
-        "or a volseg transform (PerSliceMinMax, ClipZScore)",
+        "or a volseg transform (PerSliceMinMax, ClipZScore, SwapSpatialAxes)",
     )
 
 
@@ -84,8 +100,14 @@ def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mappin
     for t in transforms:
         try:
             image = t(image)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, TypeError) as exc:
             raise ModelCardError(f"preprocessing step {type(t).__name__} failed on this volume: {exc}") from None
+        if min(image.shape[1:]) == 0:
+            raise InputError(
+                f"preprocessing step {type(t).__name__} left nothing of the volume (grid {tuple(image.shape[1:])})",
+                hint="for example CropForeground found no foreground: check that the input is the modality "
+                "and intensity range the model expects",
+            )
     if not isinstance(image, MetaTensor):  # a transform returned a plain tensor: keep the affine chain usable
         image = MetaTensor(torch.as_tensor(image))
     return Preprocessed(image.float(), transforms, tuple(array.shape[1:]))

@@ -1,0 +1,159 @@
+"""What `volseg segment` refuses, and that a refused or failed run leaves nothing behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import make_card
+from monai.networks.nets import UNet
+
+from volseg.cli import main
+
+SCALE = {"name": "ScaleIntensityRange", "args": {"a_min": -1000, "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True}}
+
+
+@pytest.fixture
+def ct(tmp_path):
+    a = np.zeros((12, 20, 24), np.float32) - 1000
+    a[2:8, 5:12, 6:14] = 800
+    path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(path))
+    return path
+
+
+def run(ct, card, ckpt, out, *extra):
+    return main(["segment", str(ct), "--model", str(card), "--checkpoint", str(ckpt), "-o", str(out),
+                 "--progress", "none", *extra])
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".volseg"))
+
+
+def test_card_cannot_write_files_through_preprocessing(tmp_path, ct, threshold_torchscript, capsys):
+    target = tmp_path / "written_by_card"
+    target.mkdir()
+    save = {"name": "SaveImage", "args": {"output_dir": str(target), "separate_folder": False}}
+    card = make_card(tmp_path, "sneaky", preprocessing=[save])
+    assert run(ct, card, threshold_torchscript, tmp_path / "o.nrrd") == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert list(target.iterdir()) == []
+
+
+class NaNNet(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([x, x], 1) * float("nan")
+
+
+def test_nan_output_is_an_error_not_an_empty_segmentation(tmp_path, ct, capsys):
+    ckpt = tmp_path / "nan.pt"
+    torch.jit.save(torch.jit.script(NaNNet()), str(ckpt))
+    out = tmp_path / "o.nrrd"
+    assert run(ct, make_card(tmp_path, preprocessing=[SCALE]), ckpt, out) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_memory_estimate_counts_padding_to_the_window(tmp_path, ct, threshold_torchscript, monkeypatch, capsys):
+    import volseg.pipeline
+
+    monkeypatch.setattr(volseg.pipeline, "_available_memory", lambda: 8 * 2**30)
+    card = make_card(tmp_path, preprocessing=[SCALE])
+    assert run(ct, card, threshold_torchscript, tmp_path / "big.nrrd", "--roi-size", "1000", "1000", "1000") == 3
+    assert "memory" in capsys.readouterr().err
+    assert run(ct, card, threshold_torchscript, tmp_path / "ok.nrrd", "--roi-size", "16", "16", "16") == 0
+
+
+@pytest.fixture
+def unet_checkpoint(tmp_path):
+    cfg = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=1)
+    path = tmp_path / "unet.pt"
+    torch.save(UNet(**cfg).state_dict(), path)
+    return path, cfg
+
+
+def test_window_that_does_not_fit_the_network_is_explained(tmp_path, ct, unet_checkpoint, capsys):
+    path, cfg = unet_checkpoint
+    args = ["segment", str(ct), "--arch", "unet", "--num-labels", "2", "--checkpoint", str(path),
+            "-o", str(tmp_path / "o.nrrd"), "--progress", "none", "--roi-size", "15", "15", "15"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "window" in err and "--roi-size" in err and "internal error" not in err
+
+
+def test_wrong_input_count_fails_on_the_first_window(tmp_path, ct, unet_checkpoint, capsys):
+    path, cfg = unet_checkpoint
+    card = make_card(tmp_path, "two", inputs=[{"name": "a"}, {"name": "b"}],
+                     architecture={"name": "unet", "config": cfg}, labels=[{"value": 1, "name": "x"}, {"value": 2, "name": "y"}])
+    rc = main(["segment", str(ct), str(ct), "--model", str(card), "--checkpoint", str(path),
+               "-o", str(tmp_path / "o.nrrd"), "--progress", "none", "--roi-size", "16", "16", "16"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "2 input channel(s)" in err and "internal error" not in err
+
+
+def test_label_count_mismatch_is_found_on_the_first_window(tmp_path, ct, unet_checkpoint, capsys, monkeypatch):
+    path, cfg = unet_checkpoint
+    card = make_card(tmp_path, "five", architecture={"name": "unet", "config": {**cfg, "out_channels": 3}},
+                     labels=[{"value": v, "name": f"l{v}"} for v in range(1, 5)])
+    import volseg.inference
+
+    calls = []
+    real = volseg.inference._Predictor.__call__
+
+    def counting(self, patches):
+        calls.append(1)
+        return real(self, patches)
+
+    monkeypatch.setattr(volseg.inference._Predictor, "__call__", counting)
+    rc = main(["segment", str(ct), "--model", str(card), "--checkpoint", str(path), "-o", str(tmp_path / "o.nrrd"),
+               "--progress", "none", "--roi-size", "8", "8", "8", "--sw-batch-size", "1"])
+    assert rc == 2
+    assert "returns 3 channels but the card describes 5" in capsys.readouterr().err
+    assert len(calls) == 1
+
+
+def test_preprocessing_that_removes_everything_is_an_input_error(tmp_path, threshold_torchscript, capsys):
+    empty = tmp_path / "zeros.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 8), np.float32)), str(empty))
+    card = make_card(tmp_path, preprocessing=[{"name": "CropForeground", "args": {}}])
+    assert run(empty, card, threshold_torchscript, tmp_path / "o.nrrd") == 2
+    assert "left nothing of the volume" in capsys.readouterr().err
+
+
+def test_probabilities_path_is_checked_before_any_work(tmp_path, ct, threshold_torchscript, capsys):
+    card = make_card(tmp_path, preprocessing=[SCALE])
+    out = tmp_path / "s.seg.nrrd"
+    assert run(ct, card, threshold_torchscript, out, "--probabilities", str(tmp_path / "p.mha"), "--progress", "json") == 2
+    assert "infer" not in capsys.readouterr().out and not out.exists()
+    lab = tmp_path / "same.nrrd"
+    assert run(ct, card, threshold_torchscript, lab, "--probabilities", str(lab), "--overwrite") == 2
+    assert "file of the segmentation" in capsys.readouterr().err and not lab.exists()
+
+
+def test_failed_probabilities_write_leaves_no_segmentation(tmp_path, ct, threshold_torchscript, monkeypatch):
+    import volseg.pipeline
+    from volseg.errors import OutputError
+
+    def full_disk(*a, **k):
+        raise OutputError("writing p.nii.gz failed: No space left on device")
+
+    monkeypatch.setattr(volseg.pipeline, "write_probabilities", full_disk)
+    out = tmp_path / "s.nii.gz"
+    assert run(ct, make_card(tmp_path, preprocessing=[SCALE]), threshold_torchscript, out,
+               "--probabilities", str(tmp_path / "p.nii.gz")) == 2
+    assert not out.exists() and not (tmp_path / "s.csv").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_grouped_write_puts_both_files_in_place(tmp_path, ct, threshold_torchscript):
+    out, prob = tmp_path / "s.nii.gz", tmp_path / "p.nii.gz"
+    assert run(ct, make_card(tmp_path, preprocessing=[SCALE]), threshold_torchscript, out,
+               "--probabilities", str(prob)) == 0
+    assert out.exists() and (tmp_path / "s.csv").exists() and prob.exists()
+    assert leftovers(tmp_path) == []
+    import nibabel as nib
+
+    assert nib.load(str(prob)).shape[-1] == 2  # background and the one label

@@ -188,3 +188,51 @@ def test_unwrap_keeps_scalar_extras():
     ckpt = unwrap({"epoch": 7, "state_dict": {"w": torch.zeros(2)}})
     assert ckpt.extras == {"epoch": 7}
     assert ckpt.wrapper == ["state_dict"]
+
+
+def test_upper_case_safetensors_suffix(unet_sd, tmp_path):
+    path = tmp_path / "W.SAFETENSORS"
+    save_file({k: v.contiguous() for k, v in unet_sd.items()}, str(path))
+    ckpt = read_checkpoint(path)
+    assert ckpt.format == "safetensors"
+    assert set(ckpt.state_dict) == set(unet_sd)
+
+
+def test_flat_state_dict_with_a_few_scalars_keeps_them_as_extras(unet_sd, tmp_path):
+    path = tmp_path / "flat.pt"
+    torch.save({**unet_sd, "extra_int": 3, "arch": "unet"}, path)
+    ckpt = read_checkpoint(path)
+    assert set(ckpt.state_dict) == set(unet_sd)
+    assert ckpt.extras == {"extra_int": 3, "arch": "unet"}
+    assert models.load("unet", ckpt.state_dict, **CONFIG) is not None
+
+
+def test_mostly_scalars_is_still_no_weights():
+    with pytest.raises(CheckpointError, match="no weights found"):
+        unwrap({"epoch": 3, "lr": 0.1, "w": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="no weights found"):
+        unwrap({"a.weight": torch.zeros(1), "b.weight": torch.zeros(1), "optimizer": {"state": {}}})
+
+
+@pytest.mark.parametrize("content", [b"hello world", b"eeeeeeeeeeee", b"garbage\n" * 4])
+def test_text_garbage_is_named_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert err.value.message.endswith("garbage.pt is not a PyTorch checkpoint")  # the message, not the hint
+    assert err.value.hint
+
+
+def test_truncated_checkpoint_says_so(unet_sd, tmp_path):
+    whole = tmp_path / "whole.pt"
+    torch.save(unet_sd, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:200])
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(cut)
+    assert "torch.save zip archive but is truncated or corrupt" in err.value.message
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="the file is empty"):
+        read_checkpoint(empty)

@@ -19,6 +19,8 @@ from volseg.errors import OutputError
 from volseg.io import (
     Volume,
     atomic_output,
+    atomic_outputs,
+    check_not_an_input,
     check_segmentation_output,
     check_writable,
     color_table_path,
@@ -289,7 +291,8 @@ def test_colour_table_failure_rolls_back_the_labelmap(tmp_path, monkeypatch):
         raise OSError("no space left")
 
     monkeypatch.setattr(writers, "write_color_table", broken)
-    with pytest.raises(OSError):
+    # An OSError while writing is reported as an OutputError naming the file (B13).
+    with pytest.raises(OutputError, match="no space left"):
         write_segmentation(tmp_path / "a.nrrd", _labels(), _reference(), SEGMENTS)
     assert list(tmp_path.iterdir()) == []
 
@@ -326,3 +329,169 @@ def test_replacing_the_input_file_keeps_the_volume_in_memory(tmp_path):
     write_volume(path, vol.with_array(vol.array * 2), overwrite=True)
     assert float(vol.array.max()) == 3.0
     assert float(read_volume(path).array.max()) == 6.0
+
+
+# ---------------------------------------------------------------- upper-case extensions
+
+
+@pytest.mark.parametrize("name", ["UP.MHA", "up.NII.GZ", "up.Nii", "up.NRRD"])
+def test_upper_case_labelmap_extension_writes_both_files(tmp_path, name):
+    out = write_segmentation(tmp_path / name, _labels(), _reference(), SEGMENTS)
+    stem = name.split(".")[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f"{stem}.csv"])
+    # The user's spelling is kept; the content is the format the extension names.
+    copy = tmp_path / "check" / f"copy{full_suffix(name).lower()}"
+    copy.parent.mkdir()
+    copy.write_bytes(out.read_bytes())
+    image = sitk.ReadImage(str(copy))
+    assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), _labels())
+    _assert_grid(image, _reference())
+
+
+def test_upper_case_seg_nrrd_and_probabilities(tmp_path):
+    write_segmentation(tmp_path / "s.SEG.NRRD", _labels(), _reference(), SEGMENTS)
+    assert np.array_equal(slicerio.read_segmentation(str(tmp_path / "s.SEG.NRRD"))["voxels"], _labels())
+    probs = np.random.default_rng(0).random((2, 10, 9, 8)).astype(np.float32)
+    write_probabilities(tmp_path / "p.NII.GZ", probs, _reference())
+    assert nib.load(str(tmp_path / "p.NII.GZ")).shape == (10, 9, 8, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.NII.GZ", "s.SEG.NRRD"]
+
+
+def test_atomic_temp_file_has_lower_case_suffix(tmp_path):
+    with atomic_output(tmp_path / "A.NII.GZ") as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.name.startswith(".A.")
+        tmp.write_text("x")
+    assert (tmp_path / "A.NII.GZ").read_text() == "x"
+
+
+def test_image_failure_commits_no_colour_table_and_no_sibling(tmp_path, monkeypatch):
+    def writes_header_and_data_then_fails(image, path, useCompression=False):
+        # Like ITK's MetaImage writer: a header plus a detached data file, then an error.
+        Path(path).write_text("header")
+        Path(str(path)[: -len(".mha")] + ".zraw").write_bytes(b"data")
+        raise RuntimeError("sitk::ERROR: cannot write")
+
+    monkeypatch.setattr(writers.sitk, "WriteImage", writes_header_and_data_then_fails)
+    with pytest.raises(OutputError, match="cannot write"):
+        write_segmentation(tmp_path / "up.mha", _labels(), _reference(), SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_writing_no_file_commits_no_colour_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(writers.sitk, "WriteImage", lambda image, path, useCompression=False: None)
+    with pytest.raises(OutputError, match="no file was produced"):
+        write_segmentation(tmp_path / "a.nrrd", _labels(), _reference(), SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_outputs_commit_together_or_not_at_all(tmp_path):
+    a, b = tmp_path / "a.nrrd", tmp_path / "a.csv"
+    with pytest.raises(OutputError, match="a.csv failed: no file was produced"):
+        with atomic_outputs([a, b]) as (tmp_a, _tmp_b):
+            tmp_a.write_text("image")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_outputs([a, b]) as (tmp_a, tmp_b):
+        tmp_a.write_text("image")
+        tmp_b.write_text("table")
+    assert a.read_text() == "image" and b.read_text() == "table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.nrrd"]
+
+
+def test_second_commit_failing_removes_the_first(tmp_path):
+    a, b = tmp_path / "a.nrrd", tmp_path / "a.csv"
+    with pytest.raises(OutputError, match="exists"):
+        with atomic_outputs([a, b]) as (tmp_a, tmp_b):
+            tmp_a.write_text("image")
+            tmp_b.write_text("table")
+            b.write_text("someone else's")  # appears while the block runs
+    assert b.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv"]
+
+
+def test_cleanup_spares_unrelated_hidden_files(tmp_path):
+    keep = [tmp_path / ".out.keep", tmp_path / ".out.volseg-tmp-notours.nrrd"]
+    for path in keep:
+        path.write_text("keep")
+    with pytest.raises(RuntimeError):
+        with atomic_output(tmp_path / "out") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+# ---------------------------------------------------------------- OS errors (B13)
+
+
+def test_disk_full_is_an_output_error_naming_the_file(tmp_path, monkeypatch):
+    def disk_full(image, path, useCompression=False):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writers.sitk, "WriteImage", disk_full)
+    with pytest.raises(OutputError) as err:
+        write_volume(tmp_path / "v.nrrd", _reference())
+    assert "No space left on device" in err.value.message and "v.nrrd" in err.value.message
+    assert err.value.hint
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_os_error_in_block_becomes_output_error(tmp_path):
+    with pytest.raises(OutputError, match=r"cannot write .*a\.nii\.gz: No space left on device"):
+        with atomic_output(tmp_path / "a.nii.gz") as tmp:
+            tmp.write_text("half")
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- outputs must not be inputs
+
+
+def test_output_that_is_an_input_is_refused(tmp_path):
+    image = tmp_path / "ct.nrrd"
+    image.write_text("ct")
+    (tmp_path / "sub").mkdir()
+    for output in [image, tmp_path / "sub" / ".." / "ct.nrrd"]:
+        with pytest.raises(OutputError, match="would overwrite the input"):
+            check_not_an_input([tmp_path / "seg.nii.gz", output], [image])
+    check_not_an_input([tmp_path / "seg.nrrd", tmp_path / "seg.csv"], [image])
+
+
+def test_colour_table_or_probabilities_over_an_input_is_refused(tmp_path):
+    table_input = tmp_path / "seg.csv"
+    table_input.write_text("x")
+    outputs = writers.segmentation_outputs(tmp_path / "seg.nrrd")
+    with pytest.raises(OutputError, match="seg.csv"):
+        check_not_an_input(outputs, [table_input])
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        check_not_an_input([tmp_path / "out.seg.nrrd", table_input], [table_input])
+
+
+def test_links_and_dicom_files_count_as_inputs(tmp_path):
+    image = tmp_path / "ct.nii"
+    image.write_text("ct")
+    (tmp_path / "link.nii").symlink_to(image)
+    os.link(image, tmp_path / "hard.nii")
+    for output in ["link.nii", "hard.nii"]:
+        with pytest.raises(OutputError, match="would overwrite the input"):
+            check_not_an_input([tmp_path / output], [image])
+    series = tmp_path / "series"
+    series.mkdir()
+    slices = [series / f"{i}.dcm" for i in range(3)]
+    for path in slices:
+        path.write_text("dcm")
+    with pytest.raises(OutputError, match="1.dcm"):
+        check_not_an_input([series / "1.dcm"], [series], dicom_files=slices)
+    check_not_an_input([series / "seg.dcm"], [series], dicom_files=slices)
+
+
+def test_output_differing_only_in_case_is_refused_where_the_file_system_ignores_case(tmp_path):
+    image = tmp_path / "ct.nrrd"
+    image.write_text("ct")
+    upper = tmp_path / "CT.NRRD"
+    if upper.exists():  # case-insensitive file system: the same file
+        with pytest.raises(OutputError, match="would overwrite the input"):
+            check_not_an_input([upper], [image])
+    else:  # case-sensitive: a different file
+        check_not_an_input([upper], [image])
+        upper.write_text("other")
+        check_not_an_input([upper], [image])

@@ -108,9 +108,12 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, sha256: str
         raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path given with --checkpoint or in the card")
     if path.is_dir():
         path = _resolve_folder(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty",
+                              hint="the download is incomplete; download it again")
     if sha256:
         verify_sha256(path, sha256)
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
     if _is_torchscript(path):
         try:
@@ -153,20 +156,36 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             hint="if you trust where this file comes from, pass --trust-pickle; better, re-save it as a plain "
             "state_dict or .safetensors",
         ) from None
-    except Exception as exc:  # torch raises assorted errors (IndexError, EOFError, ...) for non-checkpoint bytes
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # torch raises assorted errors (KeyError, IndexError, EOFError, ...) for bad bytes
+        kind = _header_kind(path)
+        if kind is None:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint",
+                                  hint="expected a .pt/.pth/.ckpt/.bin file written by torch.save, or .safetensors") from None
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {msg}",
-            hint="the file is not a PyTorch checkpoint or is truncated; check the download",
+            f"cannot read checkpoint {path}: it starts like a torch.save {kind} but is truncated or corrupt ({reason})",
+            hint="download the file again and compare its size or checksum with the published one",
         ) from None
 
 
-def _looks_like_torch_file(path: Path) -> bool:
-    """torch.save writes a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
-    if zipfile.is_zipfile(path):
-        return True
+def _header_kind(path: Path) -> str | None:
+    """``"zip archive"`` or ``"pickle"`` when the first bytes look like torch.save output, else None.
+
+    torch.save writes a zip archive (torch >= 1.6, starts with ``PK``) or a pickle (protocol 2+
+    starts with 0x80).
+    """
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+        head = f.read(4)
+    if head.startswith(b"PK") or zipfile.is_zipfile(path):
+        return "zip archive"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    return _header_kind(path) is not None
 
 
 def _blocked_object(message: str) -> str:
@@ -181,6 +200,19 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     )
+
+
+def _split_flat_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """A flat dict of mostly tensors plus a few scalars or strings (``{"epoch": 3, "conv.weight": ...}``):
+    its tensor entries as the state_dict and the rest as extras; None when it is not such a dict."""
+    if not isinstance(obj, dict):
+        return None
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    others = {k: v for k, v in obj.items() if k not in tensors}
+    plain = all(isinstance(v, int | float | str | bool | type(None)) for v in others.values())
+    if not tensors or not plain or len(tensors) <= len(others):
+        return None
+    return tensors, {str(k): v for k, v in others.items()}
 
 
 def unwrap(obj: Any, path: Path | str = "<memory>") -> Checkpoint:
@@ -200,6 +232,11 @@ def unwrap(obj: Any, path: Path | str = "<memory>") -> Checkpoint:
             extras = {k: v for k, v in current.items() if k != key and not isinstance(v, dict | list)}
         wrapper.append(key)
         current = current[key]
+    if not _is_state_dict(current):
+        split = _split_flat_state_dict(current)
+        if split is not None:
+            current, loose = split
+            extras = {**extras, **loose}
     if not _is_state_dict(current):
         found = ", ".join(sorted(map(str, current))[:10]) if isinstance(current, dict) else type(current).__name__
         raise CheckpointError(

@@ -5,10 +5,10 @@ Public API::
     Volume, Source                      # volseg.io.volume
     read_volume, read_inputs            # volseg.io.readers
     write_segmentation, write_probabilities, write_volume   # volseg.io.writers
-    atomic_output, check_writable       # volseg.io.atomic
+    atomic_output, atomic_outputs, check_writable, check_not_an_input   # volseg.io.atomic
 """
 
-from volseg.io.atomic import atomic_output, check_writable, full_suffix
+from volseg.io.atomic import atomic_output, atomic_outputs, check_not_an_input, check_writable, full_suffix
 from volseg.io.readers import count_nonfinite, read_inputs, read_volume
 from volseg.io.volume import Source, Volume
 from volseg.io.writers import (
@@ -31,6 +31,8 @@ __all__ = [
     "Source",
     "Volume",
     "atomic_output",
+    "atomic_outputs",
+    "check_not_an_input",
     "check_segmentation_output",
     "check_writable",
     "color_table_path",

@@ -1,16 +1,18 @@
 """Atomic, no-clobber output files.
 
 Writers never write the user's file directly: they write a temporary file in the same folder
-(same suffixes, so libraries that choose the format by extension still work) and move it onto
+(same suffixes in lower case, so libraries that choose the format by extension still work) and move it onto
 the final name only once it is complete. Interrupted or failed writes leave nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from volseg.errors import OutputError
@@ -53,32 +55,142 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> None:
             raise OutputError(f"output {path} exists; pass --overwrite to replace it", hint="or choose another output path")
 
 
+#: The unique part of a temporary name: ``.<stem>.volseg-tmp-<12 hex digits>``.
+_TEMP_MARKER = re.compile(r"^\..*\.volseg-tmp-[0-9a-f]{12}")
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` with its extension in lower case.
+
+    Lower case because libraries choose the format by extension and some (ITK) accept only
+    the lower-case spelling; the final file keeps the name the user gave.
+    """
+    suffix = full_suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return path.with_name(f".{stem}.volseg-tmp-{uuid.uuid4().hex[:12]}{suffix.lower()}")
+
+
+def _remove_temp(tmp: Path) -> None:
+    """Remove ``tmp`` and any sibling a library wrote beside it (``.zraw`` for ``.mhd``, ...)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+    marker = _TEMP_MARKER.match(tmp.name)
+    if marker is None:
+        return
+    with contextlib.suppress(OSError):
+        for sibling in tmp.parent.glob(glob.escape(marker.group(0)) + ".*"):
+            with contextlib.suppress(OSError):
+                sibling.unlink()
+
+
+def _os_error(error: OSError, path: Path) -> OutputError:
+    reason = error.strerror or str(error) or type(error).__name__
+    return OutputError(f"cannot write {path}: {reason}", hint="check free disk space and permissions of the output folder")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: same resolved path (symlinks, ``..``), or, where
+    both exist, ``os.path.samefile`` (hard links; on a file system that ignores case, a name
+    differing only in case exists and is found to be the same file)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    ra, rb = a.expanduser().resolve(), b.expanduser().resolve()
+    if os.path.normcase(str(ra)) == os.path.normcase(str(rb)):
+        return True
+    return False
+
+
+def check_not_an_input(
+    outputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike],
+    dicom_files: Sequence[str | os.PathLike] = (),
+) -> None:
+    """Refuse, before any work is done, an output that is one of the input files.
+
+    ``--overwrite`` allows replacing earlier results, never the data being segmented.
+
+    Args:
+        outputs: every file the run will write (segmentation, its colour table, probabilities).
+        inputs: the input files (or folders) given by the user.
+        dicom_files: the files of an input DICOM series.
+
+    Raises:
+        OutputError: an output is the same file as an input.
+    """
+    sources = [Path(p) for p in (*inputs, *dicom_files)]
+    for output in (Path(p) for p in outputs):
+        for source in sources:
+            if _same_file(output, source):
+                raise OutputError(
+                    f"output {output} would overwrite the input {source}",
+                    hint="choose another output path; volseg never writes over its inputs",
+                )
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Yield temporary paths for several files; commit them together when the block succeeds.
+
+    No file is committed unless every temporary file exists once the block ends. If a commit
+    fails part-way, the files already committed by this call are removed again when they are
+    new (with ``overwrite`` a replaced file cannot be restored, but that needs a failing
+    rename in the same folder). On any exception the temporary files (and any sibling file a
+    library wrote beside them) are removed and the exception propagates; an ``OSError``
+    (disk full, permission denied) becomes an :class:`OutputError` naming the file.
+
+    Raises:
+        OutputError: see :func:`check_writable`; also when the block wrote no file, or the
+            operating system refused a write.
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        check_writable(path, overwrite)
+    temps = [_temp_path(path) for path in paths]
+    committed: list[Path] = []
+    current = paths[0] if paths else Path(".")
+    try:
+        try:
+            yield list(temps)
+            for tmp, path in zip(temps, paths):
+                if not tmp.exists():
+                    raise OutputError(f"writing {path} failed: no file was produced")
+            for tmp, path in zip(temps, paths):
+                current = path
+                existed = path.exists()
+                _commit(tmp, path, overwrite)
+                if not existed:
+                    committed.append(path)
+        except OSError as error:
+            raise _os_error(error, current) from None
+    except BaseException:
+        for tmp in temps:
+            _remove_temp(tmp)
+        for path in committed:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; move it onto ``path`` when the block succeeds.
 
-    The temporary file lies in the same folder and ends with the same suffixes as ``path``.
-    On any exception (KeyboardInterrupt included) the temporary file is removed and the
-    exception propagates; ``path`` is untouched. Without ``overwrite`` an existing file is
-    never replaced, even one that appeared while the block ran.
+    The temporary file lies in the same folder and ends with the same suffixes as ``path``,
+    in lower case. On any exception (KeyboardInterrupt included) the temporary file, and any
+    sibling file the writer put beside it, is removed and the exception propagates; ``path`` is
+    untouched. An ``OSError`` raised in the block (disk full, ...) becomes an
+    :class:`OutputError` naming the file and the reason. Without ``overwrite`` an existing file
+    is never replaced, even one that appeared while the block ran.
 
     Raises:
-        OutputError: see :func:`check_writable`; also when the block wrote no file.
+        OutputError: see :func:`check_writable`; also when the block wrote no file, or the
+            operating system refused a write.
     """
-    path = Path(path)
-    check_writable(path, overwrite)
-    suffix = full_suffix(path)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    tmp = path.with_name(f".{stem}.volseg-tmp-{uuid.uuid4().hex[:12]}{suffix}")
-    try:
+    with atomic_outputs([path], overwrite) as (tmp,):
         yield tmp
-        if not tmp.exists():
-            raise OutputError(f"writing {path} failed: no file was produced")
-        _commit(tmp, path, overwrite)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _commit(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from volseg.errors import OutputError
-from volseg.io.atomic import atomic_output, check_writable, full_suffix
+from volseg.io.atomic import atomic_output, atomic_outputs, check_writable, full_suffix
 from volseg.io.volume import Volume
 from volseg.terminology import segment_table, to_slicerio_terminology
 
@@ -170,12 +169,9 @@ def _write_labelmap(path: Path, labels: np.ndarray, reference: Volume, segments,
         for key, value in _metadata_items(provenance).items():
             image.SetMetaData(key, value)
     table = color_table_path(path)
-    check_writable(table, overwrite)
-    with ExitStack() as stack:
-        # Neither file is committed unless both were written completely.
-        tmp_image = stack.enter_context(atomic_output(path, overwrite))
+    # Both temporary files are written first; neither is committed unless both are complete.
+    with atomic_outputs([path, table], overwrite) as (tmp_image, tmp_table):
         _write_itk(image, tmp_image)
-        tmp_table = stack.enter_context(atomic_output(table, overwrite))
         write_color_table(tmp_table, segments, overwrite=True)
     return path
 

@@ -42,6 +42,8 @@ def test_typo_in_a_key_names_the_key_and_the_allowed_ones(tmp_path):
     ({"architecture": {"name": "uxnt"}}, "did you mean uxnet"),
     ({"output": {"activation": "softmax", "channels": 1}}, "beyond the 1"),
     ({"id": "Bad Id"}, "id"),
+    ({"output": {"activation": "sigmoid", "threshold": 1.0}}, "output/threshold"),
+    ({"inference": {"padding_mode": "bogus"}}, "inference/padding_mode"),
 ])
 def test_invalid_cards_are_explained(tmp_path, fields, needle):
     with pytest.raises(ModelCardError) as err:

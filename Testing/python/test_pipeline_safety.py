@@ -157,3 +157,25 @@ def test_grouped_write_puts_both_files_in_place(tmp_path, ct, threshold_torchscr
     import nibabel as nib
 
     assert nib.load(str(prob)).shape[-1] == 2  # background and the one label
+
+
+def test_overwrite_never_replaces_an_input(tmp_path, ct, threshold_torchscript, capsys):
+    card = make_card(tmp_path, preprocessing=[SCALE])
+    before = ct.read_bytes()
+    assert run(ct, card, threshold_torchscript, ct, "--overwrite") == 2
+    assert run(ct, card, threshold_torchscript, tmp_path / "o.nii.gz", "--probabilities", str(ct), "--overwrite") == 2
+    assert "input" in capsys.readouterr().err
+    assert ct.read_bytes() == before and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_batch_into_the_cases_folder_keeps_the_cases(tmp_path, threshold_torchscript, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    a = np.zeros((6, 8, 8), np.float32)
+    for name in ("p1.nrrd", "p2.nrrd"):
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(cases / name))
+    before = {p.name: p.read_bytes() for p in cases.iterdir()}
+    card = make_card(tmp_path, preprocessing=[SCALE])
+    main(["batch", str(cases / "p1.nrrd"), str(cases / "p2.nrrd"), "--model", str(card), "--checkpoint",
+          str(threshold_torchscript), "-o", str(cases), "--format", ".nrrd", "--overwrite", "--progress", "none"])
+    assert {p.name: p.read_bytes() for p in cases.iterdir() if p.name in before} == before

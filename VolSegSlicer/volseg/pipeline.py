@@ -29,6 +29,7 @@ from volseg.errors import Cancelled, CheckpointError, OutputError, ResourceError
 from volseg.inference import InferenceOptions, count_windows, predict_with_fallback
 from volseg.io import (
     PROBABILITY_SUFFIXES,
+    check_not_an_input,
     check_segmentation_output,
     check_writable,
     full_suffix,
@@ -186,6 +187,8 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     check_segmentation_output(request.output, request.overwrite)
     if request.probabilities is not None:
         check_probabilities_output(request)
+    outputs = segmentation_outputs(request.output) + ([request.probabilities] if request.probabilities else [])
+    check_not_an_input(outputs, list(request.inputs))  # --overwrite replaces results, never the data
     ckpt_path = checkpoint_for(card, request.checkpoint)  # fail before any work is done
     if not ckpt_path.exists():
         raise CheckpointError(f"checkpoint {ckpt_path} does not exist",
@@ -199,6 +202,8 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
                          channel_names=[i.name for i in card.inputs])
     check_segmentation_output(request.output, request.overwrite, reference=volume)  # e.g. .dcm needs DICOM input
+    if volume.source is not None and volume.source.dicom_files:
+        check_not_an_input(outputs, [], volume.source.dicom_files)
     check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1)
 
     checkpoint_stage("load_model", f"loading {card.id}")

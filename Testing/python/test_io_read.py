@@ -205,3 +205,21 @@ def test_single_dicom_file_points_to_its_folder(tmp_path):
     with pytest.raises(InputError, match="single DICOM file") as info:
         read_volume(path)
     assert str(tmp_path) in info.value.hint
+
+
+@pytest.mark.parametrize("name", ["UP.MHA", "up.NRRD", "Up.Nii.Gz", "up.NII"])
+def test_upper_case_extensions_are_read(tmp_path, name):
+    import SimpleITK as sitk
+
+    from volseg.io import read_volume
+
+    a = np.arange(4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4)
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((1.0, 2.0, 3.0))
+    lower = tmp_path / ("x" + name[name.index("."):].lower())
+    sitk.WriteImage(img, str(lower))
+    path = tmp_path / name
+    lower.rename(path)
+    vol = read_volume(path)
+    np.testing.assert_array_equal(vol.array, a.transpose(2, 1, 0))
+    np.testing.assert_allclose(vol.spacing, (1.0, 2.0, 3.0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -253,6 +254,16 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise InputError(f"input {path} is not readable (permission denied)")
     if full_suffix(path).lower() in (".dcm", ".ima"):
         raise InputError(f"{path} is a single DICOM file", hint=f"pass the folder holding the series: {path.parent}")
+    suffix = full_suffix(path)
+    if suffix != suffix.lower() and image_format(path) is not None and suffix.lower() != ".mhd":
+        # ITK and nibabel choose readers by lower-case extensions only ("scan.NII.GZ" fails):
+        # read through a lower-case alias, report the user's own path.
+        with tempfile.TemporaryDirectory() as folder:
+            alias = Path(folder) / ("volume" + suffix.lower())
+            alias.symlink_to(path.resolve())
+            volume = read_volume(alias)
+        volume.source = Source(paths=[path], format=volume.source.format if volume.source else "unknown")
+        return volume
     fmt = image_format(path)
     if fmt == "nrrd":
         _check_nrrd_spacings(path)

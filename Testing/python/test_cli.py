@@ -293,3 +293,22 @@ def test_unexpected_failure_is_reported_without_traceback(small_ct, threshold_ca
     monkeypatch.setenv("VOLSEG_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(args)
+
+
+def test_dicom_series_choice_reaches_the_json_stream(tmp_path, ct_path, threshold_torchscript, capsys):
+    """A folder with two series: which one was used is a warning event the Slicer module shows."""
+    from test_io_dicom import _crop_grid, write_ct_series
+
+    from volseg.io import Volume, read_volume
+
+    crop = _crop_grid(read_volume(ct_path))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_ct_series(folder, crop)
+    small = Volume(crop.array[:, :, :3].copy(), crop.spacing, crop.origin, crop.direction)
+    write_ct_series(folder, small, prefix="SMALL")
+    card = make_card(tmp_path, "dcm2", inference={"roi_size": [16, 16, 8]})
+    assert main(["segment", str(folder), "--model", str(card), "--checkpoint", str(threshold_torchscript),
+                 "-o", str(tmp_path / "o.nrrd"), "--progress", "json"]) == 0
+    ev = events(capsys.readouterr().out)
+    assert any(e["event"] == "log" and e["level"] == "warning" and "DICOM series" in e["message"] for e in ev)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -199,8 +200,13 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
         reporter.log(f"model {card.id!r} is a demonstration model: not for clinical use", "warning")
 
     checkpoint_stage("read", f"reading {len(request.inputs)} input(s)")
-    volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
-                         channel_names=[i.name for i in card.inputs])
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "several DICOM series; using ..."
+        warnings.simplefilter("always")
+        volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
+                             channel_names=[i.name for i in card.inputs])
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            reporter.log(str(w.message), "warning")
     check_segmentation_output(request.output, request.overwrite, reference=volume)  # e.g. .dcm needs DICOM input
     if volume.source is not None and volume.source.dicom_files:
         check_not_an_input(outputs, [], volume.source.dicom_files)

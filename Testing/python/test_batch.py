@@ -76,3 +76,117 @@ def test_multi_input_case_folders_use_name_hints(tmp_path, threshold_torchscript
     assert main(["batch", str(lonely), "--model", str(card), "--checkpoint", str(threshold_torchscript),
                  "-o", str(out), "--progress", "none"]) == 2
     assert "needs 2 inputs" in capsys.readouterr().err
+
+
+def test_unexpected_error_in_one_case_does_not_stop_the_others(tmp_path, threshold_torchscript, capsys, monkeypatch):
+    import volseg.batch
+
+    real = volseg.batch.segment
+
+    def flaky(request, *a, **k):
+        if request.inputs[0].name.startswith("b"):
+            raise RuntimeError("boom inside the network")
+        if request.inputs[0].name.startswith("c"):
+            raise MemoryError()
+        return real(request, *a, **k)
+
+    monkeypatch.setattr(volseg.batch, "segment", flaky)
+    cases = [write_case(tmp_path / f"{n}.nrrd") for n in ("a", "b", "c", "d")]
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    out = tmp_path / "o"
+    rc = main(["batch", *map(str, cases), "--model", str(card), "--checkpoint", str(threshold_torchscript),
+               "-o", str(out), "--progress", "json"])
+    assert rc == 1
+    ev = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    errors = {e["message"].split(":")[0]: e for e in ev if e["event"] == "error"}
+    assert set(errors) == {"b", "c"}
+    assert "internal error (RuntimeError: boom inside the network)" in errors["b"]["message"]
+    assert errors["b"]["exit_code"] == 1
+    assert "out of memory" in errors["c"]["message"] and errors["c"]["exit_code"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "d.seg.nrrd"]
+
+
+def test_folder_of_volumes_is_one_case_per_file_for_single_input_models(tmp_path, threshold_torchscript):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for n in (2, 0, 1):
+        write_case(folder / f"p{n}.nii.gz")
+    (folder / "notes.txt").write_text("not a volume")
+    (folder / ".hidden.nrrd").write_text("not a volume either")
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    out = tmp_path / "o"
+    assert main(["batch", str(folder), "--model", str(card), "--checkpoint", str(threshold_torchscript),
+                 "-o", str(out), "--format", ".nii.gz", "--progress", "none"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz"]
+    for n in range(3):
+        assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"p{n}.nii.gz"))).sum() == 4 * 6 * 8
+
+
+def test_find_cases_orders_folder_volumes_and_refuses_an_empty_folder(tmp_path):
+    import pytest
+
+    from volseg.batch import find_cases
+    from volseg.cards import load_card
+    from volseg.errors import InputError
+
+    card = load_card(str(make_card(tmp_path, "thr")))
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    for name in ("b.nrrd", "a.mha", "c.nii"):
+        (folder / name).write_bytes(b"x")
+    cases = find_cases([folder], card)
+    assert [(c.name, [p.name for p in c.inputs]) for c in cases] == [("a", ["a.mha"]), ("b", ["b.nrrd"]), ("c", ["c.nii"])]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="holds no volume"):
+        find_cases([empty], card)
+
+
+def test_batch_help_explains_what_a_folder_becomes(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one case per volume file in it" in text and "multi-input model" in text
+
+
+def test_output_folder_that_cannot_be_made_is_a_clear_error(tmp_path, threshold_torchscript, capsys):
+    case = write_case(tmp_path / "c.nrrd")
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep")
+    for target, text in ((a_file, "is a file"), (a_file / "x", "cannot create output folder")):
+        rc = main(["batch", str(case), "--model", str(card), "--checkpoint", str(threshold_torchscript),
+                   "-o", str(target), "--progress", "none"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert text in err and "internal error" not in err
+    assert a_file.read_text() == "keep"
+
+
+def test_dot_is_named_after_the_current_folder(tmp_path, threshold_torchscript, monkeypatch):
+    inputs = [{"name": "T1", "name_hint": "t1"}, {"name": "FLAIR", "name_hint": "flair"}]
+    card = make_card(tmp_path, "two", inputs=inputs, preprocessing=SCALE)
+    folder = tmp_path / "patient9"
+    folder.mkdir()
+    write_case(folder / "p9_flair.nii.gz")
+    write_case(folder / "p9_t1.nii.gz")
+    out = tmp_path / "o"
+    monkeypatch.chdir(folder)
+    assert main(["batch", ".", "--model", str(card), "--checkpoint", str(threshold_torchscript),
+                 "-o", str(out), "--format", ".nrrd", "--progress", "none"]) == 0
+    assert [p.name for p in out.glob("*.nrrd")] == ["patient9.nrrd"]
+
+
+def test_names_differing_only_in_case_clash(tmp_path, threshold_torchscript, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    cases = [write_case(tmp_path / "x" / "Case1.nrrd"), write_case(tmp_path / "y" / "case1.nii.gz")]
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    out = tmp_path / "o"
+    rc = main(["batch", *map(str, cases), "--model", str(card), "--checkpoint", str(threshold_torchscript),
+               "-o", str(out), "--progress", "none"])
+    assert rc == 2
+    assert "Case1/case1" in capsys.readouterr().err
+    assert not out.exists()

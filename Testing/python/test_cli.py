@@ -312,3 +312,123 @@ def test_dicom_series_choice_reaches_the_json_stream(tmp_path, ct_path, threshol
                  "-o", str(tmp_path / "o.nrrd"), "--progress", "json"]) == 0
     ev = events(capsys.readouterr().out)
     assert any(e["event"] == "log" and e["level"] == "warning" and "DICOM series" in e["message"] for e in ev)
+
+
+def test_serve_survives_null_and_non_object_lines_and_keeps_stdout_json(small_ct, threshold_card,
+                                                                          threshold_torchscript, tmp_path):
+    """`null` is valid JSON but no request: it must not end the worker (it once was the EOF
+    marker); `--help` or bad arguments must answer one error event, never text on stdout."""
+    def req(n):
+        return json.dumps({"id": n, "args": [str(small_ct), "--model", str(threshold_card), "--checkpoint",
+                                             str(threshold_torchscript), "-o", str(tmp_path / f"r{n}.nii.gz")]})
+    lines = [req(0), "null", "[1, 2]", "7", json.dumps({"id": "h", "args": ["--help"]}),
+             json.dumps({"id": "m", "args": [str(small_ct)]}), req(1)]
+    r = run_cli("serve", input="\n".join(lines) + "\n")
+    assert r.returncode == 0
+    ev = events(r.stdout)  # every stdout line is a JSON event (help text would fail here)
+    assert [e["request"] for e in ev if e["event"] == "done"] == [0, 1]
+    errors = [e for e in ev if e["event"] == "error"]
+    assert len(errors) == 5 and all(e["exit_code"] == 2 for e in errors)
+    assert [e["message"] for e in errors[:3]] == ["bad request null", "bad request [1, 2]", "bad request 7"]
+    by_request = {e.get("request"): e for e in errors}
+    assert "--roi-size" in by_request["h"]["hint"]  # the help text travels in the event
+    assert "required: -o/--output" in by_request["m"]["message"]
+    assert "usage:" not in r.stdout.replace('"usage:', "")  # no bare usage line printed
+    assert (tmp_path / "r1.nii.gz").exists()
+
+
+class _LineFeed:
+    """A stdin whose lines the test sends one at a time (``None`` closes it)."""
+
+    def __init__(self) -> None:
+        import queue
+        self.lines = queue.Queue()
+
+    def send(self, obj) -> None:
+        self.lines.put(json.dumps(obj) + "\n")
+
+    def __iter__(self):
+        while (line := self.lines.get()) is not None:
+            yield line
+
+
+def test_serve_cancel_stops_only_the_request_it_names(small_ct, threshold_card, monkeypatch):
+    import io
+    import threading
+
+    import volseg.pipeline
+    from volseg.cli import cmd_serve
+    from volseg.errors import Cancelled
+
+    started, ran = {}, []
+
+    def fake_segment(request, reporter, cancel, cache=None):
+        name = request.output.name
+        ran.append(name)
+        started.setdefault(name, threading.Event()).set()
+        if name.startswith("slow"):
+            if not cancel.wait(30):
+                raise AssertionError("never cancelled")
+            raise Cancelled()
+        reporter.done({"segmentation": str(request.output)})
+
+    monkeypatch.setattr(volseg.pipeline, "segment", fake_segment)
+    for name in ("slowA", "slowD"):
+        started[name] = threading.Event()
+
+    def req(rid, out):
+        return {"id": rid, "args": [str(small_ct), "--model", str(threshold_card), "-o", out]}
+
+    feed, out = _LineFeed(), io.StringIO()
+    worker = threading.Thread(target=cmd_serve, args=(None,), kwargs={"stdin": feed, "stdout": out})
+    worker.start()
+    try:
+        for rid, name in (("A", "slowA"), ("B", "b"), (3, "c"), ("D", "slowD")):
+            feed.send(req(rid, name))
+        assert started["slowA"].wait(30)
+        feed.send({"cancel": "B"})  # queued: skipped later; A keeps running
+        feed.send({"cancel": "3"})  # "3" is not 3: changes nothing
+        feed.send({"cancel": "nobody"})
+        feed.send({"cancel": "A"})
+        assert started["slowD"].wait(30)
+        feed.send({"cancel": True})  # the Slicer module's older form: whatever runs now
+    finally:
+        feed.lines.put(None)
+        worker.join(30)
+    assert not worker.is_alive()
+    assert ran == ["slowA", "c", "slowD"]
+    ev = events(out.getvalue())
+    outcome = {e["request"]: (e["event"], e.get("exit_code")) for e in ev if e["event"] in ("done", "error")}
+    assert outcome == {"A": ("error", 130), "B": ("error", 130), 3: ("done", None), "D": ("error", 130)}
+
+
+def test_cancel_line_of_the_slicer_module_is_understood():
+    """The module sends cancel_request_line(id); the worker must read it as a cancel of that id."""
+    from VolSegSlicerLib.command import cancel_request_line
+
+    from volseg.cli import _EOF, _ServeQueue
+
+    q = _ServeQueue()
+    q.put({"id": "job-1", "args": []})
+    q.put({"id": "job-2", "args": []})
+    assert q.next() == ({"id": "job-1", "args": []}, False)
+    q.read(iter([cancel_request_line("job-2")]))  # then stdin ends
+    assert not q.cancel_event.is_set()  # job-1 runs on
+    assert q.next() == ({"id": "job-2", "args": []}, True)
+    assert q.next() == (_EOF, False)
+    q.finished()
+    q.put({"id": "job-3", "args": []})
+    assert q.next()[1] is False
+    q.read(iter([cancel_request_line("job-3")]))
+    assert q.cancel_event.is_set()
+
+
+@pytest.mark.parametrize("option", [["--min-island-mm3", "nan"], ["--min-island-mm3", "inf"], ["--overlap", "nan"],
+                                    ["--overlap=-inf"]])
+def test_non_finite_numbers_are_refused(small_ct, threshold_card, threshold_torchscript, tmp_path, capsys, option):
+    out = tmp_path / "res.seg.nrrd"
+    rc = main(["segment", str(small_ct), "--model", str(threshold_card), "--checkpoint", str(threshold_torchscript),
+               "-o", str(out), "--progress", "none", *option])
+    assert rc == 2
+    assert "not a finite number" in capsys.readouterr().err
+    assert not out.exists()

@@ -77,3 +77,27 @@ def test_to_lps_axes_undoes_any_storage_order():
     stored = np.flip(np.flip(np.transpose(a, (2, 1, 0)), axis=1), axis=2)
     np.testing.assert_array_equal(to_lps_axes(stored, direction), a)
     np.testing.assert_array_equal(to_lps_axes(a, lps), a)
+
+
+def test_demo_output_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("keep")
+    assert main(["demo", "-o", str(target), "--progress", "none", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "internal error" not in err
+    assert target.read_text() == "keep"
+
+
+def test_demo_overwrite_replaces_earlier_results_only_when_asked(tmp_path, capsys):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "CTChest4-demo.png").write_bytes(b"old picture")
+    (folder / "CTChest4-demo.seg.nrrd").write_bytes(b"old result")
+    assert main(["demo", "-o", str(folder), "--progress", "none", "--device", "cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # the hint names a flag demo has
+    assert (folder / "CTChest4-demo.seg.nrrd").read_bytes() == b"old result"
+    assert main(["demo", "-o", str(folder), "--progress", "none", "--device", "cpu", "--overwrite"]) == 0
+    with Image.open(folder / "CTChest4-demo.png") as im:
+        assert im.format == "PNG"
+    seg = slicerio.read_segmentation(str(folder / "CTChest4-demo.seg.nrrd"))
+    assert [s["name"] for s in seg["segments"]] == [lab.name for lab in load_card("demo").labels]

@@ -1,19 +1,31 @@
 """``volseg batch``: many cases with one model, loaded once.
 
-A case is a volume file (single-input models), a DICOM series folder, or, for multi-input
-models, a folder holding one file per input, each matched to its input by the card's name
-hints. Results go to ``OUT_DIR/<case name><suffix>``. A case that fails is reported and the
-others go on; an existing result is left alone (and reported) unless ``--overwrite``.
+What a path on the command line becomes:
+
+* a volume file: one case (single-input models);
+* a DICOM series folder: one case (single-input models);
+* any other folder, for a **single-input** model: one case per volume file in it (NIfTI, NRRD,
+  MHA/MHD, sorted by name; hidden files and other files are ignored) and per DICOM series
+  sub-folder, so ``volseg batch cases/`` segments every volume in ``cases/``;
+* any other folder, for a **multi-input** model: one case, the folder holding one file per
+  input, each matched to its input by the card's name hints.
+
+Results go to ``OUT_DIR/<case name><suffix>`` (two cases whose names differ only in case are
+refused, as they would clash on macOS and Windows). A case that fails, for whatever reason, is
+reported as an error event and the others go on; the exit code is then 1. An existing result is
+left alone (and reported) unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from volseg.cards import ModelCard, match_inputs
-from volseg.errors import Cancelled, InputError, VolSegError
+from volseg.cli import error_from_exception
+from volseg.errors import Cancelled, InputError, OutputError, VolSegError
 from volseg.io import full_suffix
 from volseg.io.readers import image_format
 from volseg.pipeline import ModelCache, SegmentRequest, segment
@@ -27,7 +39,21 @@ class Case:
 
 
 def _case_name(path: Path) -> str:
+    """The file name without its image suffix; a folder's own name (``.`` -> the current folder's)."""
+    if path.is_dir():
+        return path.resolve().name or "root"
     return path.name[: -len(full_suffix(path))] if full_suffix(path) else path.name
+
+
+def _volumes_in(folder: Path) -> list[Path]:
+    """The volume files and DICOM series sub-folders of ``folder``, sorted by name."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if (p.is_file() and image_format(p) is not None) or (p.is_dir() and _is_dicom_folder(p)):
+            found.append(p)
+    return found
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -56,15 +82,24 @@ def find_cases(paths: list[Path], card: ModelCard) -> list[Case]:
                                  + ", ".join(i.name for i in card.inputs) + ")")
             cases.append(Case(_case_name(path), [path]))
             continue
+        if len(card.inputs) == 1:
+            volumes = _volumes_in(path)
+            if not volumes:
+                raise InputError(f"folder {path} holds no volume file (.nii.gz, .nrrd, .mha, ...) and no DICOM series",
+                                 hint="give volume files, a folder of them, or DICOM series folders")
+            cases.extend(Case(_case_name(v), [v]) for v in volumes)
+            continue
         files = sorted(p for p in path.iterdir() if p.is_file() and image_format(p) is not None)
         picks = match_inputs([i.name_hint for i in card.inputs], [p.name for p in files])
         missing = [card.inputs[n].name for n, pick in enumerate(picks) if pick is None]
         if missing:
             raise InputError(f"case folder {path}: no file matches input(s) {', '.join(missing)}",
                              hint="name the files so the card's name hints match them (see `volseg models`)")
-        cases.append(Case(path.name, [files[i] for i in picks]))
-    names = [c.name for c in cases]
-    clashes = sorted({n for n in names if names.count(n) > 1})
+        cases.append(Case(_case_name(path), [files[i] for i in picks]))
+    by_key: dict[str, list[str]] = {}
+    for c in cases:  # casefold: "Case1" and "case1" are the same file on macOS and Windows
+        by_key.setdefault(c.name.casefold(), []).append(c.name)
+    clashes = sorted("/".join(sorted(set(names))) for names in by_key.values() if len(names) > 1)
     if clashes:
         raise InputError(f"several cases would write the same result: {', '.join(clashes)}",
                          hint="give cases distinct names, or run them into different output folders")
@@ -75,7 +110,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
               cancel: threading.Event | None = None) -> dict:
     """Segment every case; return a summary {"done": [...], "skipped": [...], "failed": [...]}."""
     cases = find_cases(paths, template.card)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _make_output_folder(out_dir)
     cache, summary = ModelCache(), {"done": [], "skipped": [], "failed": []}
     for n, case in enumerate(cases, 1):
         out = out_dir / f"{case.name}{suffix}"
@@ -87,9 +122,25 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
         try:
             segment(replace(template, inputs=case.inputs, output=out), reporter, cancel, cache)
             summary["done"].append(case.name)
-        except Cancelled:
+        except (Cancelled, KeyboardInterrupt):
             raise
-        except VolSegError as err:
+        except Exception as exc:  # noqa: BLE001 - one case's failure, whatever it is, must not stop the others
+            if os.environ.get("VOLSEG_DEBUG") and not isinstance(exc, VolSegError):
+                raise
+            err = error_from_exception(exc)
             reporter.error(f"{case.name}: {err.message}", err.hint, err.exit_code)
             summary["failed"].append(case.name)
     return summary
+
+
+def _make_output_folder(out_dir: Path) -> None:
+    """Create ``out_dir`` (and parents) or say clearly why it cannot be one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output folder {out_dir} is a file", hint="give a folder with -o (it is created if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}",
+                          hint="choose a folder you can write to") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {out_dir} is not writable", hint="choose a folder you can write to")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import signal
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from volseg import __version__
-from volseg.errors import Cancelled, ResourceError, VolSegError
+from volseg.errors import Cancelled, InputError, ResourceError, VolSegError
 
 
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,16 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     post.add_argument("--min-island-mm3", type=float, help="remove islands smaller than this volume")
 
 
+BATCH_DESCRIPTION = """Segment many cases with one model, loaded once. Each path is:
+  a volume file or a DICOM series folder   one case (single-input models)
+  any other folder, single-input model     one case per volume file in it (sorted by name)
+                                           and per DICOM series sub-folder
+  any other folder, multi-input model      one case: the folder holds one file per input,
+                                           matched by the card's name hints
+Results go to OUT_DIR/<case name><format>. A failed case is reported and the others go on
+(exit code 1 at the end); existing results are skipped unless --overwrite."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="volseg", description="AI segmentation of CT and MRI volumes.")
     parser.add_argument("--version", action="version", version=f"volseg {__version__}")
@@ -89,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output-dir", type=Path, default=None, help="folder for the results (default: a new ./volseg-demo*)")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    demo.add_argument("--overwrite", action="store_true", help="replace the demo results already in the -o folder")
 
-    batch = sub.add_parser("batch", help="segment many cases with one model (loaded once)")
+    batch = sub.add_parser("batch", help="segment many cases with one model (loaded once)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, description=BATCH_DESCRIPTION)
     _add_segment_options(batch)
     for action in batch._actions:  # -o is a folder here
         if action.dest == "output":
             action.help, action.metavar = "folder for the results (created if missing)", "OUT_DIR"
+        elif action.dest == "inputs":
+            action.help = "cases: volume files, DICOM series folders, folders of volumes or case folders (see above)"
     batch.add_argument("--format", default=".seg.nrrd", choices=(".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"),
                        help="result format (default .seg.nrrd)")
     batch.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
@@ -119,6 +134,10 @@ def request_from_args(args: argparse.Namespace):
         card = card_from_arguments(args.arch, args.num_labels, in_channels=len(args.inputs), config=args.arch_config)
     else:
         raise ModelCardError("no model given", hint="pass --model ID (see `volseg models`) or --arch NAME --num-labels N")
+    for name in ("overlap", "min_island_mm3"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} {value} is not a finite number")
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise VolSegError(f"--overlap {args.overlap} is outside [0, 1)")
     for name in ("sw_batch_size", "min_island_mm3"):
@@ -159,6 +178,26 @@ class _CancelOnSignal:
             signal.signal(sig, handler)
 
 
+def error_from_exception(exc: BaseException) -> VolSegError:
+    """The one message a failure is reported with: a :class:`VolSegError` as it is, running out of
+    memory as a :class:`ResourceError`, anything else as an internal error (exit code 1)."""
+    if isinstance(exc, VolSegError):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return Cancelled()
+    memory_hint = "use a smaller ROI (--roi-size), a smaller volume, or free memory"
+    if isinstance(exc, MemoryError):
+        return ResourceError("out of memory", hint=memory_hint)
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+        return ResourceError("out of memory: " + text, hint=memory_hint)
+    err = VolSegError(f"internal error ({type(exc).__name__}: {text})",
+                      hint="this is a bug in volseg: please report it with the command line; "
+                      "VOLSEG_DEBUG=1 shows the traceback")
+    err.exit_code = 1
+    return err
+
+
 def _run_reported(reporter, fn) -> int:
     """Run ``fn``; report any failure as one error event (no traceback) and return the exit code.
 
@@ -167,23 +206,12 @@ def _run_reported(reporter, fn) -> int:
     try:
         fn()
         return 0
-    except KeyboardInterrupt:
-        err: VolSegError = Cancelled()
-    except VolSegError as exc:
-        err = exc
-    except MemoryError:
-        err = ResourceError("out of memory", hint="use a smaller ROI (--roi-size), a smaller volume, or free memory")
+    except (KeyboardInterrupt, VolSegError, MemoryError) as exc:
+        err = error_from_exception(exc)
     except Exception as exc:  # a bug: say so plainly, keep the traceback for those who ask
         if os.environ.get("VOLSEG_DEBUG"):
             raise
-        if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
-            err = ResourceError("out of memory: " + str(exc).splitlines()[0],
-                                hint="use a smaller ROI (--roi-size), a smaller volume, or free memory")
-        else:
-            err = VolSegError(f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-                              hint="this is a bug in volseg: please report it with the command line; "
-                              "VOLSEG_DEBUG=1 shows the traceback")
-            err.exit_code = 1
+        err = error_from_exception(exc)
     reporter.error(err.message, err.hint, err.exit_code)
     return err.exit_code
 
@@ -290,49 +318,153 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     reporter = make_reporter(args.progress)
     with _CancelOnSignal() as cancel:
-        return _run_reported(reporter, lambda: run_demo(args.output_dir, args.device, reporter, cancel))
+        return _run_reported(reporter, lambda: run_demo(args.output_dir, args.device, reporter, cancel,
+                                                               overwrite=args.overwrite))
 
 
-def cmd_serve(_: argparse.Namespace) -> int:
-    """Warm worker: each stdin line is ``{"id": ..., "args": [segment arguments]}`` or
-    ``{"cancel": id}``; answers are the JSON events of ``segment --progress json`` tagged with
-    ``"request": id``. The loaded model stays in memory between requests."""
-    from volseg.pipeline import ModelCache, segment
-    from volseg.progress import JsonReporter
+class _RequestParser(argparse.ArgumentParser):
+    """The serve worker's argument parser: never prints and never exits.
 
-    parser = argparse.ArgumentParser(prog="volseg serve", exit_on_error=False)
-    _add_segment_options(parser)
-    cache, lines, cancel = ModelCache(), queue.Queue(), threading.Event()
+    ``error``, ``exit`` and ``print_help``/``print_usage`` raise a :class:`VolSegError` with the
+    text instead, so a bad request becomes one error event and stdout holds nothing but JSON.
+    """
 
-    def read_stdin() -> None:
-        for line in sys.stdin:
+    def error(self, message: str):  # type: ignore[override]
+        raise InputError(f"bad segment arguments: {message}", hint=self.format_usage().strip())
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        raise InputError(f"bad segment arguments: {(message or '').strip() or f'exit status {status}'}")
+
+    def print_help(self, file=None) -> None:  # noqa: ARG002
+        raise InputError("the worker does not run --help; the segment arguments are in the hint",
+                         hint=self.format_help())
+
+    def print_usage(self, file=None) -> None:  # noqa: ARG002
+        raise InputError("the worker does not print usage", hint=self.format_usage().strip())
+
+
+_EOF = object()  # end of stdin; never a message (JSON `null` parses to None, which is a bad request)
+
+
+def _id_key(request_id: Any) -> str:
+    """A hashable, type-exact key for a JSON request id (1 and "1" differ, lists are allowed)."""
+    return json.dumps(request_id, sort_keys=True)
+
+
+class _ServeQueue:
+    """The worker's requests, in order, and the cancels that reach them.
+
+    ``{"cancel": id}`` stops the running request when it has that id and marks a queued request
+    with that id so it is skipped (reported as cancelled); ``{"cancel": true}`` or
+    ``{"cancel": null}`` stops whatever runs. A cancel for an id that is neither running nor
+    queued changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.messages: queue.Queue = queue.Queue()
+        self.cancel_event = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}  # id key -> queued requests with that id
+        self._cancelled: set[str] = set()
+        self._running: str | None = None
+
+    def put(self, msg: Any) -> None:
+        with self._lock:
+            if isinstance(msg, dict):
+                key = _id_key(msg.get("id"))
+                self._pending[key] = self._pending.get(key, 0) + 1
+            self.messages.put(msg)
+
+    def cancel(self, target: Any) -> None:
+        with self._lock:
+            if target is True or target is None:
+                if self._running is not None:
+                    self.cancel_event.set()
+                return
+            key = _id_key(target)
+            if key == self._running:
+                self.cancel_event.set()
+            elif key in self._pending:
+                self._cancelled.add(key)
+
+    def next(self) -> tuple[Any, bool]:
+        """The next message (``_EOF`` at the end) and whether it was cancelled while queued;
+        a request that is not cancelled becomes the running one."""
+        msg = self.messages.get()
+        with self._lock:
+            if not isinstance(msg, dict):
+                return msg, False
+            key = _id_key(msg.get("id"))
+            self._pending[key] -= 1
+            if not self._pending[key]:
+                del self._pending[key]
+            if key in self._cancelled:
+                if key not in self._pending:
+                    self._cancelled.discard(key)
+                return msg, True
+            self.cancel_event.clear()
+            self._running = key
+            return msg, False
+
+    def finished(self) -> None:
+        with self._lock:
+            self._running = None
+            self.cancel_event.clear()
+
+    def read(self, stream) -> None:
+        """Feed the lines of ``stream`` (run in a thread): cancels act at once, the rest queue."""
+        for line in stream:
+            if not line.strip():
+                continue
             try:
                 msg = json.loads(line)
             except json.JSONDecodeError:
-                msg = {"invalid": line.strip()}
+                msg = {"invalid": line.strip()[:200]}
             if isinstance(msg, dict) and "cancel" in msg:
-                cancel.set()
+                self.cancel(msg["cancel"])
             else:
-                lines.put(msg)
-        lines.put(None)
+                self.put(msg)
+        self.put(_EOF)
 
-    threading.Thread(target=read_stdin, daemon=True).start()
-    while (msg := lines.get()) is not None:
-        rid = msg.get("id") if isinstance(msg, dict) else None
-        reporter = JsonReporter(sys.stdout, request=rid)
-        cancel.clear()
+
+def _parse_request(parser: argparse.ArgumentParser, msg: Any) -> argparse.Namespace:
+    if not isinstance(msg, dict) or not isinstance(msg.get("args"), list):
+        shown = json.dumps(msg) if not isinstance(msg, dict) or "invalid" not in msg else msg["invalid"]
+        raise InputError(f"bad request {shown[:200]}", hint='send {"id": ..., "args": ["in.nrrd", "--model", ...]}')
+    return parser.parse_args([str(a) for a in msg["args"]])
+
+
+def cmd_serve(_: argparse.Namespace, stdin=None, stdout=None) -> int:
+    """Warm worker: each stdin line is ``{"id": ..., "args": [segment arguments]}`` or
+    ``{"cancel": id}`` (``{"cancel": true}``: whatever runs now); answers are the JSON events of
+    ``segment --progress json`` tagged with ``"request": id``, and nothing else goes to stdout.
+    A request cancelled before it started is answered with one error event, exit code 130.
+    The loaded model stays in memory between requests."""
+    from volseg.pipeline import ModelCache, segment
+    from volseg.progress import JsonReporter
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    parser = _RequestParser(prog="volseg serve", add_help=True)
+    _add_segment_options(parser)
+    cache, requests = ModelCache(), _ServeQueue()
+    threading.Thread(target=requests.read, args=(stdin,), daemon=True).start()
+    while True:
+        msg, cancelled = requests.next()
+        if msg is _EOF:
+            return 0
+        reporter = JsonReporter(stdout, request=msg.get("id") if isinstance(msg, dict) else None)
         try:
-            if not isinstance(msg, dict) or not isinstance(msg.get("args"), list):
-                raise VolSegError(f"bad request {msg!r}", hint='send {"id": ..., "args": ["in.nrrd", "--model", ...]}')
-            try:
-                args = parser.parse_args([str(a) for a in msg["args"]])
-            except (argparse.ArgumentError, SystemExit) as exc:
-                raise VolSegError(f"bad segment arguments: {exc}") from None
+            if cancelled:
+                raise Cancelled("cancelled before it started; nothing was written")
+            args = _parse_request(parser, msg)
         except VolSegError as err:
             reporter.error(err.message, err.hint, err.exit_code)
+            requests.finished()
             continue
-        _run_reported(reporter, lambda: segment(request_from_args(args), reporter, cancel, cache))
-    return 0
+        try:
+            _run_reported(reporter, lambda: segment(request_from_args(args), reporter, requests.cancel_event, cache))
+        finally:
+            requests.finished()
 
 
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import SimpleITK as sitk
 from conftest import make_card
-
 from volseg.cli import main
 
 
@@ -124,7 +123,6 @@ def test_folder_of_volumes_is_one_case_per_file_for_single_input_models(tmp_path
 
 def test_find_cases_orders_folder_volumes_and_refuses_an_empty_folder(tmp_path):
     import pytest
-
     from volseg.batch import find_cases
     from volseg.cards import load_card
     from volseg.errors import InputError

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import make_card
-
 from volseg.cli import main
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -223,7 +222,6 @@ def test_dicom_series_in_dicom_seg_out(tmp_path, ct_path, threshold_torchscript,
     import highdicom as hd
     import pydicom
     from test_io_dicom import _crop_grid, write_ct_series
-
     from volseg.io import read_volume
 
     series = tmp_path / "series"
@@ -298,7 +296,6 @@ def test_unexpected_failure_is_reported_without_traceback(small_ct, threshold_ca
 def test_dicom_series_choice_reaches_the_json_stream(tmp_path, ct_path, threshold_torchscript, capsys):
     """A folder with two series: which one was used is a warning event the Slicer module shows."""
     from test_io_dicom import _crop_grid, write_ct_series
-
     from volseg.io import Volume, read_volume
 
     crop = _crop_grid(read_volume(ct_path))
@@ -404,9 +401,8 @@ def test_serve_cancel_stops_only_the_request_it_names(small_ct, threshold_card, 
 
 def test_cancel_line_of_the_slicer_module_is_understood():
     """The module sends cancel_request_line(id); the worker must read it as a cancel of that id."""
-    from VolSegSlicerLib.command import cancel_request_line
-
     from volseg.cli import _EOF, _ServeQueue
+    from VolSegSlicerLib.command import cancel_request_line
 
     q = _ServeQueue()
     q.put({"id": "job-1", "args": []})

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import slicerio
 from PIL import Image
-
 from volseg.cards import load_card
 from volseg.checkpoints import sha256sum
 from volseg.cli import main

@@ -124,7 +124,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
             summary["done"].append(case.name)
         except (Cancelled, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - one case's failure, whatever it is, must not stop the others
+        except Exception as exc:
             if os.environ.get("VOLSEG_DEBUG") and not isinstance(exc, VolSegError):
                 raise
             err = error_from_exception(exc)

@@ -168,7 +168,7 @@ class _CancelOnSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self.event
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:
         if self.event.is_set():  # second signal: stop now (atomic writes still leave nothing behind)
             raise KeyboardInterrupt
         self.event.set()
@@ -335,11 +335,11 @@ class _RequestParser(argparse.ArgumentParser):
     def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
         raise InputError(f"bad segment arguments: {(message or '').strip() or f'exit status {status}'}")
 
-    def print_help(self, file=None) -> None:  # noqa: ARG002
+    def print_help(self, file=None) -> None:
         raise InputError("the worker does not run --help; the segment arguments are in the hint",
                          hint=self.format_help())
 
-    def print_usage(self, file=None) -> None:  # noqa: ARG002
+    def print_usage(self, file=None) -> None:
         raise InputError("the worker does not print usage", hint=self.format_usage().strip())
 
 
@@ -461,8 +461,11 @@ def cmd_serve(_: argparse.Namespace, stdin=None, stdout=None) -> int:
             reporter.error(err.message, err.hint, err.exit_code)
             requests.finished()
             continue
+        def run(args: argparse.Namespace = args, reporter: JsonReporter = reporter) -> None:
+            segment(request_from_args(args), reporter, requests.cancel_event, cache)
+
         try:
-            _run_reported(reporter, lambda: segment(request_from_args(args), reporter, requests.cancel_event, cache))
+            _run_reported(reporter, run)
         finally:
             requests.finished()
 

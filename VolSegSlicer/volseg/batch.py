@@ -25,8 +25,8 @@ from pathlib import Path
 
 from volseg.cards import ModelCard, match_inputs
 from volseg.cli import error_from_exception
-from volseg.errors import Cancelled, InputError, OutputError, VolSegError
-from volseg.io import full_suffix
+from volseg.errors import Cancelled, InputError, VolSegError
+from volseg.io import full_suffix, make_output_folder
 from volseg.io.readers import image_format
 from volseg.pipeline import ModelCache, SegmentRequest, segment
 from volseg.progress import Reporter
@@ -110,7 +110,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
               cancel: threading.Event | None = None) -> dict:
     """Segment every case; return a summary {"done": [...], "skipped": [...], "failed": [...]}."""
     cases = find_cases(paths, template.card)
-    _make_output_folder(out_dir)
+    make_output_folder(out_dir)
     cache, summary = ModelCache(), {"done": [], "skipped": [], "failed": []}
     for n, case in enumerate(cases, 1):
         out = out_dir / f"{case.name}{suffix}"
@@ -131,16 +131,3 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
             reporter.error(f"{case.name}: {err.message}", err.hint, err.exit_code)
             summary["failed"].append(case.name)
     return summary
-
-
-def _make_output_folder(out_dir: Path) -> None:
-    """Create ``out_dir`` (and parents) or say clearly why it cannot be one."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"output folder {out_dir} is a file", hint="give a folder with -o (it is created if missing)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}",
-                          hint="choose a folder you can write to") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {out_dir} is not writable", hint="choose a folder you can write to")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from volseg.cards import load_card
-from volseg.errors import InputError, OutputError
-from volseg.io import atomic_output, check_writable, read_volume
+from volseg.errors import InputError
+from volseg.io import atomic_output, check_writable, make_output_folder, read_volume
 from volseg.progress import Reporter
 
 DEMO_CARD = "demo"
@@ -96,16 +96,6 @@ def overlay_png(ct: np.ndarray, labels: np.ndarray, colors: dict[int, tuple[int,
     return path
 
 
-def _make_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file, not a folder", hint="give a folder with -o (it is created if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create folder {folder}: {exc.strerror or exc}",
-                          hint="choose another folder with -o") from None
-
-
 def run_demo(output_dir: Path | None, device: str, reporter: Reporter,
              cancel: threading.Event | None = None, overwrite: bool = False) -> dict:
     """Segment the sample CT into ``output_dir`` (default: a new ``./volseg-demo*`` folder).
@@ -117,7 +107,7 @@ def run_demo(output_dir: Path | None, device: str, reporter: Reporter,
     ct = sample_ct()
     card = load_card(DEMO_CARD)
     folder = output_dir if output_dir is not None else fresh_folder(Path.cwd() / "volseg-demo")
-    _make_folder(folder)
+    make_output_folder(folder)
     out = folder / "CTChest4-demo.seg.nrrd"
     png = folder / "CTChest4-demo.png"
     check_writable(png, overwrite=overwrite)  # refuse before spending time on inference

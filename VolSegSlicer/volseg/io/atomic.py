@@ -210,3 +210,18 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
         os.replace(tmp, path)
         return
     tmp.unlink()
+
+
+def make_output_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) for results, or say clearly why it cannot be one."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output folder {folder} is a file", hint="give a folder with -o (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}",
+                          hint="choose a folder you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {folder} is not writable", hint="choose a folder you can write to")
+    return folder

@@ -428,3 +428,15 @@ def test_non_finite_numbers_are_refused(small_ct, threshold_card, threshold_torc
     assert rc == 2
     assert "not a finite number" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_listing_commands_report_a_bug_in_one_line(monkeypatch, capsys):
+    import volseg.cli
+
+    def broken(args):
+        raise KeyError("oops")
+
+    monkeypatch.setitem(volseg.cli.COMMANDS, "devices", broken)
+    assert main(["devices"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error (KeyError" in err and "VOLSEG_DEBUG" in err

@@ -24,8 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from volseg.cards import ModelCard, match_inputs
-from volseg.cli import error_from_exception
-from volseg.errors import Cancelled, InputError, VolSegError
+from volseg.errors import Cancelled, InputError, VolSegError, error_from_exception
 from volseg.io import full_suffix, make_output_folder
 from volseg.io.readers import image_format
 from volseg.pipeline import ModelCache, SegmentRequest, segment

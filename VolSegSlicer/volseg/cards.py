@@ -74,7 +74,6 @@ class ModelCard:
     activation: str
     threshold: float
     out_channels: int
-    select_output: int
     preprocessing: tuple[dict[str, Any], ...]
     inference: InferenceOptions
     postprocessing: PostprocessSettings
@@ -212,7 +211,6 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
         activation=activation,
         threshold=float(output.get("threshold", 0.5)),
         out_channels=out_channels,
-        select_output=int(output.get("select", 0)),
         preprocessing=tuple(raw.get("preprocessing", [])),
         inference=InferenceOptions(
             roi_size=tuple(inf.get("roi_size", (96, 96, 96))),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from volseg import __version__
-from volseg.errors import Cancelled, InputError, ResourceError, VolSegError
+from volseg.errors import Cancelled, InputError, VolSegError, error_from_exception
 
 
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
@@ -176,26 +176,6 @@ class _CancelOnSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def error_from_exception(exc: BaseException) -> VolSegError:
-    """The one message a failure is reported with: a :class:`VolSegError` as it is, running out of
-    memory as a :class:`ResourceError`, anything else as an internal error (exit code 1)."""
-    if isinstance(exc, VolSegError):
-        return exc
-    if isinstance(exc, KeyboardInterrupt):
-        return Cancelled()
-    memory_hint = "use a smaller ROI (--roi-size), a smaller volume, or free memory"
-    if isinstance(exc, MemoryError):
-        return ResourceError("out of memory", hint=memory_hint)
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
-        return ResourceError("out of memory: " + text, hint=memory_hint)
-    err = VolSegError(f"internal error ({type(exc).__name__}: {text})",
-                      hint="this is a bug in volseg: please report it with the command line; "
-                      "VOLSEG_DEBUG=1 shows the traceback")
-    err.exit_code = 1
-    return err
 
 
 def _run_reported(reporter, fn) -> int:
@@ -478,21 +458,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except VolSegError as err:  # errors outside a reported run (models, inspect, devices)
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"  hint: {err.hint}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("cancelled", file=sys.stderr)
-        return Cancelled.exit_code
-    except Exception as exc:  # a bug in models/inspect/devices: one line, as for segment
-        if os.environ.get("VOLSEG_DEBUG"):
+    except Exception as exc:  # failures outside a reported run (models, inspect, devices): one message
+        if os.environ.get("VOLSEG_DEBUG") and not isinstance(exc, VolSegError):
             raise
-        print(f"error: internal error ({type(exc).__name__}: {exc})\n  hint: this is a bug in volseg: please "
-              "report it with the command line; VOLSEG_DEBUG=1 shows the traceback", file=sys.stderr)
-        return 1
-
+        err = error_from_exception(exc)
+    except KeyboardInterrupt as exc:
+        err = error_from_exception(exc)
+    print(f"error: {err.message}", file=sys.stderr)
+    if err.hint:
+        print(f"  hint: {err.hint}", file=sys.stderr)
+    return err.exit_code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,3 +60,23 @@ class Cancelled(VolSegError):
 
     def __init__(self, message: str = "cancelled; nothing was written", hint: str | None = None) -> None:
         super().__init__(message, hint)
+
+
+def error_from_exception(exc: BaseException) -> VolSegError:
+    """The one message a failure is reported with: a :class:`VolSegError` as it is, running out of
+    memory as a :class:`ResourceError`, anything else as an internal error (exit code 1)."""
+    if isinstance(exc, VolSegError):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return Cancelled()
+    memory_hint = "use a smaller ROI (--roi-size), a smaller volume, or free memory"
+    if isinstance(exc, MemoryError):
+        return ResourceError("out of memory", hint=memory_hint)
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+        return ResourceError("out of memory: " + text, hint=memory_hint)
+    err = VolSegError(f"internal error ({type(exc).__name__}: {text})",
+                      hint="this is a bug in volseg: please report it with the command line; "
+                      "VOLSEG_DEBUG=1 shows the traceback")
+    err.exit_code = 1
+    return err

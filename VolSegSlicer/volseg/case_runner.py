@@ -1,0 +1,98 @@
+"""One case of a batch, run where it is sent: in the ``volseg batch`` process or in a cluster worker.
+
+:func:`run_case` segments one case and returns what happened as a plain dict (an *outcome*)
+that travels between processes; the failure of a case is an outcome, never an exception, so
+one bad case cannot stop a cohort. The same function runs in the plain batch and in each Ray
+actor (``volseg.cluster``), so both give the same results and the same messages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from volseg.errors import Cancelled, InputError, OutputError, VolSegError, error_from_exception
+from volseg.pipeline import ModelCache, SegmentRequest, segment
+from volseg.progress import Reporter
+
+#: What to do when a worker cannot see a path (README, "Cohorts on a cluster").
+SHARED_FS_HINT = ("inputs and the output folder must be on a file system every node mounts at the same path "
+                  "(NFS, a parallel file system, ...)")
+
+
+@dataclass
+class Job:
+    """A case on its way to a worker: its inputs, its result file, and how often it was tried."""
+
+    name: str
+    inputs: list[Path]
+    output: Path
+    overwrite: bool = False
+    attempts: int = 0
+
+
+class CaseReporter(Reporter):
+    """The reporter of one case: its own stage timings, its warnings kept, every event passed on
+    to ``parent`` (none in a cluster worker, whose events stay there)."""
+
+    def __init__(self, parent: Reporter | None = None) -> None:
+        super().__init__(parent.stream if parent else None, parent.request if parent else None)
+        self.parent = parent
+        self.warnings: list[str] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if event["event"] == "log" and event.get("level") == "warning":
+            self.warnings.append(event["message"])
+        if self.parent is not None:
+            self.parent.emit(event)
+
+
+def node_name() -> str:
+    return socket.gethostname() or "this machine"
+
+
+def check_visible(job: Job, where: str) -> None:
+    """Refuse a case whose inputs or output folder this process cannot see (one clear message)."""
+    for path in job.inputs:
+        if not os.path.exists(path):
+            raise InputError(f"input {path} is not visible on {where}", hint=SHARED_FS_HINT)
+    if not os.path.isdir(job.output.parent):
+        raise OutputError(f"output folder {job.output.parent} is not visible on {where}", hint=SHARED_FS_HINT)
+
+
+def run_case(template: SegmentRequest, job: Job, parent: Reporter | None = None,
+             cancel: threading.Event | None = None, cache: ModelCache | None = None) -> dict[str, Any]:
+    """Segment ``job`` with the settings of ``template``; return its outcome.
+
+    The outcome: ``status`` ("done", "failed", or "not_done" when cancelled; nothing is written
+    then), ``elapsed_s``, ``timings`` (seconds per stage), ``device``, ``node``, ``worker``,
+    ``error`` (``{"message", "hint", "exit_code"}`` or None) and ``warnings``. Only a
+    ``KeyboardInterrupt`` escapes. ``VOLSEG_DEBUG=1`` re-raises an unexpected error instead.
+    """
+    reporter = CaseReporter(parent)
+    where = node_name()
+    outcome: dict[str, Any] = {"status": "failed", "node": where, "worker": f"pid {os.getpid()}",
+                               "device": None, "error": None}
+    t0 = time.perf_counter()
+    try:
+        check_visible(job, where)
+        request = replace(template, inputs=list(job.inputs), output=job.output, overwrite=job.overwrite)
+        result = segment(request, reporter, cancel, cache)
+        outcome.update(status="done", device=result.get("where") or result.get("device"))
+    except Cancelled:
+        outcome.update(status="not_done", error={"message": "cancelled while running; nothing was written",
+                                                 "hint": None, "exit_code": Cancelled.exit_code})
+    except Exception as exc:
+        if os.environ.get("VOLSEG_DEBUG") and not isinstance(exc, VolSegError):
+            raise
+        err = error_from_exception(exc)
+        outcome["error"] = {"message": err.message, "hint": err.hint, "exit_code": err.exit_code}
+    reporter._close_stage()
+    outcome.update(elapsed_s=round(time.perf_counter() - t0, 3),
+                   timings={k: round(v, 3) for k, v in reporter.timings.items()}, warnings=reporter.warnings)
+    return outcome

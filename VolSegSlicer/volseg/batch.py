@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from volseg.cards import ModelCard, match_inputs
 from volseg.case_runner import Job, run_case
@@ -41,9 +41,18 @@ from volseg.cohort import CohortProgress
 from volseg.errors import Cancelled, CheckpointError, InputError
 from volseg.io import full_suffix, make_output_folder, segmentation_outputs
 from volseg.io.readers import image_format
-from volseg.manifest import SKIPPED, Manifest, file_records, input_signature, sha256_of_json
+from volseg.manifest import (
+    SKIPPED,
+    Manifest,
+    file_records,
+    input_signature,
+    sha256_of_json,
+)
 from volseg.pipeline import ModelCache, SegmentRequest, checkpoint_for
 from volseg.progress import Reporter
+
+if TYPE_CHECKING:
+    from volseg.cluster import ClusterSettings
 
 
 @dataclass
@@ -120,20 +129,6 @@ def find_cases(paths: list[Path], card: ModelCard) -> list[Case]:
     return cases
 
 
-@dataclass(frozen=True)
-class ClusterSettings:
-    """Where ``--cluster`` runs a cohort (see :mod:`volseg.cluster`).
-
-    ``address``: "local" (start Ray on this machine), "auto" (the cluster this machine belongs
-    to) or "ray://HOST:PORT"; ``workers``: actors in the pool (None: one per GPU, or as many as
-    the CPUs allow); ``retries``: how often a case whose worker died is tried again.
-    """
-
-    address: str
-    workers: int | None = None
-    retries: int = 2
-
-
 def run_settings(template: SegmentRequest, suffix: str, checkpoint: Path) -> dict[str, Any]:
     """What a result depends on besides its inputs: the card, the checkpoint's SHA-256, the options.
 
@@ -179,7 +174,8 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
             result = ({"outputs": file_records(out_dir, names[job.name]) or [], "made_with": made_with[job.name]}
                       if status == "done" else manifest.kept_result(job.name, names[job.name]))
             manifest.record({"case": job.name, "status": status, "inputs": [str(p) for p in job.inputs], **result,
-                             **{k: outcome.get(k) for k in ("elapsed_s", "timings", "device", "node", "worker", "error")},
+                             **{k: outcome.get(k) for k in ("elapsed_s", "overhead_s", "timings", "device", "where", "node", "worker",
+                                                   "error")},
                              "attempts": job.attempts})
             summary[status].append(job.name)
             for warning in outcome.get("warnings") or []:
@@ -203,7 +199,9 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
             if cluster is None:
                 _run_here(template, jobs, reporter, finish, cancel)
             else:
-                from volseg.cluster import run_on_cluster  # Ray is imported only when asked for
+                from volseg.cluster import (
+                    run_on_cluster,  # Ray is imported only when asked for
+                )
 
                 run_on_cluster(template, jobs, cluster, reporter, finish, retry, cancel)
         except KeyboardInterrupt:
@@ -235,7 +233,8 @@ def _plan_cases(cases: list[Case], out_dir: Path, suffix: str, overwrite: bool, 
         if plan.action == "run":
             if plan.reason and plan.reason != "--overwrite":
                 reporter.log(f"{case.name}: {plan.reason}")
-            jobs.append(Job(case.name, list(case.inputs), out, plan.overwrite))
+            fresh = not any((out_dir / name).exists() for name in names[case.name])
+            jobs.append(Job(case.name, list(case.inputs), out, plan.overwrite, fresh=fresh))
             continue
         summary["skipped"].append(case.name)
         if manifest.owned(case.name, names[case.name]):

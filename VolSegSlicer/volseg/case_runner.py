@@ -8,7 +8,9 @@ actor (``volseg.cluster``), so both give the same results and the same messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import threading
 import time
@@ -16,7 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from volseg.errors import Cancelled, InputError, OutputError, VolSegError, error_from_exception
+from volseg.errors import (
+    Cancelled,
+    InputError,
+    OutputError,
+    VolSegError,
+    error_from_exception,
+)
+from volseg.io import full_suffix, segmentation_outputs
 from volseg.pipeline import ModelCache, SegmentRequest, segment
 from volseg.progress import Reporter
 
@@ -34,6 +43,8 @@ class Job:
     output: Path
     overwrite: bool = False
     attempts: int = 0
+    #: No result file of the case existed when the run began: any found after a worker died is partial.
+    fresh: bool = True
 
 
 class CaseReporter(Reporter):
@@ -65,12 +76,43 @@ def check_visible(job: Job, where: str) -> None:
         raise OutputError(f"output folder {job.output.parent} is not visible on {where}", hint=SHARED_FS_HINT)
 
 
+def discard_partial_outputs(job: Job) -> list[Path]:
+    """Remove what a worker killed while writing ``job``'s result may have left; return it.
+
+    That is: the hidden staging folders of :func:`volseg.pipeline.write_outputs` holding only
+    files of this result (their temporary names start with the result's name), and, for a case
+    that had no result before, any of its result files already moved into place (a label map
+    without its colour table, say). Staging folders of other cases are never touched.
+    """
+    out_dir = job.output.parent
+    names = {p.name for p in segmentation_outputs(job.output)}
+    stems = {name[: len(name) - len(full_suffix(name))] for name in names}
+
+    def ours(entry: str) -> bool:
+        return entry in names or any(entry.startswith(f".{stem}.volseg-tmp-") for stem in stems)
+
+    removed: list[Path] = []
+    for folder in out_dir.glob(".volseg-stage-*"):
+        with contextlib.suppress(OSError):
+            entries = [e.name for e in folder.iterdir()]
+            if entries and all(ours(e) for e in entries):
+                shutil.rmtree(folder)
+                removed.append(folder)
+    if job.fresh:
+        for name in sorted(names):
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
+                removed.append(out_dir / name)
+    return removed
+
+
 def run_case(template: SegmentRequest, job: Job, parent: Reporter | None = None,
              cancel: threading.Event | None = None, cache: ModelCache | None = None) -> dict[str, Any]:
     """Segment ``job`` with the settings of ``template``; return its outcome.
 
     The outcome: ``status`` ("done", "failed", or "not_done" when cancelled; nothing is written
-    then), ``elapsed_s``, ``timings`` (seconds per stage), ``device``, ``node``, ``worker``,
+    then), ``elapsed_s``, ``timings`` (seconds per stage), ``device`` (as resolved) and
+    ``where`` (where inference really ran, after any out-of-memory fallback), ``node``, ``worker``,
     ``error`` (``{"message", "hint", "exit_code"}`` or None) and ``warnings``. Only a
     ``KeyboardInterrupt`` escapes. ``VOLSEG_DEBUG=1`` re-raises an unexpected error instead.
     """
@@ -83,7 +125,7 @@ def run_case(template: SegmentRequest, job: Job, parent: Reporter | None = None,
         check_visible(job, where)
         request = replace(template, inputs=list(job.inputs), output=job.output, overwrite=job.overwrite)
         result = segment(request, reporter, cancel, cache)
-        outcome.update(status="done", device=result.get("where") or result.get("device"))
+        outcome.update(status="done", device=result.get("device"), where=result.get("where"))
     except Cancelled:
         outcome.update(status="not_done", error={"message": "cancelled while running; nothing was written",
                                                  "hint": None, "exit_code": Cancelled.exit_code})

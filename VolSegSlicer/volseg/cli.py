@@ -286,8 +286,6 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cluster_from_args(args: argparse.Namespace):
     """The batch's ``--cluster`` settings (None without ``--cluster``); bad values are refused."""
-    from volseg.batch import ClusterSettings
-
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers} must be at least 1")
     if args.retries < 0:
@@ -296,6 +294,9 @@ def cluster_from_args(args: argparse.Namespace):
         if args.workers is not None:
             raise InputError("--workers is for --cluster runs", hint="add --cluster local (or auto, or ray://HOST:PORT)")
         return None
+    from volseg.cluster import ClusterSettings, check_address  # imports no Ray
+
+    check_address(args.cluster)
     return ClusterSettings(args.cluster, args.workers, args.retries)
 
 

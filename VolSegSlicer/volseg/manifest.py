@@ -109,10 +109,10 @@ class Manifest:
         return self.out_dir / MANIFEST_NAME
 
     # -- opening, appending, closing -----------------------------------------------------------
-    def __enter__(self) -> Manifest:
+    def __enter__(self) -> Manifest:  # noqa: PYI034 (Self needs Python 3.11)
         self.rows, self.unreadable_lines = read_rows(self.path)
         try:
-            self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
+            self._stream = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
             raise OutputError(f"cannot write the manifest {self.path}: {exc.strerror or exc}",
                               hint="check the permissions of the output folder") from None
@@ -138,8 +138,7 @@ class Manifest:
     def compact(self) -> None:
         """Rewrite the file atomically with one row (the latest) per case."""
         with atomic_output(self.path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for row in self.rows.values():
-                f.write(json.dumps(row, default=str) + "\n")
+            f.writelines(json.dumps(row, default=str) + "\n" for row in self.rows.values())
 
     # -- what a run does with each case ------------------------------------------------------
     def plan(self, case: str, outputs: list[str], made_with: dict[str, Any], overwrite: bool) -> Plan:

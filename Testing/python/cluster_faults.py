@@ -17,7 +17,7 @@ def install() -> None:
     folder = os.environ.get("VOLSEG_TEST_FAULTS")
     if not folder:
         return
-    import volseg.pipeline as pipeline
+    from volseg import pipeline
 
     real = pipeline.write_segmentation
 

@@ -23,9 +23,9 @@ if importlib.util.find_spec("ray") is None:
     pytest.skip("Ray is not installed (pip install -e '.[cluster]'); the --cluster tests need it",
                 allow_module_level=True)
 
-from volseg import cluster  # noqa: E402
-from volseg.cli import main  # noqa: E402
-from volseg.manifest import MANIFEST_NAME, read_rows  # noqa: E402
+from volseg import cluster
+from volseg.cli import main
+from volseg.manifest import MANIFEST_NAME, read_rows
 
 TESTS_DIR = Path(__file__).resolve().parent
 SHAPES = [(20, 16, 12), (16, 16, 16), (24, 16, 12), (20, 20, 12), (16, 24, 12), (20, 16, 16)]

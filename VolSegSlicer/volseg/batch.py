@@ -203,7 +203,11 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
                     run_on_cluster,  # Ray is imported only when asked for
                 )
 
-                run_on_cluster(template, jobs, cluster, reporter, finish, retry, cancel)
+                def log(message: str, level: str) -> None:
+                    progress.break_line()
+                    reporter.log(message, level)
+
+                run_on_cluster(template, jobs, cluster, log, finish, retry, cancel)
         except KeyboardInterrupt:
             interrupted = True
         finally:

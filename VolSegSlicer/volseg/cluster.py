@@ -36,7 +36,6 @@ from volseg import __version__
 from volseg.case_runner import Job, discard_partial_outputs, node_name, run_case
 from volseg.errors import Cancelled, InputError, ResourceError
 from volseg.pipeline import ModelCache, SegmentRequest
-from volseg.progress import Reporter
 
 #: Seconds to wait for a first worker to start before giving up on the cohort.
 START_TIMEOUT_S = 300.0
@@ -204,11 +203,11 @@ class CaseWorker:
 class WorkerPool:
     """The actors of one cohort and the loop that feeds them cases (see the module docstring)."""
 
-    def __init__(self, template: SegmentRequest, shape: PoolShape, reporter: Reporter) -> None:
+    def __init__(self, template: SegmentRequest, shape: PoolShape, log: Callable[[str, str], None]) -> None:
         import volseg
 
         self.ray = import_ray()
-        self.shape, self.reporter = shape, reporter
+        self.shape, self.log = shape, log
         self.engine = volseg.__file__
         worker = replace(template, device=shape.device)
         self._actor_class = self.ray.remote(CaseWorker).options(
@@ -244,11 +243,11 @@ class WorkerPool:
             return
         if self.started_s is None:
             self.started_s = time.perf_counter() - self._t0
-        self.reporter.log(f"worker pid {info['pid']} on {info['node']} ready (volseg {info['version']} from "
-                          f"{Path(info['engine']).parent})")
+        self.log(f"worker pid {info['pid']} on {info['node']} ready (volseg {info['version']} from "
+                 f"{Path(info['engine']).parent})", "info")
         if info["version"] != __version__:
-            self.reporter.log(f"worker on {info['node']} runs volseg {info['version']}, this process {__version__}: "
-                              "install the same version on every node", "warning")
+            self.log(f"worker on {info['node']} runs volseg {info['version']}, this process {__version__}: "
+                     "install the same version on every node", "warning")
         self.idle.append(actor)
 
     def run(self, jobs: list[Job], finish: Callable[[Job, Outcome], None], retry: Callable[[Job, str], None],
@@ -364,20 +363,27 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: ClusterSettings, reporter: Reporter,
+def run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: ClusterSettings,
+                   log: Callable[[str, str], None],
                    finish: Callable[[Job, Outcome], None], retry: Callable[[Job, str], None],
                    cancel: threading.Event) -> None:
-    """Run ``jobs`` on the Ray cluster ``settings.address`` (see the module docstring)."""
+    """Run ``jobs`` on the Ray cluster ``settings.address`` (see the module docstring).
+
+    ``log(message, level)`` reports what happens to the pool; ``finish(job, outcome)`` is called
+    once per job that ends (not for jobs left when ``cancel`` is set), ``retry(job, message)``
+    when a job is sent again after its worker died.
+    """
     check_address(settings.address)
     if not jobs:
         return
     # Ray prints what its daemons report (a worker killed, say) on sys.stdout: send it to stderr,
     # so that stdout keeps nothing but the JSON events (the reporter holds the real stdout).
     with contextlib.redirect_stdout(sys.stderr):
-        _run_on_cluster(template, jobs, settings, reporter, finish, retry, cancel)
+        _run_on_cluster(template, jobs, settings, log, finish, retry, cancel)
 
 
-def _run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: ClusterSettings, reporter: Reporter,
+def _run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: ClusterSettings,
+                    log: Callable[[str, str], None],
                     finish: Callable[[Job, Outcome], None], retry: Callable[[Job, str], None],
                     cancel: threading.Event) -> None:
     disconnect = connect(settings.address)
@@ -385,8 +391,8 @@ def _run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: Cluster
     try:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         shape = pool_shape(nodes, template.device, settings.workers)
-        reporter.log(f"cluster {settings.address}: {len(nodes)} node(s); {shape.describe()}")
-        pool = WorkerPool(template, shape, reporter)
+        log(f"cluster {settings.address}: {len(nodes)} node(s); {shape.describe()}", "info")
+        pool = WorkerPool(template, shape, log)
         try:
             pool.run(jobs, finish, retry, cancel, settings.retries)
         finally:

@@ -176,3 +176,28 @@ def test_cancel_keeps_finished_cases_and_records_the_rest(ray_local, cohort, thr
 
 def test_local_instance_keeps_to_the_loopback_interface(ray_local):
     assert {n["NodeManagerAddress"] for n in ray_local.nodes()} == {"127.0.0.1"}
+
+
+def test_the_command_line_starts_and_stops_its_own_loopback_instance(cohort, threshold_torchscript, tmp_path):
+    """`volseg batch --cluster local` as a user runs it: a process of its own, which starts Ray
+    (on the loopback interface: nothing may import Ray before that) and stops it again."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([cluster.ENGINE_ROOT, os.environ.get("PYTHONPATH", "")])}
+    script = ("import sys; from volseg.cli import main; rc = main(sys.argv[1:]); "
+              "import ray; print('NODE', ray.util.get_node_ip_address() if ray.is_initialized() else 'stopped'); "
+              "sys.exit(rc)")
+    one_case = cohort["cases"] / "c0.nii.gz"
+    proc = subprocess.run([sys.executable, "-c", script, "batch", str(one_case), "--model", str(cohort["card"]),
+                           "--checkpoint", str(threshold_torchscript), "-o", str(out), "--cluster", "local",
+                           "--progress", "json"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Ray was imported before" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "NODE stopped"
+    events = [json.loads(line) for line in lines[:-1]]  # stdout: JSON events only
+    assert [e["status"] for e in events if e["event"] == "case"] == ["done"]
+    assert any(e["event"] == "log" and e["message"].startswith("cluster local: 1 node(s) (127.0.0.1);") for e in events)
+    assert (out / "c0.seg.nrrd").exists()

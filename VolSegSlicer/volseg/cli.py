@@ -294,10 +294,10 @@ def cluster_from_args(args: argparse.Namespace):
         if args.workers is not None:
             raise InputError("--workers is for --cluster runs", hint="add --cluster local (or auto, or ray://HOST:PORT)")
         return None
-    from volseg.cluster import ClusterSettings, check_address, import_ray
+    from volseg.cluster import ClusterSettings, check_address, require_ray
 
     check_address(args.cluster)
-    import_ray()  # before any work: a missing Ray is one message
+    require_ray()  # before any work: a missing Ray is one message
     return ClusterSettings(args.cluster, args.workers, args.retries)
 
 

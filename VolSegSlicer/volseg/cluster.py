@@ -21,6 +21,7 @@ interface only; ``auto`` joins the cluster this machine belongs to (``ray start`
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import threading
@@ -63,13 +64,28 @@ class ClusterSettings:
     retries: int = 2
 
 
+def _ray_missing() -> ResourceError:
+    return ResourceError("--cluster needs Ray, which is not installed",
+                         hint='pip install "volseg[cluster]" (in a checkout: pip install -e ".[cluster]")')
+
+
+def require_ray() -> None:
+    """Refuse at once, with one clear message, when Ray is not installed -- without importing it
+    (imported, it could no longer be told to keep a local instance on the loopback interface)."""
+    if "ray" in sys.modules:
+        if sys.modules["ray"] is None:
+            raise _ray_missing()
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise _ray_missing()
+
+
 def import_ray():
     """Ray, or one clear message saying how to install it."""
     try:
         import ray
     except ImportError:
-        raise ResourceError("--cluster needs Ray, which is not installed",
-                            hint='pip install "volseg[cluster]" (in a checkout: pip install -e ".[cluster]")') from None
+        raise _ray_missing() from None
     return ray
 
 
@@ -109,12 +125,12 @@ def connect(address: str) -> bool:
     """Make this process a Ray driver for ``address``; True when it must disconnect afterwards
     (False: Ray was initialised already, e.g. by a test or a benchmark, and stays so)."""
     check_address(address)
-    ray = import_ray()
-    if ray.is_initialized():
+    if "ray" in sys.modules and sys.modules["ray"] is not None and sys.modules["ray"].is_initialized():
         return False
     if address == "local":
-        start_local()
+        start_local()  # imports Ray (after telling it to keep to the loopback interface)
         return True
+    ray = import_ray()
     try:
         ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False, logging_level="warning")
     except Exception as exc:  # noqa: BLE001 (ConnectionError, a timeout, a refused handshake: one message)
@@ -389,9 +405,11 @@ def _run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: Cluster
     disconnect = connect(settings.address)
     ray = import_ray()
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        shape = pool_shape(nodes, template.device, settings.workers)
-        log(f"cluster {settings.address}: {len(nodes)} node(s); {shape.describe()}", "info")
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        shape = pool_shape([n["Resources"] for n in alive], template.device, settings.workers)
+        addresses = sorted({str(n.get("NodeManagerAddress")) for n in alive})
+        shown = ", ".join(addresses[:3]) + (", ..." if len(addresses) > 3 else "")
+        log(f"cluster {settings.address}: {len(alive)} node(s) ({shown}); {shape.describe()}", "info")
         pool = WorkerPool(template, shape, log)
         try:
             pool.run(jobs, finish, retry, cancel, settings.retries)

@@ -220,11 +220,8 @@ class WorkerPool:
     """The actors of one cohort and the loop that feeds them cases (see the module docstring)."""
 
     def __init__(self, template: SegmentRequest, shape: PoolShape, log: Callable[[str, str], None]) -> None:
-        import volseg
-
         self.ray = import_ray()
         self.shape, self.log = shape, log
-        self.engine = volseg.__file__
         worker = replace(template, device=shape.device)
         self._actor_class = self.ray.remote(CaseWorker).options(
             num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_concurrency=2, max_restarts=0,
@@ -235,8 +232,6 @@ class WorkerPool:
         self.idle: deque = deque()
         self.inflight: dict[Any, tuple[Any, Job, float]] = {}  # run() ref -> (actor, job, submitted at)
         self.last_start_error = ""
-        self.started_s: float | None = None  # seconds until the first worker was ready
-        self._t0 = time.perf_counter()
         for _ in range(shape.workers):
             self._spawn()
 
@@ -257,8 +252,6 @@ class WorkerPool:
             self.last_start_error = _first_line(exc)
             self._replace()
             return
-        if self.started_s is None:
-            self.started_s = time.perf_counter() - self._t0
         self.log(f"worker pid {info['pid']} on {info['node']} ready (volseg {info['version']} from "
                  f"{Path(info['engine']).parent})", "info")
         if info["version"] != __version__:

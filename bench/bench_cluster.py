@@ -13,7 +13,8 @@ cohort into a fresh output folder:
   its actor pool (the CPUs shared among the workers: threads = CPUs / workers) and ends it.
 
 Columns: median cohort wall time, cases per minute and its ratio to the baseline; the mean
-time of a case inside its worker (``elapsed_s`` in the manifest); the **scheduling overhead
+time of a case inside its worker (``elapsed_s`` in the manifest) and the worker process's CPU
+time meanwhile (``cpu_s``); the **scheduling overhead
 per case** -- the time from sending a case to an actor to having its outcome back, less the
 case's own time in the actor (``overhead_s`` in the manifest) -- and that overhead as a
 percentage of the case's time; and the **fixed cost** of a cohort: wall time less the busiest
@@ -132,6 +133,7 @@ def summarise(name: str, runs: list[dict[str, Any]], reference: dict[str, np.nda
     n = len(runs[0]["rows"])
     wall = statistics.median(r["wall"] for r in runs)
     case_s = statistics.mean(row["elapsed_s"] for r in runs for row in r["rows"])
+    cpu_s = statistics.mean(row["cpu_s"] for r in runs for row in r["rows"])
     overheads = [row["overhead_s"] for r in runs for row in r["rows"] if row.get("overhead_s") is not None]
     fixed = []
     for r in runs:
@@ -144,7 +146,7 @@ def summarise(name: str, runs: list[dict[str, Any]], reference: dict[str, np.nda
                                                          for k, v in reference.items())
     ok = same and not last["failed"] and all(row["status"] == "done" for row in last["rows"])
     overhead = statistics.mean(overheads) if overheads else None
-    return {"name": name, "cases": n, "seconds": wall, "per_min": n / wall * 60, "case_s": case_s,
+    return {"name": name, "cases": n, "seconds": wall, "per_min": n / wall * 60, "case_s": case_s, "cpu_s": cpu_s,
             "overhead_ms": None if overhead is None else overhead * 1000,
             "overhead_pct": None if overhead is None else 100 * overhead / case_s,
             "fixed_s": statistics.median(fixed), "ok": ok,
@@ -179,6 +181,7 @@ def run(n_cases: int, size: tuple[int, int, int], cpus: int, repeats: int, warmu
 
 COLUMNS = [Column("name", "configuration"), Column("cases", "cases"), Column("seconds", "cohort s", "{:.2f}"),
            Column("per_min", "cases/min", "{:.1f}"), Column("case_s", "s/case in worker", "{:.2f}"),
+           Column("cpu_s", "CPU s/case", "{:.2f}"),
            Column("overhead_ms", "overhead ms/case", "{:.1f}"), Column("overhead_pct", "overhead % of case", "{:.2f}"),
            Column("fixed_s", "fixed s/cohort", "{:.2f}"), Column("check", "check")]
 

@@ -120,7 +120,7 @@ def test_cluster_bench_tiny(bench, tmp_path):
     assert rows[0]["ok"] and rows[0]["case_s"] > 0 and rows[0]["overhead_ms"] is None
     assert "| plain batch | 2 |" in bc.table(rows)
     run = {"wall": 1.0, "failed": [], "labels": {"a.nii.gz": np.zeros((2, 2, 2), np.uint8)},
-           "rows": [{"status": "done", "elapsed_s": 0.4, "overhead_s": 0.01, "worker": "pid 1"}] * 2}
+           "rows": [{"status": "done", "elapsed_s": 0.4, "cpu_s": 0.7, "overhead_s": 0.01, "worker": "pid 1"}] * 2}
     row = bc.summarise("Ray, 1 worker", [run], {"a.nii.gz": np.ones((2, 2, 2), np.uint8)})
     assert row["check"] == "FAIL: labels differ" and not row["ok"]
     assert row["overhead_pct"] == pytest.approx(2.5) and row["fixed_s"] == pytest.approx(1.0 - 0.82)

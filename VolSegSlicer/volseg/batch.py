@@ -171,11 +171,14 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
         def finish(job: Job, outcome: dict[str, Any]) -> None:
             finished.add(job.name)
             status = outcome["status"]
-            result = ({"outputs": file_records(out_dir, names[job.name]) or [], "made_with": made_with[job.name]}
-                      if status == "done" else manifest.kept_result(job.name, names[job.name]))
+            if status == "done":  # the worker's view of the files it wrote (see run_case)
+                outputs = outcome.get("outputs") or file_records(out_dir, names[job.name]) or []
+                result = {"outputs": outputs, "made_with": made_with[job.name]}
+            else:
+                result = manifest.kept_result(job.name, names[job.name])
             manifest.record({"case": job.name, "status": status, "inputs": [str(p) for p in job.inputs], **result,
-                             **{k: outcome.get(k) for k in ("elapsed_s", "overhead_s", "timings", "device", "where", "node", "worker",
-                                                   "error")},
+                             **{k: outcome.get(k) for k in ("elapsed_s", "cpu_s", "overhead_s", "timings", "device", "where", "node",
+                                                   "worker", "error")},
                              "attempts": job.attempts})
             summary[status].append(job.name)
             for warning in outcome.get("warnings") or []:

@@ -26,6 +26,7 @@ from volseg.errors import (
     error_from_exception,
 )
 from volseg.io import full_suffix, segmentation_outputs
+from volseg.manifest import file_records
 from volseg.pipeline import ModelCache, SegmentRequest, segment
 from volseg.progress import Reporter
 
@@ -111,8 +112,11 @@ def run_case(template: SegmentRequest, job: Job, parent: Reporter | None = None,
     """Segment ``job`` with the settings of ``template``; return its outcome.
 
     The outcome: ``status`` ("done", "failed", or "not_done" when cancelled; nothing is written
-    then), ``elapsed_s``, ``timings`` (seconds per stage), ``device`` (as resolved) and
-    ``where`` (where inference really ran, after any out-of-memory fallback), ``node``, ``worker``,
+    then), ``elapsed_s``, ``cpu_s`` (CPU time of the whole process meanwhile), ``timings``
+    (seconds per stage), ``device`` (as resolved) and ``where`` (where inference really ran,
+    after any out-of-memory fallback), ``outputs`` (name, size and modification time of each
+    result file, as this process sees them: on a network file system the writer's view is the
+    one to trust), ``node``, ``worker``,
     ``error`` (``{"message", "hint", "exit_code"}`` or None) and ``warnings``. Only a
     ``KeyboardInterrupt`` escapes. ``VOLSEG_DEBUG=1`` re-raises an unexpected error instead.
     """
@@ -120,12 +124,14 @@ def run_case(template: SegmentRequest, job: Job, parent: Reporter | None = None,
     where = node_name()
     outcome: dict[str, Any] = {"status": "failed", "node": where, "worker": f"pid {os.getpid()}",
                                "device": None, "error": None}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         check_visible(job, where)
         request = replace(template, inputs=list(job.inputs), output=job.output, overwrite=job.overwrite)
         result = segment(request, reporter, cancel, cache)
-        outcome.update(status="done", device=result.get("device"), where=result.get("where"))
+        names = [p.name for p in segmentation_outputs(job.output)]
+        outcome.update(status="done", device=result.get("device"), where=result.get("where"),
+                       outputs=file_records(job.output.parent, names))
     except Cancelled:
         outcome.update(status="not_done", error={"message": "cancelled while running; nothing was written",
                                                  "hint": None, "exit_code": Cancelled.exit_code})
@@ -135,6 +141,6 @@ def run_case(template: SegmentRequest, job: Job, parent: Reporter | None = None,
         err = error_from_exception(exc)
         outcome["error"] = {"message": err.message, "hint": err.hint, "exit_code": err.exit_code}
     reporter._close_stage()
-    outcome.update(elapsed_s=round(time.perf_counter() - t0, 3),
+    outcome.update(elapsed_s=round(time.perf_counter() - t0, 3), cpu_s=round(time.process_time() - c0, 3),
                    timings={k: round(v, 3) for k, v in reporter.timings.items()}, warnings=reporter.warnings)
     return outcome

@@ -12,13 +12,18 @@ A row::
      "inputs": ["/data/p001.nii.gz"], "outputs": [{"name": "p001.seg.nrrd", "size": 81234,
      "mtime_ns": ...}], "made_with": {"model": ..., "card_sha256": ..., "checkpoint_sha256": ...,
      "options": {...}, "inputs": [...]}, "elapsed_s": 3.2, "timings": {"infer": 2.1, ...},
-     "device": "cuda", "node": "gpu-3", "worker": "pid 1234", "attempts": 1,
+     "cpu_s": 5.1, "overhead_s": 0.006, "device": "cuda", "where": "ran on cuda", "node": "gpu-3",
+     "worker": "pid 1234", "attempts": 1,
      "error": null | {"message": ..., "hint": ..., "exit_code": ...}, "finished_at": "...Z",
      "software": "volseg 0.1.0"}
 
 ``outputs`` and ``made_with`` describe the result files volseg wrote for the case and that are
 still there, with the settings they were made with (a failed or cancelled re-run keeps the
-earlier result and says so). A re-run **skips** a case whose result files are all there,
+earlier result and says so). ``elapsed_s`` is the case's time in its worker, ``cpu_s`` the worker process's CPU time
+meanwhile, ``overhead_s`` (``--cluster`` runs) the rest of the time from sending the case to a
+worker to having its outcome back: scheduling and transfer.
+
+A re-run **skips** a case whose result files are all there,
 unchanged since volseg wrote them (size and modification time), and were made with the same
 model card, checkpoint SHA-256, options and input files; a result volseg made with other
 settings is redone and replaced; a file volseg did not make (or that changed since) is never

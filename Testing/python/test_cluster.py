@@ -131,22 +131,32 @@ def test_two_actors_give_the_plain_batch_results_and_a_killed_worker_is_retried(
     assert {r["made_with"]["options"]["overlap"] for r in rows.values()} == {0.5}
 
 
-def test_a_worker_that_cannot_see_an_input_fails_that_case_only(ray_local, cohort, threshold_torchscript,
-                                                                monkeypatch, capsys, tmp_path):
+def test_an_invisible_input_and_a_case_that_keeps_killing_its_worker_fail_alone(
+        ray_local, cohort, threshold_torchscript, faults, monkeypatch, capsys, tmp_path):
     import volseg.batch
     from volseg.batch import Case
 
     real = volseg.batch.find_cases
     ghost = tmp_path / "elsewhere" / "ghost.nii.gz"  # a path the workers do not see
     monkeypatch.setattr(volseg.batch, "find_cases", lambda paths, card: [*real(paths, card)[:2], Case("ghost", [ghost])])
+    for n in (1, 2):  # c1 kills its worker twice: with --retries 1 that is all its tries
+        (faults / f"kill-c1.seg.nrrd.{n}").write_text("")
     out = tmp_path / "o"
-    assert batch(cohort, threshold_torchscript, out, "--cluster", "local", "--workers", "1") == 1
+    assert batch(cohort, threshold_torchscript, out, "--cluster", "local", "--workers", "1", "--retries", "1") == 1
     ev = events(capsys)
-    errors = [e for e in ev if e["event"] == "error"]
-    assert len(errors) == 1 and errors[0]["message"] == f"ghost: input {ghost} is not visible on {cluster.node_name()}"
-    assert "file system every node mounts" in errors[0]["hint"]
+    assert not list(faults.glob("kill-c1.seg.nrrd.[12]"))
+    errors = {e["message"].split(":")[0]: e for e in ev if e["event"] == "error"}
+    assert set(errors) == {"ghost", "c1"}
+    assert errors["ghost"]["message"] == f"ghost: input {ghost} is not visible on {cluster.node_name()}"
+    assert "file system every node mounts" in errors["ghost"]["hint"]
+    assert errors["c1"]["message"].startswith("c1: its worker died 2 time(s) while segmenting it")
+    retries = [e for e in ev if e["event"] == "case" and e["status"] == "retry"]
+    assert [e["case"] for e in retries] == ["c1"] and retries[0]["message"].startswith("its worker died (")
+    assert retries[0]["message"].endswith("trying again (2 of 2)")
     rows, _ = read_rows(out / MANIFEST_NAME)
-    assert {c: r["status"] for c, r in rows.items()} == {"c0": "done", "c1": "done", "ghost": "failed"}
+    assert {c: (r["status"], r["attempts"]) for c, r in rows.items()} == \
+        {"c0": ("done", 1), "c1": ("failed", 2), "ghost": ("failed", 1)}
+    assert sorted(p.name for p in out.iterdir()) == ["c0.seg.nrrd", MANIFEST_NAME]  # nothing partial of c1
 
 
 def test_cancel_keeps_finished_cases_and_records_the_rest(ray_local, cohort, threshold_torchscript, tmp_path):

@@ -9,8 +9,9 @@ that cannot see a path fails that case with a clear message.
 
 Faults: when an actor's process dies (killed, out of memory, node lost) the case it was
 segmenting is cleaned up (no partial result stays) and tried again on another actor, up to
-``--retries`` times, then marked failed; a fresh actor replaces the dead one (within a budget)
-and the rest of the cohort goes on. A cancel (Ctrl-C) asks the running cases to stop between
+``--retries`` times, then marked failed; a fresh actor replaces the dead one and the rest of the
+cohort goes on (actors that fail to start are replaced only a few times: that is a broken
+installation, and the cases left then fail with its message). A cancel (Ctrl-C) asks the running cases to stop between
 windows; a second Ctrl-C kills the actors at once.
 
 ``--cluster local`` starts a private Ray instance on this machine that listens on the loopback
@@ -227,7 +228,9 @@ class WorkerPool:
             num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_concurrency=2, max_restarts=0,
             scheduling_strategy="SPREAD")
         self._template = worker
-        self.replacements_left = max(2, 2 * shape.workers)
+        # Actors that die while segmenting are always replaced (the retries of each case bound
+        # those deaths); actors that fail to start are replaced only this often (a broken install).
+        self.start_failures_left = max(2, 2 * shape.workers)
         self.starting: dict[Any, tuple[Any, float]] = {}  # info() ref -> (actor, since)
         self.idle: deque = deque()
         self.inflight: dict[Any, tuple[Any, Job, float]] = {}  # run() ref -> (actor, job, submitted at)
@@ -239,10 +242,12 @@ class WorkerPool:
         actor = self._actor_class.remote(self._template, self.shape.threads)
         self.starting[actor.info.remote()] = (actor, time.perf_counter())
 
-    def _replace(self) -> None:
-        if self.replacements_left > 0:
-            self.replacements_left -= 1
-            self._spawn()
+    def _replace(self, failed_to_start: bool = False) -> None:
+        if failed_to_start:
+            if self.start_failures_left <= 0:
+                return
+            self.start_failures_left -= 1
+        self._spawn()
 
     def _started(self, ref: Any) -> None:
         actor, _ = self.starting.pop(ref)
@@ -250,7 +255,7 @@ class WorkerPool:
             info = self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:
             self.last_start_error = _first_line(exc)
-            self._replace()
+            self._replace(failed_to_start=True)
             return
         self.log(f"worker pid {info['pid']} on {info['node']} ready (volseg {info['version']} from "
                  f"{Path(info['engine']).parent})", "info")

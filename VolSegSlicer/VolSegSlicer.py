@@ -6,7 +6,6 @@ re-runs, exports), written against the scene and logics it is given and tested w
 slicer-core, and by the engine ``volseg``, run as a background process so the GUI never waits.
 """
 
-import logging
 import os
 import sys
 import tempfile

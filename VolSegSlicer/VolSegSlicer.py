@@ -31,40 +31,25 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if MODULE_DIR not in sys.path:  # Slicer adds it; keeps `import VolSegSlicerLib` working everywhere
     sys.path.insert(0, MODULE_DIR)
 
-from VolSegSlicerLib import dicom, export, results  # noqa: E402
-from VolSegSlicerLib.catalog import MAX_INPUTS, filter_models, input_titles, model_tooltip_html, prefill_inputs  # noqa: E402
+from VolSegSlicerLib import catalog, dicom, export, panel, resources, results, settings, testing  # noqa: E402
 from VolSegSlicerLib.devices import DeviceChoices, fallback_choices  # noqa: E402
-from VolSegSlicerLib.dicom import is_from_dicom  # noqa: E402
 from VolSegSlicerLib.jobs import SegmentationJob  # noqa: E402
-from VolSegSlicerLib.mrml import MRMLContext  # noqa: E402
-from VolSegSlicerLib.panel import model_list_title, model_summary, panel_state, run_end  # noqa: E402
+from VolSegSlicerLib.mrml import MRMLContext, scalar_volumes  # noqa: E402
 from VolSegSlicerLib.process import python_executable  # noqa: E402
-from VolSegSlicerLib.protocol import format_duration  # noqa: E402
-from VolSegSlicerLib.resources import LogBuffer, diagnostics_text, ensure_requirements, resource_dir  # noqa: E402
-from VolSegSlicerLib.results import reference_volume  # noqa: E402
 from VolSegSlicerLib.runner import EngineRunner  # noqa: E402
-from VolSegSlicerLib.settings import restore_settings, save_settings  # noqa: E402
-
-SETTINGS_PREFIX = "VolSegSlicer"
-
 
 def moduleResourcePath(filename: str = "") -> str:
     """A resource file, in the built extension (``<module dir>/Resources``) or a source checkout."""
-    return os.path.join(str(resource_dir(MODULE_DIR)), filename)
+    return os.path.join(str(resources.resource_dir(MODULE_DIR)), filename)
 
 
 def settingsValue(key: str, default: Any = None) -> Any:
-    value = qt.QSettings().value(f"{SETTINGS_PREFIX}/{key}")
+    value = qt.QSettings().value(f"VolSegSlicer/{key}")
     return default if value is None or value == "" else value
 
 
 def setSettingsValue(key: str, value: Any) -> None:
-    qt.QSettings().setValue(f"{SETTINGS_PREFIX}/{key}", value)
-
-
-#
-# Module
-#
+    qt.QSettings().setValue(f"VolSegSlicer/{key}", value)
 
 
 class VolSegSlicer(ScriptedLoadableModule):
@@ -90,11 +75,6 @@ class VolSegSlicer(ScriptedLoadableModule):
 
     def resourcePath(self, filename: str) -> str:
         return moduleResourcePath(filename)
-
-
-#
-# Parameter node
-#
 
 
 @parameterNodeWrapper
@@ -126,11 +106,6 @@ class VolSegSlicerParameterNode:
     device: str = "auto"
 
 
-#
-# Widget
-#
-
-
 class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: model list, inputs, device, advanced settings, output, Segment/Cancel, export.
     What it shows is decided by :mod:`VolSegSlicerLib.panel`; the work is done by the logic."""
@@ -144,15 +119,12 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._models: list[dict] = []
         self._devices: DeviceChoices = fallback_choices("Asking the engine which devices it can use...")
         self._job: Optional[SegmentationJob] = None
-        self._log = LogBuffer()
+        self._log = resources.LogBuffer()
         self._dependenciesChecked = False
-
-    def resourcePath(self, filename: str) -> str:
-        return moduleResourcePath(filename)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/VolSegSlicer.ui"))
+        uiWidget = slicer.util.loadUI(moduleResourcePath("UI/VolSegSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
@@ -226,7 +198,6 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
             self.updateGUIState()
 
-    # ------------------------------------------------------------------ models and devices
     def refreshModels(self) -> None:
         self.ui.modelInfoLabel.text = _("Reading the model cards...")
         self.logic.runner.query_models(self.ui.cardsDirPathLineEdit.currentPath, self.onModelsReady)
@@ -245,10 +216,10 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         listWidget, current = self.ui.modelListWidget, None
         listWidget.blockSignals(True)
         listWidget.clear()
-        for model in filter_models(self._models, self.ui.modelSearchBox.text):
-            item = qt.QListWidgetItem(model_list_title(model))
+        for model in catalog.filter_models(self._models, self.ui.modelSearchBox.text):
+            item = qt.QListWidgetItem(panel.model_list_title(model))
             item.setData(qt.Qt.UserRole, model["id"])
-            item.setToolTip(model_tooltip_html(model))
+            item.setToolTip(catalog.model_tooltip_html(model))
             listWidget.addItem(item)
             current = item if model["id"] == wanted else current
         listWidget.blockSignals(False)
@@ -269,15 +240,14 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.modelId = model["id"] if model else ""
         if model is not None:
             setSettingsValue("LastModel", model["id"])
-            self.ui.modelInfoLabel.text = model_summary(model)
+            self.ui.modelInfoLabel.text = panel.model_summary(model)
             remembered = settingsValue(f"Checkpoints/{model['id']}", "")  # checkpoint remembered per model
             self.ui.checkpointPathLineEdit.blockSignals(True)
             self.ui.checkpointPathLineEdit.currentPath = remembered
             self.ui.checkpointPathLineEdit.blockSignals(False)
             self._parameterNode.checkpointPath = remembered
-            volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                       if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-            for i, pick in enumerate(prefill_inputs(model, [n.GetName() for n in volumes])):
+            volumes = scalar_volumes(self.logic.context)
+            for i, pick in enumerate(catalog.prefill_inputs(model, [n.GetName() for n in volumes])):
                 if getattr(self._parameterNode, f"inputVolume{i}") is None and pick is not None:
                     setattr(self._parameterNode, f"inputVolume{i}", volumes[pick])
         elif self._models:
@@ -311,22 +281,22 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
             setSettingsValue("Device", self._parameterNode.device)
 
-    # ------------------------------------------------------------------ state
     def selectedInputs(self) -> list:
         model = self.currentModel()
-        count = len(input_titles(model)) if model else 1
+        count = len(catalog.input_titles(model)) if model else 1
         return [getattr(self._parameterNode, f"inputVolume{i}") for i in range(count)]
 
     def updateGUIState(self, *args) -> None:
         if not self._parameterNode or not hasattr(self, "ui"):
             return
         output = self._parameterNode.outputSegmentation
-        state = panel_state(self.currentModel(), [n.GetID() if n else None for n in self.selectedInputs()],
-                            running=self._job is not None and not self._job.finished,
-                            cancel_requested=bool(self._job and self._job.cancelRequested),
-                            use_model_settings=self._parameterNode.useModelSettings, has_output=output is not None,
-                            output_from_dicom=is_from_dicom(reference_volume(output)))
-        for i in range(MAX_INPUTS):
+        state = panel.panel_state(self.currentModel(), [n.GetID() if n else None for n in self.selectedInputs()],
+                                  running=self._job is not None and not self._job.finished,
+                                  cancel_requested=bool(self._job and self._job.cancelRequested),
+                                  use_model_settings=self._parameterNode.useModelSettings,
+                                  has_output=output is not None,
+                                  output_from_dicom=dicom.is_from_dicom(results.reference_volume(output)))
+        for i in range(catalog.MAX_INPUTS):
             self.inputLabels[i].setVisible(state.input_visible(i))
             self.inputSelectors[i].setVisible(state.input_visible(i))
             if state.input_visible(i):
@@ -347,7 +317,6 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DButton.setSegmentationNode(node)
         self.updateGUIState()
 
-    # ------------------------------------------------------------------ running
     def appendLog(self, line: str) -> None:
         self._log.append(line)
         self.ui.logTextEdit.appendPlainText(line)
@@ -381,10 +350,10 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = job.monitor.status
 
     def onJobFinished(self, job: SegmentationJob) -> None:
-        end = run_end(job)
+        end = panel.run_end(job)
         self.ui.progressBar.value = job.monitor.percent
         self.ui.progressBar.setVisible(end.progress_visible)
-        self.ui.timeLabel.text = _("Time taken: {t}").format(t=format_duration(job.elapsed))
+        self.ui.timeLabel.text = _("Time taken: {t}").format(t=panel.format_duration(job.elapsed))
         self.ui.statusLabel.text = end.status
         if job.segmentationNode is not None:
             self._parameterNode.outputSegmentation = job.segmentationNode
@@ -402,11 +371,10 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.runner.query_devices(self.showDevices)
 
     def onCopyLog(self) -> None:
-        qt.QApplication.clipboard().setText(diagnostics_text(
+        qt.QApplication.clipboard().setText(resources.diagnostics_text(
             MODULE_DIR, str(getattr(slicer.app, "applicationVersion", "?")), python_executable(), self._devices,
             self._log.text()))
 
-    # ------------------------------------------------------------------ export
     def _askPath(self, caption: str, fileFilter: str, suffix: str) -> Optional[str]:
         """A file name from the save dialog (which itself asks before replacing a file)."""
         defaultPath = os.path.join(qt.QDir.homePath(), self._parameterNode.outputSegmentation.GetName() + suffix)
@@ -418,14 +386,14 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExportLabelmap(self) -> None:
         path = self._askPath(_("Export labelmap"), "NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd)", ".nii.gz")
-        segNode = self._parameterNode.outputSegmentation
         if path:
+            segNode = self._parameterNode.outputSegmentation
             self._export(_("Labelmap"), lambda: self.logic.exportLabelmap(segNode, path, self._models))
 
     def onExportSegNrrd(self) -> None:
         path = self._askPath(_("Export segmentation"), "Segmentation (*.seg.nrrd)", ".seg.nrrd")
-        segNode = self._parameterNode.outputSegmentation
         if path:
+            segNode = self._parameterNode.outputSegmentation
             self._export(_("Segmentation"), lambda: [self.logic.exportSegmentation(segNode, path)])
 
     def onExportDicomSeg(self) -> None:
@@ -436,19 +404,10 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._export(_("DICOM SEG"), lambda: self.logic.exportDicomSeg(segNode, folder) or [folder])
 
 
-#
-# Logic
-#
-
-
 class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
-    """A thin adapter over the library for the running Slicer: its scene and Segmentations logic,
-    a timer that polls the engine, its settings and dependency installers. Without the GUI::
-
-        logic = VolSegSlicerLogic()
-        job = logic.segment(model, [volumeNode], logic.getParameterNode(), wait=True)
-        job.segmentationNode
-    """
+    """A thin adapter over the library for the running Slicer (its scene and Segmentations logic, a
+    timer polling the engine, settings, installers). Scripts: ``job = VolSegSlicerLogic().segment(model,
+    [volumeNode], logic.getParameterNode(), wait=True)``, then ``job.segmentationNode``."""
 
     POLL_INTERVAL_MS = 100
 
@@ -465,10 +424,10 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
         return VolSegSlicerParameterNode(super().getParameterNode())
 
     def restoreSettings(self, node: VolSegSlicerParameterNode) -> None:
-        restore_settings(node, settingsValue)
+        settings.restore_settings(node, settingsValue)
 
     def saveSettings(self, node: VolSegSlicerParameterNode) -> None:
-        save_settings(node, setSettingsValue)
+        settings.save_settings(node, setSettingsValue)
 
     def poll(self) -> None:
         if not self.runner.poll():
@@ -496,35 +455,17 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self) -> bool:
         """PyTorch (from the PyTorch extension) and the engine's packages; False if declined."""
-
-        def pyTorchLogic():
-            import PyTorchUtils
-
-            return PyTorchUtils.PyTorchUtilsLogic()
-
-        try:
-            import slicer.packaging as packaging
-        except ImportError:
-            packaging = None
-        return ensure_requirements(moduleResourcePath("requirements.txt"), pyTorchLogic, packaging,
-                                   slicer.util.confirmOkCancelDisplay, slicer.util.pip_install)
+        return resources.ensure_requirements(moduleResourcePath("requirements.txt"), slicer.util.confirmOkCancelDisplay,
+                                   slicer.util.pip_install)
 
     def shutdown(self) -> None:
         self._timer.stop()
         self.runner.shutdown()
 
 
-#
-# Test
-#
-
-
 class VolSegSlicerTest(ScriptedLoadableModuleTest):
-    """Self-test: the user's chain in the running Slicer, through the module's logic: the demo
-    model on the sample chest CT, a Segment Editor-style correction, a re-run that replaces only
-    the model's segments, and the exports read back. pytest runs the same chain on slicer-core
-    (Testing/python/test_slicer_chain.py); only here are Slicer's own application, Qt event loop
-    and PythonSlicer engine process used."""
+    """The user's chain (``VolSegSlicerLib.testing.run_user_chain``: segment, correct, re-run, export)
+    through the module's logic in the running Slicer; pytest runs the same chain on slicer-core."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -544,28 +485,14 @@ class VolSegSlicerTest(ScriptedLoadableModuleTest):
     def test_SegmentCorrectRerunExport(self) -> None:
         import importlib.util
 
-        from VolSegSlicerLib import testing
-
         if importlib.util.find_spec("torch") is None:
             self.skipTest("PyTorch is not installed in this Slicer: install the PyTorch extension, "
                           "then click 'Check Python packages' in the VolSegSlicer panel")
         logic = VolSegSlicerLogic()
         try:
-            self.delayDisplay("Loading the sample CT, reading the model list")
-            volume = slicer.util.loadVolume(testing.sample_ct_path())
-            query = logic.runner.query_models("", lambda models, error: None)
-            logic.runner.wait_for(query, timeout=300, process_events=slicer.app.processEvents)
-            demo = testing.demo_model(logic.runner.models)
-            params = logic.getParameterNode()
-            params.device, params.keepWarm = "cpu", True
-
-            def segment(outputSegmentation=None, replaceOutput=False):
-                params.outputSegmentation, params.replaceOutput = outputSegmentation, replaceOutput
-                return logic.segment(demo, [volume], params, wait=True)
-
-            self.delayDisplay("Segment, correct, re-run, export")
-            testing.run_user_chain(self, logic.context, segment, lambda node, path: logic.exportLabelmap(node, path, [demo]),
-                                   logic.exportSegmentation, volume, demo, tempfile.mkdtemp(prefix="VolSegSlicerTest-"))
+            self.delayDisplay("Segment the sample CT, correct, re-run, export")
+            testing.run_module_chain(self, logic, slicer.util.loadVolume, slicer.app.processEvents,
+                                     tempfile.mkdtemp(prefix="VolSegSlicerTest-"))
         finally:
             logic.shutdown()
         self.delayDisplay("Test passed")

@@ -184,3 +184,10 @@ def string_array(values) -> Any:
     for value in values:
         array.InsertNextValue(str(value))
     return array
+
+
+def scalar_volumes(context: MRMLContext) -> list:
+    """The scene's scalar volumes that are images (label map volumes left out), in scene order."""
+    nodes = [context.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+             for i in range(context.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    return [node for node in nodes if not node.IsA("vtkMRMLLabelMapVolumeNode")]

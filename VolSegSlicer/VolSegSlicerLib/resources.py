@@ -111,15 +111,29 @@ def diagnostics_text(module_dir: str, slicer_version: str, engine_python: str, d
     return "\n".join(lines)
 
 
-def ensure_requirements(requirements_path: str, torch_installer: Any, packaging: Any, confirm: Any,
-                        pip_install: Any) -> bool:
+def _pytorch_utils_logic() -> Any:
+    import PyTorchUtils  # the PyTorch extension's module (ImportError when it is not installed)
+
+    return PyTorchUtils.PyTorchUtilsLogic()
+
+
+def _slicer_packaging() -> Any:
+    try:
+        import slicer.packaging as packaging  # Slicer 5.12+
+    except ImportError:
+        return None
+    return packaging
+
+
+def ensure_requirements(requirements_path: str, confirm: Any, pip_install: Any, torch_installer: Any = None,
+                        packaging: Any = "slicer") -> bool:
     """Make sure PyTorch and the engine's packages are installed; False if the user declined.
 
-    PyTorch comes first, from the PyTorch extension's installer (``torch_installer``: a callable
-    returning ``PyTorchUtilsLogic`` or raising ImportError when the extension is missing), which
-    picks the build that fits the GPU driver. The rest comes from ``requirements_path`` with
-    Slicer's ``packaging.pip_ensure`` (5.12+) when ``packaging`` has it, else by asking
-    ``confirm(text)`` and calling ``pip_install(list)`` for the missing ones.
+    PyTorch comes first, from the PyTorch extension's installer (``torch_installer()`` returns
+    its ``PyTorchUtilsLogic``, or raises ImportError when the extension is missing), which picks
+    the build that fits the GPU driver. The rest comes from ``requirements_path`` with Slicer's
+    ``packaging.pip_ensure`` (5.12+) where there is one, else by asking ``confirm(text)`` and
+    calling ``pip_install(list)`` for the missing ones.
 
     Raises:
         RuntimeError: the PyTorch extension is missing (the message says what to install).
@@ -128,13 +142,14 @@ def ensure_requirements(requirements_path: str, torch_installer: Any, packaging:
 
     if importlib.util.find_spec("torch") is None:
         try:
-            torch_logic = torch_installer()
+            torch_logic = (torch_installer or _pytorch_utils_logic)()
         except ImportError:
             raise RuntimeError("VolSegSlicer needs PyTorch: install the 'PyTorch' extension with the "
                                "Extensions Manager, restart Slicer and try again.") from None
         if not torch_logic.torchInstalled():
             if torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
                 return False
+    packaging = _slicer_packaging() if packaging == "slicer" else packaging
     if packaging is not None and hasattr(packaging, "pip_ensure"):
         packaging.pip_ensure(packaging.load_requirements(requirements_path), requester="VolSegSlicer")
         return True

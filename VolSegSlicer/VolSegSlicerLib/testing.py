@@ -303,3 +303,22 @@ def run_user_chain(tc: Any, context: MRMLContext, segment: Any, export_labelmap:
     check_seg_nrrd_export(tc, str(export_segmentation(node, os.path.join(folder, "edited.seg.nrrd"))), model,
                           edits, volume)
     return node
+
+
+def run_module_chain(tc: Any, logic: Any, load_volume: Any, process_events: Any, folder: str) -> Any:
+    """:func:`run_user_chain` through the module's logic (``VolSegSlicerLogic``: ``runner``,
+    ``context``, ``getParameterNode``, ``segment``, ``exportLabelmap``, ``exportSegmentation``):
+    the demo model on the sample CT, loaded by ``load_volume(path)``."""
+    volume = load_volume(sample_ct_path())
+    query = logic.runner.query_models("", lambda models, error: None)
+    logic.runner.wait_for(query, timeout=300, process_events=process_events)
+    demo = demo_model(logic.runner.models)
+    params = logic.getParameterNode()
+    params.device, params.keepWarm = "cpu", True
+
+    def segment(outputSegmentation=None, replaceOutput=False):
+        params.outputSegmentation, params.replaceOutput = outputSegmentation, replaceOutput
+        return logic.segment(demo, [volume], params, wait=True)
+
+    return run_user_chain(tc, logic.context, segment, lambda node, path: logic.exportLabelmap(node, path, [demo]),
+                          logic.exportSegmentation, volume, demo, folder)

@@ -39,7 +39,8 @@ def test_segment_button_needs_a_model_and_distinct_inputs() -> None:
     assert state.input_titles == ["T1 (MR)", "FLAIR"] and state.input_visible(1) and not state.input_visible(2)
     assert not state.apply_enabled and "Select a model" in state.apply_tooltip
     same = panel_state(TWO_INPUTS, ["vol1", "vol1"], **idle)
-    assert not same.apply_enabled and same.input_warning == "'T1 (MR)' and 'FLAIR' are the same volume; each input needs its own."
+    assert not same.apply_enabled
+    assert same.input_warning == "'T1 (MR)' and 'FLAIR' are the same volume; each input needs its own."
     ready = panel_state(TWO_INPUTS, ["vol1", "vol2"], **idle)
     assert ready.apply_enabled and ready.apply_text == "Segment" and ready.advanced_enabled is False
     assert not ready.export_enabled and not ready.replace_enabled
@@ -102,7 +103,8 @@ def test_dependencies_pytorch_extension_first_then_requirements(tmp_path: Path, 
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("numpy>=1.0\nsurely-not-installed-package>=1\n")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
 
     def missing_extension():
         raise ImportError("No module named PyTorchUtils")

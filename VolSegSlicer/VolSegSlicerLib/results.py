@@ -223,24 +223,23 @@ def import_result(context: MRMLContext, labelmap_path: str, model: Mapping[str, 
             if reference_volume(target) is None:
                 target.SetReferenceImageGeometryParameterFromVolumeNode(input_volume)
                 target.SetNodeReferenceID(target.GetReferenceImageGeometryReferenceRole(), input_volume.GetID())
-    if result is staging:  # a new node: shown, named, on the input's geometry, transform and study
-        title = model.get("title") or model_id
-        _commit_new(context, staging, f"{input_volume.GetName()} {title}")
-        result.SetNodeReferenceID(result.GetReferenceImageGeometryReferenceRole(), input_volume.GetID())
-        result.SetAndObserveTransformNodeID(input_volume.GetTransformNodeID())
-        place_beside(context, result, input_volume)
+    if result is staging:  # after the block, so that the display nodes made here stay
+        _commit_new(context, staging, f"{input_volume.GetName()} {model.get('title') or model_id}", input_volume)
     result.SetAttribute(TAG_MODEL_ID, model_id)
     for key, value in (provenance or {}).items():
         result.SetAttribute(PROVENANCE_PREFIX + key, str(value))
     return result
 
 
-def _commit_new(context: MRMLContext, staging: Any, name: str) -> Any:
-    """Turn the staging node into the result node the user sees."""
+def _commit_new(context: MRMLContext, staging: Any, name: str, input_volume: Any) -> None:
+    """Turn the staging node into the node the user sees: named, shown, on the input's geometry,
+    under its parent transform and beside it in the subject hierarchy."""
     staging.SetName(context.scene.GenerateUniqueName(name))
     staging.SetHideFromEditors(False)
     staging.CreateDefaultDisplayNodes()
-    return staging
+    staging.SetNodeReferenceID(staging.GetReferenceImageGeometryReferenceRole(), input_volume.GetID())
+    staging.SetAndObserveTransformNodeID(input_volume.GetTransformNodeID())
+    place_beside(context, staging, input_volume)
 
 
 def subject_hierarchy_item(context: MRMLContext, node: Any) -> int:

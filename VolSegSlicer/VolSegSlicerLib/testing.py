@@ -176,9 +176,9 @@ def check_replaced(tc: Any, context: MRMLContext, segmentation_node: Any, volume
     tc.assertEqual(segmentation.GetNthSegmentID(segmentation.GetNumberOfSegments() - 1), edits.user_segment)
 
 
-def check_labelmap_export(tc: Any, written: Sequence[Any], model: dict, volume: Any, edits: Edits | None = None,
-                          segment_order: Sequence[str] = ()) -> np.ndarray:
-    """Read an exported label map with nibabel and its colour table: the grid is the volume's
+def check_labelmap_export(tc: Any, written: Sequence[Any], model: dict, volume: Any,
+                          edits: Edits | None = None) -> np.ndarray:
+    """Read an exported label map (nibabel or pynrrd) and its colour table: the grid is the volume's
     (in world coordinates), values and names are the card's, the edits are there."""
     import csv
 

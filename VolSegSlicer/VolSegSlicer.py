@@ -31,10 +31,9 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if MODULE_DIR not in sys.path:  # Slicer adds it; keeps `import VolSegSlicerLib` working everywhere
     sys.path.insert(0, MODULE_DIR)
 
-from VolSegSlicerLib import catalog, dicom, export, panel, resources, results, settings, testing  # noqa: E402
+from VolSegSlicerLib import catalog, dicom, export, mrml, panel, resources, results, settings, testing  # noqa: E402
 from VolSegSlicerLib.devices import DeviceChoices, fallback_choices  # noqa: E402
 from VolSegSlicerLib.jobs import SegmentationJob  # noqa: E402
-from VolSegSlicerLib.mrml import MRMLContext, scalar_volumes  # noqa: E402
 from VolSegSlicerLib.process import python_executable  # noqa: E402
 from VolSegSlicerLib.runner import EngineRunner  # noqa: E402
 
@@ -246,7 +245,7 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.checkpointPathLineEdit.currentPath = remembered
             self.ui.checkpointPathLineEdit.blockSignals(False)
             self._parameterNode.checkpointPath = remembered
-            volumes = scalar_volumes(self.logic.context)
+            volumes = mrml.scalar_volumes(self.logic.context)
             for i, pick in enumerate(catalog.prefill_inputs(model, [n.GetName() for n in volumes])):
                 if getattr(self._parameterNode, f"inputVolume{i}") is None and pick is not None:
                     setattr(self._parameterNode, f"inputVolume{i}", volumes[pick])
@@ -295,7 +294,7 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                   cancel_requested=bool(self._job and self._job.cancelRequested),
                                   use_model_settings=self._parameterNode.useModelSettings,
                                   has_output=output is not None,
-                                  output_from_dicom=dicom.is_from_dicom(results.reference_volume(output)))
+                                  output_from_dicom=dicom.is_from_dicom(mrml.reference_volume(output)))
         for i in range(catalog.MAX_INPUTS):
             self.inputLabels[i].setVisible(state.input_visible(i))
             self.inputSelectors[i].setVisible(state.input_visible(i))
@@ -413,7 +412,7 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.context = MRMLContext.from_application(slicer)
+        self.context = mrml.MRMLContext.from_application(slicer)
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.poll)

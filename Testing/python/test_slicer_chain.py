@@ -10,11 +10,8 @@ self-test runs the same checks (``VolSegSlicerLib.testing``) inside Slicer.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import unittest
 from pathlib import Path
 
 import numpy as np
@@ -30,34 +27,16 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is part of the [test]
 from VolSegSlicerLib import testing  # noqa: E402
 from VolSegSlicerLib.dicom import INSTALL_QUANTITATIVE_REPORTING, export_dicom_seg, prepare_dicom_seg_export  # noqa: E402
 from VolSegSlicerLib.export import ExportError, export_labelmap, export_segmentation_file  # noqa: E402
-from VolSegSlicerLib.mrml import create_core_context, ijk_to_ras, volume_array, write_volume_file  # noqa: E402
-from VolSegSlicerLib.results import (  # noqa: E402
-    ResultError,
-    import_result,
-    model_for_segmentation,
+from VolSegSlicerLib.mrml import (  # noqa: E402
+    ijk_to_ras,
     subject_hierarchy_item,
+    volume_array,
 )
+from VolSegSlicerLib.results import ResultError, import_result, model_for_segmentation  # noqa: E402
 from VolSegSlicerLib.runner import EngineRunner  # noqa: E402
+from slicer_scene import CHECK, engine_result, in_study, load_ct  # noqa: E402
 from VolSegSlicerLib.settings import RunSettings  # noqa: E402
 
-CHECK = unittest.TestCase()  # the assertions of the shared checks
-
-
-@pytest.fixture(scope="module")
-def models() -> list[dict]:
-    text = subprocess.run([sys.executable, "-m", "volseg", "models", "--json"], capture_output=True, text=True,
-                          check=True, env=dict(os.environ, PYTHONPATH=str(MODULE_DIR))).stdout
-    return json.loads(text)["models"]
-
-
-@pytest.fixture(scope="module")
-def demo(models) -> dict:
-    return testing.demo_model(models)
-
-
-@pytest.fixture
-def context():
-    return create_core_context()
 
 
 @pytest.fixture(scope="module")
@@ -77,28 +56,6 @@ def runner_factory(tmp_path_factory):
     yield make
     for runner in made:
         runner.shutdown()
-
-
-def load_ct(context, name: str = "CTChest"):
-    volume = context.volumes_logic.AddArchetypeVolume(testing.sample_ct_path(), name, 0)
-    assert volume is not None and volume.GetImageData() is not None
-    return volume
-
-
-def in_study(context, volume, dicom: bool = False) -> int:
-    """Put ``volume`` in a patient/study of the subject hierarchy (as the DICOM module does when
-    ``dicom``: UIDs on the items, the instance UIDs attribute on the volume)."""
-    hierarchy = context.subject_hierarchy
-    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Anonymous")
-    study = hierarchy.CreateStudyItem(patient, "CT chest")
-    hierarchy.SetItemParent(subject_hierarchy_item(context, volume), study)
-    if dicom:
-        hierarchy.SetItemUID(patient, "DICOM", "PAT-1")
-        hierarchy.SetItemUID(study, "DICOM", "1.2.826.0.1.3680043.8.498.1")
-        hierarchy.SetItemAttribute(study, "DICOM.StudyDate", "20260101")
-        hierarchy.SetItemUID(subject_hierarchy_item(context, volume), "DICOM", "1.2.826.0.1.3680043.8.498.2")
-        volume.SetAttribute("DICOM.instanceUIDs", " ".join(f"1.2.826.0.1.3680043.8.498.3.{i}" for i in range(34)))
-    return study
 
 
 def run(runner, model, volume, wait_s: float = 240.0, **settings):
@@ -260,48 +217,34 @@ def test_dicom_seg_refuses_a_volume_not_from_dicom(context, demo, tmp_path) -> N
 
 
 # ------------------------------------------------------------------------------------------ failures
-def _engine_result(tmp_path, demo, volume, values) -> Path:
-    """A label map on ``volume``'s grid with the given label values (as the engine would write)."""
-    path = tmp_path / "result.nrrd"
-    write_volume_file(volume, path)
-    import nrrd
-
-    data, header = nrrd.read(str(path))
-    labels = np.zeros(data.shape, np.uint8)
-    for n, value in enumerate(values):
-        labels[10 + 5 * n: 14 + 5 * n, 50:60, 5:8] = value
-    nrrd.write(str(path), labels, header)
-    return path
-
-
 def test_a_result_that_does_not_fit_the_card_changes_nothing(context, demo, tmp_path) -> None:
     volume = load_ct(context)
     node = context.add_node("vtkMRMLSegmentationNode", "user's work")
     node.GetSegmentation().AddEmptySegment("", "mine", [0, 1, 0])
     before = testing.scene_snapshot(context)
     with pytest.raises(ResultError, match=r"\[9\].*do not belong together"):
-        import_result(context, str(_engine_result(tmp_path, demo, volume, [5, 9])), demo, volume)
+        import_result(context, str(engine_result(tmp_path, demo, volume, [5, 9])), demo, volume)
     with pytest.raises(ResultError, match="do not belong together"):
-        import_result(context, str(_engine_result(tmp_path, demo, volume, [9])), demo, volume, node, True)
+        import_result(context, str(engine_result(tmp_path, demo, volume, [9])), demo, volume, node, True)
     assert testing.scene_snapshot(context) == before
     other = load_ct(context, "other CT")
     node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), other.GetID())
     before = testing.scene_snapshot(context)
     with pytest.raises(ResultError, match="was made on 'other CT'"):
-        import_result(context, str(_engine_result(tmp_path, demo, volume, [5])), demo, volume, node, True)
+        import_result(context, str(engine_result(tmp_path, demo, volume, [5])), demo, volume, node, True)
     assert testing.scene_snapshot(context) == before
-    with pytest.raises(ResultError, match="missing"):
+    with pytest.raises(ResultError, match="could not be read"):
         import_result(context, str(tmp_path / "nothing.nrrd"), demo, volume)
     assert testing.scene_snapshot(context) == before
 
 
 def test_replace_keeps_a_user_segment_whose_id_clashes_with_the_cards(context, demo, tmp_path) -> None:
     volume = load_ct(context)
-    node = import_result(context, str(_engine_result(tmp_path, demo, volume, [1, 5])), demo, volume)
+    node = import_result(context, str(engine_result(tmp_path, demo, volume, [1, 5])), demo, volume)
     segmentation = node.GetSegmentation()
     segmentation.RemoveSegment("Segment_2")  # the user deleted a model segment...
     segmentation.AddEmptySegment("Segment_2", "my Segment_2", [0, 0, 1])  # ...and made one with its id
-    import_result(context, str(_engine_result(tmp_path, demo, volume, [1, 2])), demo, volume, node, True)
+    import_result(context, str(engine_result(tmp_path, demo, volume, [1, 2])), demo, volume, node, True)
     ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
     names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
     assert segmentation.GetSegment("Segment_2").GetName() == "my Segment_2"

@@ -463,6 +463,10 @@ def test_segment_rows_carry_card_names_colours_and_terminology(models: list[dict
     assert rows[1]["terminology_tag"] == ""
     assert import_segment_ids(rows, [0, 2, 1, 2]) == ["Segment_1", "Segment_2"]
     assert import_segment_ids(rows, [0]) == []
+    # Slicer fills the i-th id with value i + 1: a value missing from the result keeps its place.
+    assert import_segment_ids(rows, [2]) == ["Segment_1", "Segment_2"]
+    sparse = [{"value": 3, "id": "A"}, {"value": 5, "id": "B"}]
+    assert import_segment_ids(sparse, [5]) == ["", "", "A", "", "B"]
     with pytest.raises(ValueError, match=r"\[7\]"):
         import_segment_ids(rows, [1, 7])
 
@@ -519,14 +523,6 @@ def test_log_buffer_is_capped() -> None:
 # ---------------------------------------------------------------------------------------- the runner on slicer-core
 # The module's Logic is a thin adapter over EngineRunner (VolSegSlicerLib/runner.py): these tests
 # run it on slicer-core's scene with real volume nodes and real engine processes.
-@pytest.fixture
-def context():
-    pytest.importorskip("slicer", reason="slicer-core is part of the [test] extra")
-    from VolSegSlicerLib.mrml import create_core_context
-
-    return create_core_context()
-
-
 @pytest.fixture
 def runner(context, tmp_path: Path):
     from VolSegSlicerLib.runner import EngineRunner

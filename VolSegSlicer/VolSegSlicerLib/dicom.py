@@ -13,8 +13,7 @@ import os
 from typing import Any, Callable, Optional
 
 from VolSegSlicerLib.export import ExportError
-from VolSegSlicerLib.mrml import MRMLContext
-from VolSegSlicerLib.results import place_beside, reference_volume, subject_hierarchy_item
+from VolSegSlicerLib.mrml import MRMLContext, place_beside, reference_volume, subject_hierarchy_item
 
 #: The volume attribute the DICOM module sets: the SOP instance UIDs of the loaded series.
 DICOM_INSTANCE_UIDS = "DICOM.instanceUIDs"
@@ -30,11 +29,8 @@ def is_from_dicom(volume_node: Any) -> bool:
     return bool(volume_node is not None and volume_node.GetAttribute(DICOM_INSTANCE_UIDS))
 
 
-def prepare_dicom_seg_export(context: MRMLContext, segmentation_node: Any) -> int:
-    """Check that ``segmentation_node`` can become a DICOM SEG and put it in its volume's study.
-
-    Returns:
-        The segmentation's subject hierarchy item (what the exporter is given).
+def dicom_reference(context: MRMLContext, segmentation_node: Any) -> Any:
+    """The DICOM volume ``segmentation_node`` was made on, once it is known to be in a study.
 
     Raises:
         ExportError: its reference volume is missing, not from DICOM, or in no study.
@@ -51,7 +47,13 @@ def prepare_dicom_seg_export(context: MRMLContext, segmentation_node: Any) -> in
     if not study or hierarchy.GetItemLevel(study) != "Study":
         raise ExportError(f"'{volume.GetName()}' is not in a DICOM study in the subject hierarchy; load it "
                           "with the DICOM module, then segment and export again")
-    place_beside(context, segmentation_node, volume)
+    return volume
+
+
+def prepare_dicom_seg_export(context: MRMLContext, segmentation_node: Any) -> int:
+    """Check that ``segmentation_node`` can become a DICOM SEG (:func:`dicom_reference`) and put
+    it in its volume's study. Returns its subject hierarchy item (what the exporter is given)."""
+    place_beside(context, segmentation_node, dicom_reference(context, segmentation_node))
     return subject_hierarchy_item(context, segmentation_node)
 
 
@@ -72,14 +74,18 @@ def export_dicom_seg(context: MRMLContext, segmentation_node: Any, folder: str,
                      load_exporter: Optional[Callable[[], Any]] = None) -> None:
     """Write ``segmentation_node`` as DICOM SEG into ``folder`` through QuantitativeReporting.
 
+    Everything is checked before the segmentation is moved into the study.
+
     Raises:
-        ExportError: see :func:`prepare_dicom_seg_export` and :func:`load_dicom_seg_exporter`,
-            the folder is missing, or the exporter refused.
+        ExportError: see :func:`dicom_reference` and :func:`load_dicom_seg_exporter`, the folder
+            is missing, or the exporter refused.
     """
-    item = prepare_dicom_seg_export(context, segmentation_node)
+    dicom_reference(context, segmentation_node)
     if not os.path.isdir(folder):
         raise ExportError(f"the folder {folder} does not exist")
-    exporter = (load_exporter or load_dicom_seg_exporter)()()
+    exporter_class = (load_exporter or load_dicom_seg_exporter)()
+    item = prepare_dicom_seg_export(context, segmentation_node)
+    exporter = exporter_class()
     exportables = exporter.examineForExport(item)
     if not exportables:
         raise ExportError(f"Slicer found nothing to export as DICOM SEG in '{segmentation_node.GetName()}'")

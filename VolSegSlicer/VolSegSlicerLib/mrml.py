@@ -19,6 +19,14 @@ from typing import Any, Iterator
 import numpy as np
 
 
+#: Segment tag: the segment's label value in the model card.
+TAG_LABEL_VALUE = "VolSegSlicer.LabelValue"
+#: Segment tag and node attribute: the id of the model card that made the segment / node.
+TAG_MODEL_ID = "VolSegSlicer.ModelId"
+#: Node attributes with the run's provenance are named ``VolSegSlicer.<key>``.
+PROVENANCE_PREFIX = "VolSegSlicer."
+
+
 @dataclass
 class MRMLContext:
     """The scene and the logics the library's MRML work needs.
@@ -191,3 +199,49 @@ def scalar_volumes(context: MRMLContext) -> list:
     nodes = [context.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
              for i in range(context.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
     return [node for node in nodes if not node.IsA("vtkMRMLLabelMapVolumeNode")]
+
+
+# ---------------------------------------------------------------------------------------- segments
+def terminology_tag_name() -> str:
+    """The name of Slicer's segment terminology tag (``TerminologyEntry``)."""
+    import slicer
+
+    return slicer.vtkSegment.GetTerminologyEntryTagName()
+
+
+def node_in_scene(context: MRMLContext, node: Any) -> bool:
+    """Whether ``node`` is (still) in the context's scene."""
+    return node is not None and node.GetScene() is context.scene and context.scene.IsNodePresent(node)
+
+
+def reference_volume(segmentation_node: Any) -> Any:
+    """The volume a segmentation node takes its geometry from (None if it has none)."""
+    if segmentation_node is None:
+        return None
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
+def segment_tag(segment: Any, name: str) -> str:
+    """A segment's tag value ('' when the segment has no such tag)."""
+    import vtk
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else ""
+
+
+def subject_hierarchy_item(context: MRMLContext, node: Any) -> int:
+    """The subject hierarchy item of ``node``, made (under the scene) if it has none yet. Slicer's
+    subject hierarchy plugins make one for every data node; a scene without them may not."""
+    hierarchy = context.subject_hierarchy
+    item = hierarchy.GetItemByDataNode(node)
+    if not item:
+        item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+    return item
+
+
+def place_beside(context: MRMLContext, node: Any, volume: Any) -> None:
+    """Put ``node`` in the same folder/study as ``volume`` in the subject hierarchy (where DICOM
+    SEG export looks for the study it belongs to)."""
+    hierarchy = context.subject_hierarchy
+    parent = hierarchy.GetItemParent(subject_hierarchy_item(context, volume))
+    hierarchy.SetItemParent(subject_hierarchy_item(context, node), parent)

@@ -25,9 +25,9 @@ from VolSegSlicerLib.catalog import duplicate_inputs, input_titles, parse_models
 from VolSegSlicerLib.command import engine_command, engine_environment, segment_args, serve_request_line
 from VolSegSlicerLib.devices import device_choices, fallback_choices
 from VolSegSlicerLib.jobs import EngineQuery, SegmentationJob
-from VolSegSlicerLib.mrml import MRMLContext, write_volume_file
+from VolSegSlicerLib.mrml import MRMLContext, node_in_scene, write_volume_file
 from VolSegSlicerLib.process import EngineProcess, python_executable
-from VolSegSlicerLib.results import import_result, node_in_scene
+from VolSegSlicerLib.results import import_result
 from VolSegSlicerLib.settings import RunSettings, segment_options
 
 log = logging.getLogger("VolSegSlicer")
@@ -132,7 +132,10 @@ class EngineRunner:
             if job.tempDir:
                 shutil.rmtree(job.tempDir, ignore_errors=True)
             if job.onFinished:
-                job.onFinished(job)
+                try:
+                    job.onFinished(job)
+                except Exception:  # the panel's callback must not stop the other jobs
+                    log.exception("VolSegSlicer: the end-of-run callback failed")
 
     def _import(self, job: SegmentationJob) -> None:
         provenance = {"Device": job.monitor.result.get("device", ""), "Checkpoint": job.checkpoint,
@@ -188,6 +191,10 @@ class EngineRunner:
             raise ValueError(f"This model needs {len(titles)} input volume(s): {', '.join(titles)}.")
         if duplicate_inputs([v.GetID() for v in input_volumes]):
             raise ValueError("The same volume is selected for two inputs; each input needs its own.")
+        for volume in input_volumes:
+            image = volume.GetImageData()
+            if image is None or 0 in image.GetDimensions():
+                raise ValueError(f"'{volume.GetName()}' has no image data; load or select another volume.")
         settings = RunSettings.of(settings)
         temp_dir = tempfile.mkdtemp(prefix="VolSegSlicer-", dir=self.temp_root)
         try:
@@ -233,12 +240,15 @@ class EngineRunner:
             self.warm_worker = None
 
     def shutdown(self) -> None:
-        """Stop everything this runner started (module cleanup / reload)."""
+        """Stop everything this runner started (module cleanup / reload); every segmentation
+        still running ends as cancelled, with its ``on_finished`` called."""
         for job in list(self.jobs):
             if isinstance(job, SegmentationJob):
-                job.cancel()
+                job.cancelRequested = True
+                job.monitor.process_exited(None, cancel_requested=True)
             job.process.kill()
-            if isinstance(job, SegmentationJob) and job.tempDir:
-                shutil.rmtree(job.tempDir, ignore_errors=True)
-        self.jobs = []
+        for job in list(self.jobs):
+            self.jobs.remove(job)
+            if isinstance(job, SegmentationJob):
+                self._finish(job)
         self.stop_warm_worker()

@@ -14,14 +14,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from VolSegSlicerLib.catalog import segment_rows
-from VolSegSlicerLib.mrml import MRMLContext, ijk_to_ras, string_array, volume_array
-from VolSegSlicerLib.results import (
+from VolSegSlicerLib.mrml import (
     TAG_LABEL_VALUE,
     TAG_MODEL_ID,
+    MRMLContext,
+    ijk_to_ras,
     reference_volume,
     segment_tag,
+    string_array,
     subject_hierarchy_item,
     terminology_tag_name,
+    volume_array,
 )
 
 

@@ -240,11 +240,10 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
 
 
 def _check_architecture(name: str, source: str) -> None:
-    try:
-        from volseg.models.registry import names
-    except ImportError:  # torch not installed yet: listing cards still works, running them will say why
-        return
-    known = names()
+    """Refuse an unknown architecture name (read without importing torch)."""
+    from volseg.models.builtin import known_names
+
+    known = known_names()
     if name.lower() != "torchscript" and name.lower() not in known:
         import difflib
 
@@ -357,9 +356,10 @@ def card_from_arguments(architecture: str, num_labels: int, in_channels: int = 1
     The output activation is the architecture family's (softmax with a background channel for
     most, sigmoid without one for SegFormer3D); TorchScript is taken as softmax.
     """
-    from volseg.models.registry import get
+    from volseg.models.builtin import output_kind
 
-    activation = "softmax" if architecture.lower() == "torchscript" else get(architecture).output_kind
+    _check_architecture(architecture, "--arch")
+    activation = "softmax" if architecture.lower() == "torchscript" else output_kind(architecture)
     raw = {
         "id": f"{architecture}-adhoc",
         "title": f"{architecture} ({num_labels} labels, no model card)",

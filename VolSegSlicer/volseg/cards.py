@@ -88,6 +88,17 @@ class ModelCard:
     def is_torchscript(self) -> bool:
         return self.architecture == "torchscript"
 
+    def channel_names(self) -> list[str]:
+        """The name of each output channel of the network, in channel order: the label that
+        reads it, ``background`` for a softmax channel no label uses first, else ``channel N``
+        (what ``--probabilities`` files record for each of their channels)."""
+        names = [f"channel {c}" for c in range(self.out_channels)]
+        for lab in self.labels:
+            names[lab.channel] = lab.name
+        if self.activation == "softmax" and self.out_channels and all(lab.channel for lab in self.labels):
+            names[0] = "background"
+        return names
+
     def summary(self) -> dict[str, Any]:
         """The JSON the CLI prints for ``volseg models --json``."""
         return {

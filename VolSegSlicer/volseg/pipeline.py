@@ -252,7 +252,8 @@ def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Te
         moves = [(p, request.output.parent / p.name) for p in segmentation_outputs(seg)]
         outputs: dict[str, Any] = {"segmentation": str(request.output), "probabilities": None}
         if request.probabilities is not None:
-            prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False)
+            prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False,
+                                       channel_names=request.card.channel_names())
             moves.append((prob, request.probabilities))
             outputs["probabilities"] = str(request.probabilities)
         for source, target in moves:

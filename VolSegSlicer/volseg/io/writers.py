@@ -213,12 +213,19 @@ def write_segmentation(
 
 
 def write_probabilities(
-    path: str | os.PathLike, probs: np.ndarray, reference: Volume, *, overwrite: bool = False
+    path: str | os.PathLike, probs: np.ndarray, reference: Volume, *, overwrite: bool = False,
+    channel_names: Sequence[str] | None = None,
 ) -> Path:
     """Write per-class probabilities (C, I, J, K) as a 4D float32 image, channels last.
 
     NIfTI (``.nii``, ``.nii.gz``; affine = the reference's ijk->RAS, sform and qform) or NRRD
     (``.nrrd``; a ``list`` axis after the three spatial ``domain`` axes).
+
+    ``channel_names`` (one per channel, e.g. :meth:`volseg.cards.ModelCard.channel_names`) are
+    stored in the file: NRRD key/value fields ``VolSeg_channel_names`` (a JSON list) and
+    ``VolSeg_channel<N>_name``; in NIfTI a JSON header extension (code 6, "comment")
+    ``{"volseg_channel_names": [...]}``, the intent name ``probabilities`` and the names in
+    ``descrip`` as far as its 80 characters go.
     """
     path = Path(path)
     suffix = _suffix_in(path, PROBABILITY_SUFFIXES, "probabilities")
@@ -227,6 +234,9 @@ def write_probabilities(
         raise OutputError(
             f"probabilities must be (C, I, J, K) with (I, J, K) = {reference.spatial_shape}, got {probs.shape}"
         )
+    names = [str(n) for n in channel_names] if channel_names is not None else None
+    if names is not None and len(names) != probs.shape[0]:
+        raise OutputError(f"{len(names)} channel names for {probs.shape[0]} probability channels")
     data = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32, copy=False), 0, -1))
     with atomic_output(path, overwrite) as tmp:
         if suffix == ".nrrd":
@@ -241,6 +251,9 @@ def write_probabilities(
                 "kinds": ["domain", "domain", "domain", "list"],
                 "encoding": "gzip",
             }
+            if names is not None:
+                header["VolSeg_channel_names"] = json.dumps(names)
+                header.update({f"VolSeg_channel{n}_name": " ".join(name.split()) for n, name in enumerate(names)})
             nrrd.write(str(tmp), data, header, index_order="F")
         else:
             import nibabel as nib
@@ -250,6 +263,11 @@ def write_probabilities(
             image.header.set_xyzt_units("mm")
             image.header.set_sform(affine, code="scanner")
             image.header.set_qform(affine, code="scanner")
+            if names is not None:
+                image.header.extensions.append(
+                    nib.nifti1.Nifti1Extension("comment", json.dumps({"volseg_channel_names": names}).encode()))
+                image.header["intent_name"] = b"probabilities"
+                image.header["descrip"] = ("channels: " + ", ".join(names)).encode("ascii", "replace")[:79]
             nib.save(image, str(tmp))
     return path
 

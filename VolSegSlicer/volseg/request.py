@@ -20,7 +20,7 @@ from pathlib import Path
 
 from volseg.cards import ModelCard
 from volseg.checkpoint_files import checkpoint_kind
-from volseg.errors import CheckpointError, InputError, OutputError, ResourceError
+from volseg.errors import CheckpointError, InputError, OutputError
 from volseg.io.atomic import check_not_an_input, check_writable, full_suffix
 from volseg.io.outputs import PROBABILITY_SUFFIXES, check_segmentation_output, segmentation_outputs
 
@@ -102,7 +102,7 @@ def check_device_name(spec: str | None) -> None:
     """Refuse a device name that can never work (``gpu``, ``cuda:x``); whether the device is
     there is checked later, with torch (:func:`volseg.devices.resolve_device`)."""
     if not _DEVICE_NAME.match((spec or "auto").lower()):
-        raise ResourceError(f"unknown device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+        raise InputError(f"unknown device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps")
 
 
 def check_request(request: SegmentRequest) -> Path:
@@ -112,7 +112,7 @@ def check_request(request: SegmentRequest) -> Path:
         the checkpoint file the run will load.
 
     Raises:
-        OutputError, InputError, CheckpointError, ResourceError: with the message the user sees.
+        OutputError, InputError, CheckpointError: with the message the user sees.
     """
     card = request.card
     check_segmentation_output(request.output, request.overwrite)

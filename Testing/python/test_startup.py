@@ -87,7 +87,7 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         "does not exist": ["segment", str(tmp_path / "missing.nrrd"), "--model", "demo", "-o", out],
         "unknown extension '.png'": ["segment", str(ct), "--model", "demo", "-o", str(tmp_path / "x.png")],
         "exists; pass --overwrite": ["segment", str(ct), "--model", "demo", "-o", str(existing)],
-        "is not a checkpoint: it is a text file": ["segment", str(ct), "--model", "demo", "--checkpoint", str(text),
+        "is not a PyTorch checkpoint: it is a text file": ["segment", str(ct), "--model", "demo", "--checkpoint", str(text),
                                                    "-o", out],
         "unknown device 'gpu'": ["segment", str(ct), "--model", "demo", "--device", "gpu", "-o", out],
         "unknown device 'cuda:x'": ["segment", str(ct), "--model", "demo", "--device", "cuda:x", "-o", out],
@@ -96,8 +96,8 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         "takes 1 input channel": ["segment", str(ct), str(ct), "--model", "demo", "-o", out],
         "needs a checkpoint": ["segment", str(ct), "--model", "uxnet-flare", "-o", out],
         "--overlap 1.5": ["segment", str(ct), "--model", "demo", "--overlap", "1.5", "-o", out],
-        "notes.txt is not a checkpoint": ["inspect", str(text)],
-        "batch: not a checkpoint": ["batch", str(ct), "--model", "demo", "--checkpoint", str(text),
+        "notes.txt is not a PyTorch checkpoint": ["inspect", str(text)],
+        "batch: not a PyTorch checkpoint": ["batch", str(ct), "--model", "demo", "--checkpoint", str(text),
                                     "-o", str(tmp_path / "b")],
     }
     runs = probe(*[[*argv, "--progress", "none"] if argv[0] != "inspect" else argv for argv in cases.values()])

@@ -79,4 +79,4 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     if path.suffix.lower() == ".safetensors":
         raise CheckpointError(f"{path} is not a safetensors file: its header is not a safetensors header",
                               hint="the download may be incomplete or an HTML page; download it again")
-    raise CheckpointError(f"{path} is not a checkpoint: {_describe_start(head)}", hint=_NOT_A_CHECKPOINT_HINT)
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint: {_describe_start(head)}", hint=_NOT_A_CHECKPOINT_HINT)

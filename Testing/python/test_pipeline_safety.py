@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -196,7 +198,9 @@ def test_grouped_write_puts_both_files_in_place(tmp_path, ct, threshold_torchscr
     assert leftovers(tmp_path) == []
     import nibabel as nib
 
-    assert nib.load(str(prob)).shape[-1] == 2  # background and the one label
+    image = nib.load(str(prob))
+    assert image.shape[-1] == 2  # background and the one label, named in the file
+    assert json.loads(image.header.extensions[0].get_content()) == {"volseg_channel_names": ["background", "bright"]}
 
 
 def test_overwrite_never_replaces_an_input(tmp_path, ct, threshold_torchscript, capsys):

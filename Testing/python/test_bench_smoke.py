@@ -189,12 +189,12 @@ def test_deform_conv_bench_tiny(bench, monkeypatch):
 
 def test_deform_conv_and_repux_quick_runs(bench, capsys):
     bd = bench("bench_deform_conv")
-    assert bd.main(["--quick", "--threads", str(torch.get_num_threads())]) == 0
+    assert bd.main(["--quick", "--roi", "16", "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
-    assert "ROI 32^3" in out and "| (48, 16) | F.conv3d (baseline) |" in out and "| (384, 2) |" in out
+    assert "ROI 16^3" in out and "| (48, 8) | F.conv3d (baseline) |" in out and "| (384, 1) |" in out
     assert out.count("| stage (C, side) |") == 1  # one table over all stages
     br = bench("bench_repux")
-    assert br.main(["--quick", "--ks", "5", "--threads", str(torch.get_num_threads())]) == 0
+    assert br.main(["--quick", "--roi", "16", "--ks", "5", "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
     assert out.startswith("torch ") and "centre-only, fast path | " in out and "| NO |" not in out
 

@@ -108,19 +108,23 @@ Requests run one at a time, in order. Each answer is the JSON event stream of
 event, exit_code 130). stdout holds nothing but these events; a bad line gets an error event
 and the worker goes on. The worker exits (status 0) when stdin closes, after the queued requests.
 
-Example session (> sent, < received; long events shortened):
-  > {"id": 1, "args": ["CT.nrrd", "--model", "demo", "-o", "CT.seg.nrrd"]}
-  < {"event": "log", "level": "info", "message": "device cpu: ...", "request": 1}
+Example session (> sent, < received; recorded with the demo card, long events shortened):
+  > {"id": 1, "args": ["CTChest4.nrrd", "--model", "demo", "-o", "CT.seg.nrrd"]}
+  < {"event": "log", "level": "info", "message": "device cpu: CUDA not available: ...", "request": 1}
+  < {"event": "log", "level": "warning", "message": "model 'demo' is a demonstration model: ...", "request": 1}
   < {"event": "stage", "stage": "read", "message": "reading 1 input(s)", "request": 1}
-  < {"event": "progress", "stage": "infer", "fraction": 0.5, "done": 9, "total": 18, ..., "request": 1}
-  < {"event": "done", "outputs": {"segmentation": "CT.seg.nrrd", "probabilities": null}, ..., "request": 1}
-  > {"id": 2, "args": ["CT.nrrd", "--model", "demo", "-o", "CT.seg.nrrd"]}
-  < {"event": "error", "message": "output CT.seg.nrrd exists; pass --overwrite to replace it", ...,
-     "exit_code": 2, "request": 2}
-  > {"id": 3, "args": ["CT.nrrd", "--model", "demo", "-o", "CT2.seg.nrrd"]}
+  < ... stages load_model, preprocess, infer ...
+  < {"event": "progress", "stage": "infer", "fraction": 0.5, "done": 1, "total": 2, ..., "request": 1}
+  < ... progress, stages postprocess, write ...
+  < {"event": "done", "outputs": {"segmentation": "CT.seg.nrrd", "probabilities": null},
+     "elapsed_s": 6.3, "startup_s": 0.0, "timings": {...}, ..., "request": 1}
+  > {"id": 2, "args": ["CTChest4.nrrd", "--model", "demo", "-o", "CT.seg.nrrd"]}
+  < {"event": "error", "message": "output CT.seg.nrrd exists; pass --overwrite to replace it",
+     "hint": "or choose another output path", "exit_code": 2, "request": 2}
+  > {"id": 3, "args": ["CTChest4.nrrd", "--model", "demo", "-o", "CT2.seg.nrrd"]}
   > {"cancel": 3}
-  < {"event": "error", "message": "cancelled; nothing was written", "hint": null, "exit_code": 130,
-     "request": 3}"""
+  < {"event": "error", "message": "cancelled before it started; nothing was written", "hint": null,
+     "exit_code": 130, "request": 3}"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Benchmark how fast the command line answers: listings, refusals and start-up, per command.
 
-    python bench/bench_startup.py [--quick] [--repeats N] [--only NAME ...]
+    python bench/bench_startup.py [--quick] [--repeats N] [--only NAME ...] [--compare OTHER/VolSegSlicer]
 
 Every row starts a fresh Python process (``python -m volseg ...`` on this checkout's engine,
 or ``python -c ...``) and waits for it to end, as a user or the Slicer panel does. Baseline:
@@ -17,6 +17,10 @@ interleaved (every row once, then again) after one untimed warm-up round that al
 page cache. Checks: each row's exit code and a piece of its expected output, and, once per row
 in an untimed run under ``python -X importtime``, whether torch was imported: the rows that
 must answer without torch fail their check if it was. A failed check: exit status 1.
+
+``--compare FOLDER`` adds, after each ``volseg`` row, the same command run on another copy of
+the engine (the ``VolSegSlicer`` folder of an older checkout, e.g. from ``git archive``), in
+the same interleaved rounds: before/after in one table. Those rows check the exit code only.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Case:
     exit_code: int
     expect: str
     torch_free: bool  # must answer without importing torch
+    engine: Path = ENGINE  # the VolSegSlicer folder put on PYTHONPATH
 
 
 def cases(folder: Path) -> list[Case]:
@@ -79,9 +84,19 @@ def cases(folder: Path) -> list[Case]:
     ]
 
 
-def _env() -> dict[str, str]:
+def compared(selected: list[Case], engine: Path) -> list[Case]:
+    """``selected`` with, after each ``volseg`` row, the same command on ``engine`` (exit code checked)."""
+    out = []
+    for case in selected:
+        out.append(case)
+        if "volseg" in " ".join(case.argv[:2]):  # -m volseg, or -c "import volseg..."
+            out.append(Case(f"{case.name} [{engine.parent.name}]", case.argv, case.exit_code, "", False, engine))
+    return out
+
+
+def _env(engine: Path = ENGINE) -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE), *([path] if path else [])]),
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(engine), *([path] if path else [])]),
             "PYTHONWARNINGS": "ignore"}
 
 
@@ -108,7 +123,7 @@ print(json.dumps([wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024,
 def run_once(case: Case) -> tuple[float, float, int, int, str]:
     """(wall s, CPU s, peak RSS bytes, exit code, stdout + stderr) of one process."""
     r = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps([sys.executable, *case.argv])],
-                       capture_output=True, text=True, env=_env())
+                       capture_output=True, text=True, env=_env(case.engine))
     if r.returncode != 0:
         raise RuntimeError(f"the launcher failed: {r.stderr.strip()[-500:]}")
     wall, cpu, peak, code, text = json.loads(r.stdout)
@@ -118,7 +133,7 @@ def run_once(case: Case) -> tuple[float, float, int, int, str]:
 def imports_torch(case: Case) -> bool:
     """Whether the command imports torch (an untimed run under ``-X importtime``)."""
     argv = ("-X", "importtime", *case.argv)
-    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=_env())
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=_env(case.engine))
     return any(line.rstrip().endswith("| torch") for line in r.stderr.splitlines())
 
 
@@ -168,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(parser, repeats=5, device=False, quick_help="one round, no warm-up")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="rows whose name starts with one of these "
                         f"(the baseline {BASELINE!r} is always kept)")
+    parser.add_argument("--compare", type=Path, metavar="FOLDER",
+                        help="another engine's VolSegSlicer folder: each volseg row is also run on it")
     args, _ = common.start(parser, argv)
     with tempfile.TemporaryDirectory() as folder:
         selected = cases(Path(folder))
         if args.only:
             selected = [c for c in selected if c.name == BASELINE or c.name.startswith(tuple(args.only))]
+        if args.compare:
+            selected = compared(selected, args.compare.resolve())
         rows = run(selected, repeats=args.repeats, warmup=0 if args.quick else 1)
     print(f"\n{len(selected)} commands, each a fresh `{Path(sys.executable).name}` process, median of "
           f"{max(1, args.repeats)} interleaved rounds; CPU s = the child's user + system time\n")

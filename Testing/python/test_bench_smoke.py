@@ -210,6 +210,10 @@ def test_startup_bench_tiny(bench, tmp_path):
     assert [r["check"] for r in rows] == ["ok (no torch)", "ok (no torch)"]
     assert all(r["seconds"] > 0 and r["cpu_seconds"] >= 0 and r["peak_mib"] > 1 for r in rows)
     assert "| volseg --version |" in bs.table(rows)
+    old = tmp_path / "old" / "VolSegSlicer"
+    pairs = bs.compared(selected, old)
+    assert [c.name for c in pairs] == ["python (nothing imported)", "volseg --version", "volseg --version [old]"]
+    assert pairs[2].engine == old and pairs[2].argv == pairs[1].argv and not pairs[2].expect
     version = selected[1]
     assert bs.check(version, 0, "volseg 0.1.0", torch_imported=False) == (True, "ok (no torch)")
     assert bs.check(replace(version, exit_code=2), 0, "volseg 0.1.0", False)[1].startswith("FAIL: exit code")

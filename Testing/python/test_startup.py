@@ -99,6 +99,8 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         "notes.txt is not a PyTorch checkpoint": ["inspect", str(text)],
         "batch: not a PyTorch checkpoint": ["batch", str(ct), "--model", "demo", "--checkpoint", str(text),
                                     "-o", str(tmp_path / "b")],
+        "batch: missing.nrrd does not exist": ["batch", str(ct), str(tmp_path / "missing.nrrd"), "--model", "demo",
+                                               "-o", str(tmp_path / "b")],
     }
     runs = probe(*[[*argv, "--progress", "none"] if argv[0] != "inspect" else argv for argv in cases.values()])
     for (needle, _), run in zip(cases.items(), runs):

@@ -360,6 +360,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         template = request_from_args(args)
         check_device_name(template.device)  # refuse what needs no torch before importing it
+        missing = next((p for p in args.inputs if not p.exists()), None)
+        if missing is not None:
+            raise InputError(f"{missing} does not exist")
         checkpoint_kind(checkpoint_for(template.card, template.checkpoint))
         from volseg.batch import run_batch
 

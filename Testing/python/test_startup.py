@@ -33,9 +33,9 @@ PROBE = textwrap.dedent("""
                 rc = main(argv)
             except SystemExit as exc:
                 rc = exc.code
-        heavy = sorted(m for m in %r if m in sys.modules)
+        heavy = sorted(m for m in HEAVY if m in sys.modules)
         print(json.dumps({"argv": argv, "rc": rc, "err": err.getvalue(), "out": out.getvalue(), "heavy": heavy}))
-""" % (HEAVY,))
+""").replace("HEAVY", repr(HEAVY))
 
 
 def probe(*argvs: list[str]) -> list[dict]:

@@ -22,7 +22,11 @@ from volseg.cards import ModelCard
 from volseg.checkpoint_files import checkpoint_kind
 from volseg.errors import CheckpointError, InputError, OutputError
 from volseg.io.atomic import check_not_an_input, check_writable, full_suffix
-from volseg.io.outputs import PROBABILITY_SUFFIXES, check_segmentation_output, segmentation_outputs
+from volseg.io.outputs import (
+    PROBABILITY_SUFFIXES,
+    check_segmentation_output,
+    segmentation_outputs,
+)
 
 _DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

@@ -50,6 +50,6 @@ def output_kind(name: str) -> str:
     key = name.lower()
     if key in BUILTIN_MODULES:
         return "sigmoid" if key in SIGMOID_FAMILIES else "softmax"
-    from volseg.models.registry import get  # a plug-in (or an unknown name: get() says so)
+    from volseg.models.registry import get
 
-    return get(name).output_kind
+    return get(name).output_kind  # a plug-in (or an unknown name: get() says so)

@@ -22,6 +22,8 @@ from volseg.options import InferenceOptions
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "model_card.schema.json"
 CARDS_ENV = "VOLSEG_CARDS_PATH"
+#: The id suffix of a card made from ``--arch NAME --num-labels N`` (:func:`card_from_arguments`).
+ADHOC_SUFFIX = "-adhoc"
 
 #: A distinguishable default palette for labels without a colour (Slicer's GenericAnatomyColors-like).
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -87,6 +89,11 @@ class ModelCard:
     @property
     def is_torchscript(self) -> bool:
         return self.architecture == "torchscript"
+
+    @property
+    def from_arguments(self) -> bool:
+        """Whether this card was made by :func:`card_from_arguments` (``--arch``, no card file)."""
+        return self.path is None and self.id.endswith(ADHOC_SUFFIX)
 
     def channel_names(self) -> list[str]:
         """The name of each output channel of the network, in channel order: the label that
@@ -372,7 +379,7 @@ def card_from_arguments(architecture: str, num_labels: int, in_channels: int = 1
     _check_architecture(architecture, "--arch")
     activation = "softmax" if architecture.lower() == "torchscript" else output_kind(architecture)
     raw = {
-        "id": f"{architecture}-adhoc",
+        "id": f"{architecture}{ADHOC_SUFFIX}",
         "title": f"{architecture} ({num_labels} labels, no model card)",
         "architecture": {"name": architecture, "config": config or {}},
         "inputs": [{"name": f"input {i}"} for i in range(in_channels)],

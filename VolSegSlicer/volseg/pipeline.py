@@ -78,14 +78,14 @@ def check_output_count(card: ModelCard, found: int | None) -> None:
     ``--num-labels``) describes, from the state dict's shapes, before any image work.
 
     Args:
-        card: the run's card; a card made by ``card_from_arguments`` (``--arch``) has no path.
+        card: the run's card (or the one ``--arch`` made: its message speaks of ``--num-labels``).
         found: the output channel count the checkpoint's shapes imply (None: cannot tell).
     """
     if found is None or found == card.out_channels:
         return
     sigmoid = card.activation == "sigmoid"
     per_label = "one channel per label" if sigmoid else "a background channel plus one per label"
-    if card.path is None and card.id.endswith("-adhoc"):  # --arch NAME --num-labels N, no card
+    if card.from_arguments:  # --arch NAME --num-labels N, no card
         labels = found if sigmoid else found - 1
         raise CheckpointError(
             f"the checkpoint's output layer has {found} channels, but --num-labels {len(card.labels)} gives "

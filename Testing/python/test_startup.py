@@ -94,6 +94,8 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         "unknown architecture 'segformr3d'": ["segment", str(ct), "--arch", "segformr3d", "--num-labels", "3",
                                               "-o", out],
         "takes 1 input channel": ["segment", str(ct), str(ct), "--model", "demo", "-o", out],
+        "DICOM SEG (.dcm) output needs a DICOM series input (a folder), but the input is ct.nrrd":
+            ["segment", str(ct), "--model", "demo", "-o", str(tmp_path / "seg.dcm")],
         "needs a checkpoint": ["segment", str(ct), "--model", "uxnet-flare", "-o", out],
         "--overlap 1.5": ["segment", str(ct), "--model", "demo", "--overlap", "1.5", "-o", out],
         "notes.txt is not a PyTorch checkpoint": ["inspect", str(text)],

@@ -134,6 +134,13 @@ def check_request(request: SegmentRequest) -> Path:
     for path in request.inputs:
         if not Path(path).exists():
             raise InputError(f"input {path} does not exist", hint="check the path")
+    if full_suffix(request.output).lower() == ".dcm":
+        not_dicom = next((Path(p) for p in request.inputs if not Path(p).is_dir()), None)
+        if not_dicom is not None:  # a DICOM series is a folder; reading it later checks the rest
+            raise OutputError(
+                f"a DICOM SEG (.dcm) output needs a DICOM series input (a folder), but the input is {not_dicom.name}",
+                hint="write .seg.nrrd, .nii.gz or .nrrd instead, or read the input from a DICOM folder",
+            )
     ckpt_path = checkpoint_for(card, request.checkpoint)
     checkpoint_kind(ckpt_path)  # missing, empty, or not a checkpoint at all
     return ckpt_path

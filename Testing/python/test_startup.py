@@ -162,3 +162,26 @@ def test_builtin_output_kinds_agree_with_the_registry():
     for name in builtin.BUILTIN_MODULES:
         assert builtin.output_kind(name) == registry.get(name).output_kind, name
     assert builtin.known_names() == registry.names()
+
+
+def test_the_final_line_says_how_long_start_up_took():
+    import io
+
+    from volseg.progress import JsonReporter, TextReporter
+
+    text = TextReporter(io.StringIO())
+    text.start -= 2.0  # the run began 2 s before its first stage (imports, device choice)
+    text.stage("read")
+    text.done({"segmentation": "s.seg.nrrd"})
+    line = text.stream.getvalue().splitlines()[-1]
+    assert line.startswith("wrote s.seg.nrrd in 2.0s (start-up 2.0s, read 0.0s)"), line
+    events = JsonReporter(io.StringIO())
+    events.start -= 1.5
+    events.stage("read")
+    events.done({})
+    done = json.loads(events.stream.getvalue().splitlines()[-1])
+    assert done["startup_s"] == pytest.approx(1.5, abs=0.05) and set(done["timings"]) == {"read"}
+    events.begin_run()  # the next case of a batch starts from zero
+    events.stage("read")
+    events.done({})
+    assert json.loads(events.stream.getvalue().splitlines()[-1])["startup_s"] < 0.5

@@ -185,3 +185,16 @@ def test_the_final_line_says_how_long_start_up_took():
     events.stage("read")
     events.done({})
     assert json.loads(events.stream.getvalue().splitlines()[-1])["startup_s"] < 0.5
+
+
+def test_models_and_refusals_work_before_torch_is_installed(tmp_path):
+    """The Slicer panel lists the models before the PyTorch extension has installed torch."""
+    code = ("import sys\n"
+            "for name in ('torch', 'monai', 'SimpleITK'): sys.modules[name] = None  # import fails, as if absent\n"
+            "from volseg.cli import main\n"
+            "assert main(['models', '--json']) == 0\n"
+            f"assert main(['segment', {str(tmp_path / 'missing.nrrd')!r}, '--model', 'demo', '-o', 'x.seg.nrrd',"
+            " '--progress', 'none']) == 2\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert '"id": "demo"' in r.stdout and "missing.nrrd does not exist" in r.stderr

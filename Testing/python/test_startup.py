@@ -161,6 +161,7 @@ def test_builtin_output_kinds_agree_with_the_registry():
 
     for name in builtin.BUILTIN_MODULES:
         assert builtin.output_kind(name) == registry.get(name).output_kind, name
+    assert builtin.output_kind("my-plugin") is None
     assert builtin.known_names() == registry.names()
 
 

@@ -378,6 +378,10 @@ def card_from_arguments(architecture: str, num_labels: int, in_channels: int = 1
 
     _check_architecture(architecture, "--arch")
     activation = "softmax" if architecture.lower() == "torchscript" else output_kind(architecture)
+    if activation is None:  # a registered plug-in (the registry is imported already if there is one)
+        from volseg.models.registry import get
+
+        activation = get(architecture).output_kind
     raw = {
         "id": f"{architecture}{ADHOC_SUFFIX}",
         "title": f"{architecture} ({num_labels} labels, no model card)",

@@ -41,15 +41,10 @@ def known_names() -> list[str]:
     return sorted(BUILTIN_MODULES)
 
 
-def output_kind(name: str) -> str:
-    """``"softmax"`` or ``"sigmoid"`` for architecture ``name`` (registered plug-ins included).
-
-    Raises:
-        volseg.errors.ArchitectureError: ``name`` is not a known architecture.
-    """
+def output_kind(name: str) -> str | None:
+    """``"softmax"`` or ``"sigmoid"`` for a built-in architecture; None for any other name (a
+    plug-in's kind is in its registered ``Architecture``)."""
     key = name.lower()
-    if key in BUILTIN_MODULES:
-        return "sigmoid" if key in SIGMOID_FAMILIES else "softmax"
-    from volseg.models.registry import get
-
-    return get(name).output_kind  # a plug-in (or an unknown name: get() says so)
+    if key not in BUILTIN_MODULES:
+        return None
+    return "sigmoid" if key in SIGMOID_FAMILIES else "softmax"

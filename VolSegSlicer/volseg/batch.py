@@ -113,6 +113,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
     cache, summary = ModelCache(), {"done": [], "skipped": [], "failed": []}
     for n, case in enumerate(cases, 1):
         out = out_dir / f"{case.name}{suffix}"
+        reporter.begin_run()  # each case's done event times that case alone
         reporter.log(f"case {n}/{len(cases)}: {case.name}")
         if out.exists() and not template.overwrite:
             reporter.log(f"{out} exists; skipped (pass --overwrite to replace it)", "warning")

@@ -193,7 +193,8 @@ def export_labelmap(context: MRMLContext, segmentation_node: Any, path: str | os
             Slicer or the disk refused; nothing is written then.
     """
     import slicer
-    from volseg.io.writers import color_table_path, write_color_table
+    from volseg.io.outputs import color_table_path
+    from volseg.io.writers import write_color_table
 
     path = Path(path)
     _labelmap_suffix(path)

@@ -185,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser, repeats=3, quick_help="ROI 32, one round, no warm-up", threads=2,
                            default_device="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--roi", type=int, default=64, help="window side (96 = published; 64 default for speed)")
+    parser.add_argument("--roi", type=int, default=None,
+                        help="window side (96 = published; default 64 for speed, 32 with --quick)")
     args, device = common.start(parser, argv)
-    roi = 32 if args.quick else args.roi
+    roi = args.roi or (32 if args.quick else 64)
     stages = [(c, roi // 2 ** (i + 1)) for i, c in enumerate(CHANNELS) if roi // 2 ** (i + 1) >= 1]
     print(f"ROI {roi}^3, batch 1, random offsets (std 1 voxel); median of {args.repeats} interleaved round(s) "
           "per stage; CPU memory = peak RSS growth in a separate call; memory ratio n/a: the baseline's peak "

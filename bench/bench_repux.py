@@ -134,11 +134,12 @@ def run(roi: int, ks: int, network: bool, device: torch.device, repeats: int, wa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser, repeats=3, quick_help="ROI 32, no network, one round, no warm-up")
-    parser.add_argument("--roi", type=int, default=64, help="window side (96 = published; 64 default for speed)")
+    parser.add_argument("--roi", type=int, default=None,
+                        help="window side (96 = published; default 64 for speed, 32 with --quick)")
     parser.add_argument("--ks", type=int, default=21, help="depthwise kernel size (21 published)")
     parser.add_argument("--no-network", action="store_true", help="stages only")
     args, device = common.start(parser, argv)
-    roi = 32 if args.quick else args.roi
+    roi = args.roi or (32 if args.quick else 64)
     repeats = args.repeats
     print(f"RepUX-Net {args.ks}^3 depthwise blocks, batch 1, eval, no grad, ROI {roi}^3, "
           f"median of {repeats} interleaved rounds")

@@ -160,6 +160,16 @@ def measure_interleaved(fns: Sequence[tuple[Callable[[], Any], torch.device | st
     CPU time, the largest peak memory, and the output of its last timed call.
     """
     devices = [torch.device(d) for _, d in fns]
+    gc.collect()
+    gc.freeze()  # what is alive now (torch's and MONAI's objects) is not rescanned by each call's gc.collect()
+    try:
+        return _measure_interleaved(fns, devices, repeats, warmup)
+    finally:
+        gc.unfreeze()
+
+
+def _measure_interleaved(fns: Sequence[tuple[Callable[[], Any], torch.device | str]], devices: list[torch.device],
+                         repeats: int, warmup: int) -> list[Timing]:
     malloc_for_timing()
     for fn, _ in fns:
         for _ in range(warmup):

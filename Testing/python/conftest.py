@@ -108,3 +108,31 @@ def card_factory(tmp_path):
         return make_card(tmp_path, card_id, **fields)
 
     return factory
+
+
+# -- Slicer half: slicer-core scenes and the bundled model cards ------------------------------------
+@pytest.fixture(scope="session")
+def demo() -> dict:
+    """The ``demo`` card's entry of ``volseg models --json`` (what the Slicer panel lists)."""
+    import subprocess
+    import sys
+
+    module_dir = REPO_ROOT / "VolSegSlicer"
+    text = subprocess.run([sys.executable, "-m", "volseg", "models", "--json"], capture_output=True, text=True,
+                          check=True, env=dict(os.environ, PYTHONPATH=str(module_dir))).stdout
+    demo = next((m for m in json.loads(text)["models"] if m.get("id") == "demo"), None)
+    assert demo is not None, "the 'demo' model card is missing from the model list"
+    return demo
+
+
+@pytest.fixture
+def context():
+    """A fresh scene with Slicer's logics on slicer-core (as Slicer's application sets them up)."""
+    pytest.importorskip("slicer", reason="slicer-core is part of the [test] extra: pip install -e '.[test]'")
+    import sys
+
+    if str(REPO_ROOT / "VolSegSlicer") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "VolSegSlicer"))
+    from VolSegSlicerLib.mrml import create_core_context
+
+    return create_core_context()

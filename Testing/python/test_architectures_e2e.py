@@ -103,13 +103,14 @@ def test_monai_networks_segment(arch, tmp_path, capsys):
     net = models.create(arch, **cfg).eval()
     ckpt = tmp_path / "model.pt"
     torch.save({"state_dict": net.state_dict()}, ckpt)
-    size = 64 if arch == "swinunetr" else 32  # SwinUNETR's bottleneck is 1/32 of the window
-    x = torch.randn(1, size, size, size)
+    # SwinUNETR's bottleneck is 1/32 of the window and its norm needs 2 voxels there: 64 along one axis
+    shape = (64, 32, 32) if arch == "swinunetr" else (32, 32, 32)
+    x = torch.randn(1, *shape)
     src = tmp_path / "in.nii.gz"
     nib.save(nib.Nifti1Image(x[0].numpy(), np.eye(4)), str(src))
     out = tmp_path / "o.nrrd"
     args = ["segment", str(src), "--arch", arch, "--num-labels", "2", "--checkpoint", str(ckpt), "-o", str(out),
-            "--roi-size", str(size), str(size), str(size), "--progress", "none"]
+            "--roi-size", *map(str, shape), "--progress", "none"]
     if arch not in ("unet", "segresnet"):  # shapes do not reveal these configurations
         args += ["--arch-config", json.dumps(cfg)]
     assert main(args) == 0, capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from conftest import make_card
 from volseg.cli import main
@@ -188,3 +189,37 @@ def test_names_differing_only_in_case_clash(tmp_path, threshold_torchscript, cap
     assert rc == 2
     assert "Case1/case1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_each_case_reports_its_own_time(tmp_path, threshold_torchscript, capsys, monkeypatch):
+    """Equal cases take equal times: the done events do not add up the cases before them."""
+    import time
+
+    import volseg.pipeline
+
+    real = volseg.pipeline.predict_with_fallback
+
+    def slow(*a, **k):
+        time.sleep(0.4)
+        return real(*a, **k)
+
+    monkeypatch.setattr(volseg.pipeline, "predict_with_fallback", slow)
+    cases = [write_case(tmp_path / f"c{n}.nrrd") for n in range(3)]
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    assert main(["batch", *map(str, cases), "--model", str(card), "--checkpoint", str(threshold_torchscript),
+                 "-o", str(tmp_path / "o"), "--progress", "json"]) == 0
+    done = [e for e in map(json.loads, capsys.readouterr().out.splitlines()) if e["event"] == "done"]
+    assert len(done) == 3
+    for event in done:  # accumulated, the third case would show >= 1.2 s of inference
+        assert 0.4 <= event["timings"]["infer"] < 0.8, event["timings"]
+        assert event["elapsed_s"] < 0.8 + sum(event["timings"].values()), event
+        assert event["elapsed_s"] == pytest.approx(event["startup_s"] + sum(event["timings"].values()), abs=0.05)
+
+
+def test_batch_help_has_no_probabilities(capsys):
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    assert "--probabilities" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # and the option is refused as an unknown one, not half-accepted
+        main(["batch", "x.nrrd", "--model", "demo", "-o", "out", "--probabilities", "p.nii.gz"])
+    assert "unrecognized arguments: --probabilities" in capsys.readouterr().err

@@ -131,7 +131,8 @@ def test_run_all_finds_every_benchmark(bench):
     found = [p.name for p in ra.benchmarks()]
     for name in ("bench_inference.py", "bench_io.py", "bench_models.py", "bench_deform_conv.py"):
         assert name in found
-    for name in ("bench_inference.py", "bench_io.py", "bench_models.py", "bench_deform_conv.py", "bench_repux.py"):
+    for name in ("bench_inference.py", "bench_io.py", "bench_models.py", "bench_deform_conv.py", "bench_repux.py",
+                 "bench_startup.py"):
         assert ra.accepts(ra.BENCH_DIR / name, "--quick"), name
     assert not ra.accepts(ra.BENCH_DIR / "bench_io.py", "--roi")
 
@@ -202,11 +203,33 @@ def test_deform_conv_bench_tiny(bench, monkeypatch):
 
 def test_deform_conv_and_repux_quick_runs(bench, capsys):
     bd = bench("bench_deform_conv")
-    assert bd.main(["--quick", "--threads", str(torch.get_num_threads())]) == 0
+    assert bd.main(["--quick", "--roi", "16", "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
-    assert "ROI 32^3" in out and "| (48, 16) | F.conv3d (baseline) |" in out and "| (384, 2) |" in out
+    assert "ROI 16^3" in out and "| (48, 8) | F.conv3d (baseline) |" in out and "| (384, 1) |" in out
     assert out.count("| stage (C, side) |") == 1  # one table over all stages
     br = bench("bench_repux")
-    assert br.main(["--quick", "--ks", "5", "--threads", str(torch.get_num_threads())]) == 0
+    assert br.main(["--quick", "--roi", "16", "--ks", "5", "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
     assert out.startswith("torch ") and "centre-only, fast path | " in out and "| NO |" not in out
+
+
+def test_startup_bench_tiny(bench, tmp_path):
+    from dataclasses import replace
+
+    bs = bench("bench_startup")
+    every = bs.cases(tmp_path)
+    assert every[0].name == bs.BASELINE and all(c.torch_free for c in every if c.name.startswith("refuse"))
+    selected = [c for c in every if c.name in ("python (nothing imported)", "volseg --version")]
+    rows = bs.run(selected, repeats=1, warmup=0)
+    assert [r["check"] for r in rows] == ["ok (no torch)", "ok (no torch)"]
+    assert all(r["seconds"] > 0 and r["cpu_seconds"] >= 0 and r["peak_mib"] > 1 for r in rows)
+    assert "| volseg --version |" in bs.table(rows)
+    old = tmp_path / "old" / "VolSegSlicer"
+    pairs = bs.compared(selected, old)
+    assert [c.name for c in pairs] == ["python (nothing imported)", "volseg --version", "volseg --version [old]"]
+    assert pairs[2].engine == old and pairs[2].argv == pairs[1].argv and not pairs[2].expect
+    version = selected[1]
+    assert bs.check(version, 0, "volseg 0.1.0", torch_imported=False) == (True, "ok (no torch)")
+    assert bs.check(replace(version, exit_code=2), 0, "volseg 0.1.0", False)[1].startswith("FAIL: exit code")
+    assert bs.check(version, 0, "usage: ...", False)[1].startswith("FAIL: output lacks")
+    assert bs.check(version, 0, "volseg 0.1.0", torch_imported=True) == (False, "FAIL: imported torch")

@@ -98,3 +98,15 @@ def test_summary_is_json_serialisable():
 def test_parse_card_without_file():
     card = parse_card({"id": "x", "title": "t", "inputs": [{"name": "T1"}], "labels": [{"value": 1, "name": "a"}]})
     assert card.is_torchscript and card.path is None and card.activation == "softmax"
+
+
+def test_channel_names_follow_the_output_channels():
+    from volseg.cards import card_from_arguments
+
+    assert load_card("demo").channel_names()[:2] == ["background", "ribs"]
+    assert len(load_card("demo").channel_names()) == load_card("demo").out_channels
+    brats = load_card("segformer3d-brats")  # sigmoid: no background channel; channel order, not label order
+    names = brats.channel_names()
+    assert len(names) == brats.out_channels and "background" not in names
+    assert all(names[lab.channel] == lab.name for lab in brats.labels)
+    assert card_from_arguments("unet", 2).channel_names() == ["background", "Label 1", "Label 2"]

@@ -160,6 +160,53 @@ def test_sha256_is_checked(tmp_path, unet_sd):
         read_checkpoint(path, sha256="0" * 64)
 
 
+def test_a_file_that_is_no_checkpoint_is_said_so_before_any_checksum(tmp_path, unet_sd):
+    text = tmp_path / "README.txt"
+    text.write_text("These are the weights, honest.\n")
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint: it is a text file starting 'These are") as info:
+        read_checkpoint(text, sha256="0" * 64)
+    assert "checksum" not in str(info.value) and "download it again from where the card says" not in str(info.value)
+    card = tmp_path / "card.json"
+    card.write_text('{"id": "x"}')
+    with pytest.raises(CheckpointError, match="JSON file .a model card goes with --model"):
+        read_checkpoint(card)
+    truncated = tmp_path / "model.safetensors"
+    truncated.write_bytes(b"<html>sign in to download</html>")
+    with pytest.raises(CheckpointError, match="is not a safetensors file"):
+        read_checkpoint(truncated)
+    real = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in unet_sd.items()}, str(real))
+    with pytest.raises(CheckpointError, match="checksum mismatch") as info:  # a checkpoint, but another one
+        read_checkpoint(real, sha256="0" * 64)
+    assert "the card's own checkpoint" in info.value.hint
+
+
+def test_checkpoint_kind_from_the_first_bytes(tmp_path, unet_sd):
+    from volseg.checkpoint_files import checkpoint_kind
+
+    torch.save(unet_sd, tmp_path / "zip.pt")
+    torch.save(unet_sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file({k: v.contiguous() for k, v in unet_sd.items()}, str(tmp_path / "s.bin"))  # any name
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "binary.pt").write_bytes(bytes(range(200, 256)))
+    assert checkpoint_kind(tmp_path / "zip.pt") == "zip"
+    assert checkpoint_kind(tmp_path / "legacy.pt") == "pickle"
+    assert checkpoint_kind(tmp_path / "s.bin") == "safetensors"
+    assert checkpoint_kind(tmp_path) == "folder"
+    with pytest.raises(CheckpointError, match="empty"):
+        checkpoint_kind(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="starts with the bytes c8 c9"):
+        checkpoint_kind(tmp_path / "binary.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint_kind(tmp_path / "missing.pt")
+
+
+def test_implied_out_channels_from_shapes(unet_sd):
+    assert models.implied_out_channels("unet", unet_sd) == 3
+    assert models.implied_out_channels("unet", {"model." + k: v for k, v in unet_sd.items()}) == 3
+    assert models.implied_out_channels("swinunetr", unet_sd) is None  # no shape reader: cannot tell
+
+
 def test_mismatch_names_missing_unexpected_and_wrong_shapes(unet_sd):
     sd = dict(unet_sd)
     sd.pop("model.0.conv.unit0.conv.bias")
@@ -220,7 +267,7 @@ def test_text_garbage_is_named_not_a_checkpoint(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as err:
         read_checkpoint(path)
-    assert err.value.message.endswith("garbage.pt is not a PyTorch checkpoint")  # the message, not the hint
+    assert "garbage.pt is not a PyTorch checkpoint: it is a text file starting" in err.value.message  # not the hint
     assert err.value.hint
 
 

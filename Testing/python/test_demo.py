@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
 import numpy as np
 import pytest
 import slicerio
@@ -12,15 +16,33 @@ from volseg.cli import main
 from volseg.demo import fresh_folder
 
 
+NOTICE_RED = (170, 0, 0)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run_events(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "-o", str(folder), "--progress", "none", "--device", "cpu"]) == 0
-    return folder
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["demo", "-o", str(folder), "--progress", "json", "--device", "cpu"]) == 0
+    return folder, [json.loads(line) for line in stdout.getvalue().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_run_events):
+    return demo_run_events[0]
+
+
+def test_demo_done_event_is_last_and_names_the_picture(demo_run_events):
+    folder, events = demo_run_events
+    assert events[-1]["event"] == "done" and [e["event"] for e in events].count("done") == 1
+    assert events[-1]["outputs"]["png"] == str(folder / "CTChest4-demo.png")
+    assert events[-1]["outputs"]["segmentation"] == str(folder / "CTChest4-demo.seg.nrrd")
+    assert "picture" in events[-1]["timings"] and events[-1]["startup_s"] >= 0
 
 
 def test_demo_checkpoint_matches_its_card():
@@ -49,8 +71,32 @@ def test_demo_writes_a_picture(demo_run):
     png = demo_run / "CTChest4-demo.png"
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > im.height > 100
-        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+        rgb = np.asarray(im.convert("RGB"))
+    pixels = rgb.reshape(-1, 3)
     assert (np.abs(pixels[:, 0].astype(int) - pixels[:, 1]) > 20).any()  # coloured labels, not only grey
+    assert (rgb[2:20, 2:200] == NOTICE_RED).all(axis=-1).mean() > 0.5  # the not-for-clinical-use band on top
+    key_area = rgb[-40:].reshape(-1, 3)  # the colour key: a swatch of every label's colour
+    for label in load_card("demo").labels:
+        assert (key_area == label.color).all(axis=-1).sum() >= 50, label.name
+
+
+def test_picture_outlines_big_labels_and_letters_every_side(tmp_path, monkeypatch):
+    from volseg import demo_picture
+
+    ct = np.full((40, 40, 10), 0.0)
+    labels = np.zeros((40, 40, 10), np.uint8)
+    labels[5:35, 5:35] = 1  # 56 % of the volume: outlined
+    labels[18:22, 18:22] = 2  # small: filled
+    key = [demo_picture.KeyEntry(1, "big", (0, 255, 0)), demo_picture.KeyEntry(2, "small", (255, 0, 0))]
+    letters = []
+    monkeypatch.setattr(demo_picture, "_letters", lambda draw, box, text, font: letters.append(text))
+    demo_picture.overview_png(ct, labels, key, tmp_path / "p.png", spacing=(1.0, 1.0, 4.0), tile_height=80)
+    assert letters == [("R", "A", "L", "P")] * 3 + [("R", "S", "L", "I")]
+    tile = demo_picture._render(ct[:, :, 5].T, labels[:, :, 5].T, key, {1}, (80, 80), 0.45)
+    assert (tile[10, 40] == (0, 255, 0)).all()  # the big label's edge in its colour
+    inside = tile[30, 30].astype(int)  # inside it, the CT stays nearly grey (a faint fill)
+    assert inside[1] - inside[0] < 40
+    assert (tile[40, 40].astype(int)[0] - tile[40, 40].astype(int)[1]) > 80  # the small label is filled
 
 
 def test_demo_never_overwrites(demo_run, capsys):
@@ -96,6 +142,7 @@ def test_demo_overwrite_replaces_earlier_results_only_when_asked(tmp_path, capsy
     assert "--overwrite" in capsys.readouterr().err  # the hint names a flag demo has
     assert (folder / "CTChest4-demo.seg.nrrd").read_bytes() == b"old result"
     assert main(["demo", "-o", str(folder), "--progress", "none", "--device", "cpu", "--overwrite"]) == 0
+    assert str(folder / "CTChest4-demo.png") in capsys.readouterr().err  # --progress none says where it went
     with Image.open(folder / "CTChest4-demo.png") as im:
         assert im.format == "PNG"
     seg = slicerio.read_segmentation(str(folder / "CTChest4-demo.seg.nrrd"))

@@ -495,3 +495,32 @@ def test_output_differing_only_in_case_is_refused_where_the_file_system_ignores_
         check_not_an_input([upper], [image])
         upper.write_text("other")
         check_not_an_input([upper], [image])
+
+
+def test_colour_table_of_another_result_is_named_as_such(tmp_path):
+    write_segmentation(tmp_path / "ct.nii.gz", _labels(), _reference(), SEGMENTS)
+    with pytest.raises(OutputError) as info:  # ct.nrrd would share ct.csv with ct.nii.gz
+        check_segmentation_output(tmp_path / "ct.nrrd")
+    assert "colour table ct.csv that goes with ct.nrrd would replace the one of ct.nii.gz" in info.value.message
+    assert "--overwrite" in info.value.hint
+    assert check_segmentation_output(tmp_path / "ct.seg.nrrd") == [tmp_path / "ct.seg.nrrd"]  # no table: fine
+
+
+@pytest.mark.parametrize("name", ["p.nii.gz", "p.nrrd"])
+def test_probabilities_store_their_channel_names(tmp_path, name):
+    ref = _reference()
+    names = ["background", "liver", "tumour, enhancing"]
+    probs = np.random.default_rng(0).random((3, *ref.spatial_shape)).astype(np.float32)
+    out = write_probabilities(tmp_path / name, probs, ref, channel_names=names)
+    if name.endswith(".nrrd"):
+        _, header = nrrd.read(str(out))
+        assert json.loads(header["VolSeg_channel_names"]) == names
+        assert [header[f"VolSeg_channel{n}_name"] for n in range(3)] == names
+    else:
+        image = nib.load(str(out))
+        (extension,) = image.header.extensions
+        assert json.loads(extension.get_content()) == {"volseg_channel_names": names}
+        assert image.header["intent_name"].tobytes().rstrip(b"\0") == b"probabilities"
+        assert image.header["descrip"].tobytes().startswith(b"channels: background, liver")
+    with pytest.raises(OutputError, match="2 channel names for 3"):
+        write_probabilities(tmp_path / ("q" + name[1:]), probs, ref, channel_names=names[:2])

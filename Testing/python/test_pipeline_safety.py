@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -94,10 +96,51 @@ def test_wrong_input_count_fails_on_the_first_window(tmp_path, ct, unet_checkpoi
     assert "2 input channel(s)" in err and "internal error" not in err
 
 
-def test_label_count_mismatch_is_found_on_the_first_window(tmp_path, ct, unet_checkpoint, capsys, monkeypatch):
+def test_label_count_mismatch_is_found_from_the_checkpoint_before_any_work(tmp_path, ct, unet_checkpoint, capsys,
+                                                                          monkeypatch):
     path, cfg = unet_checkpoint
     card = make_card(tmp_path, "five", architecture={"name": "unet", "config": {**cfg, "out_channels": 3}},
                      labels=[{"value": v, "name": f"l{v}"} for v in range(1, 5)])
+    import volseg.pipeline
+
+    monkeypatch.setattr(volseg.pipeline, "preprocess", lambda *a, **k: pytest.fail("preprocessing ran"))
+    rc = main(["segment", str(ct), "--model", str(card), "--checkpoint", str(path), "-o", str(tmp_path / "o.nrrd"),
+               "--progress", "none", "--roi-size", "8", "8", "8"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "output layer has 3 channels, but the card 'five' describes 5 (4 labels" in err
+    assert "--num-labels" not in err  # a run with a card is told about its card
+
+
+def test_num_labels_mismatch_names_the_right_count_before_any_work(tmp_path, ct, unet_checkpoint, capsys, monkeypatch):
+    path, cfg = unet_checkpoint  # 3 softmax channels: background + 2 labels
+    import volseg.pipeline
+
+    monkeypatch.setattr(volseg.pipeline, "preprocess", lambda *a, **k: pytest.fail("preprocessing ran"))
+    rc = main(["segment", str(ct), "--arch", "unet", "--num-labels", "4", "--checkpoint", str(path),
+               "-o", str(tmp_path / "o.nrrd"), "--progress", "none"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "output layer has 3 channels, but --num-labels 4 gives 5 for unet" in err
+    assert "pass --num-labels 2" in err and "card" not in err
+
+
+def test_num_labels_hint_for_a_sigmoid_family():
+    from volseg.cards import card_from_arguments
+    from volseg.errors import CheckpointError
+    from volseg.pipeline import check_output_count
+
+    card = card_from_arguments("segformer3d", 7, in_channels=4)
+    check_output_count(card, 7)  # sigmoid: one channel per label
+    check_output_count(card, None)  # cannot tell: the first window checks
+    with pytest.raises(CheckpointError, match="8 channels, but --num-labels 7 gives 7 for segformer3d") as info:
+        check_output_count(card, 8)
+    assert info.value.hint == "pass --num-labels 8"
+
+
+def test_torchscript_label_count_mismatch_is_found_on_the_first_window(tmp_path, ct, threshold_torchscript, capsys,
+                                                                       monkeypatch):
+    card = make_card(tmp_path, "three", labels=[{"value": v, "name": f"l{v}"} for v in (1, 2)])  # 3 channels
     import volseg.inference
 
     calls = []
@@ -108,10 +151,9 @@ def test_label_count_mismatch_is_found_on_the_first_window(tmp_path, ct, unet_ch
         return real(self, patches)
 
     monkeypatch.setattr(volseg.inference._Predictor, "__call__", counting)
-    rc = main(["segment", str(ct), "--model", str(card), "--checkpoint", str(path), "-o", str(tmp_path / "o.nrrd"),
-               "--progress", "none", "--roi-size", "8", "8", "8", "--sw-batch-size", "1"])
-    assert rc == 2
-    assert "returns 3 channels but the card describes 5" in capsys.readouterr().err
+    assert run(ct, card, threshold_torchscript, tmp_path / "o.nrrd", "--roi-size", "8", "8", "8",
+               "--sw-batch-size", "1") == 2
+    assert "returns 2 channels but the card (or --num-labels) describes 3" in capsys.readouterr().err
     assert len(calls) == 1
 
 
@@ -156,7 +198,9 @@ def test_grouped_write_puts_both_files_in_place(tmp_path, ct, threshold_torchscr
     assert leftovers(tmp_path) == []
     import nibabel as nib
 
-    assert nib.load(str(prob)).shape[-1] == 2  # background and the one label
+    image = nib.load(str(prob))
+    assert image.shape[-1] == 2  # background and the one label, named in the file
+    assert json.loads(image.header.extensions[0].get_content()) == {"volseg_channel_names": ["background", "bright"]}
 
 
 def test_overwrite_never_replaces_an_input(tmp_path, ct, threshold_torchscript, capsys):

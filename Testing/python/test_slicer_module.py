@@ -2,16 +2,14 @@
 
 Part 1 tests the pure-Python pieces in ``VolSegSlicer/VolSegSlicerLib`` (progress protocol,
 background process with tree kill, command lines, model list, devices, resources).
-Part 2 imports ``VolSegSlicer/VolSegSlicer.py`` with the test-only FakeSlicerStandIn
-(``fake_slicer.py``) and runs the module's logic against the real ``volseg`` engine in a real
-background process: progress, result files, cancellation and the warm worker. Importing the
-result into a segmentation node needs real Slicer and is covered by the module's self-test.
+Part 2 runs the engine runner the module's logic delegates to on slicer-core's scene (real
+volume nodes, real engine processes, real import): progress, results, cancellation and the warm
+worker. The whole user chain on real MRML is in ``test_slicer_chain.py``.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -465,6 +463,10 @@ def test_segment_rows_carry_card_names_colours_and_terminology(models: list[dict
     assert rows[1]["terminology_tag"] == ""
     assert import_segment_ids(rows, [0, 2, 1, 2]) == ["Segment_1", "Segment_2"]
     assert import_segment_ids(rows, [0]) == []
+    # Slicer fills the i-th id with value i + 1: a value missing from the result keeps its place.
+    assert import_segment_ids(rows, [2]) == ["Segment_1", "Segment_2"]
+    sparse = [{"value": 3, "id": "A"}, {"value": 5, "id": "B"}]
+    assert import_segment_ids(sparse, [5]) == ["", "", "A", "", "B"]
     with pytest.raises(ValueError, match=r"\[7\]"):
         import_segment_ids(rows, [1, 7])
 
@@ -518,175 +520,147 @@ def test_log_buffer_is_capped() -> None:
     assert log.text() == ""
 
 
-# ---------------------------------------------------------------------------------------- module with the stand-in
+# ---------------------------------------------------------------------------------------- the runner on slicer-core
+# The module's Logic is a thin adapter over EngineRunner (VolSegSlicerLib/runner.py): these tests
+# run it on slicer-core's scene with real volume nodes and real engine processes.
 @pytest.fixture
-def vs(monkeypatch, tmp_path: Path):
-    """VolSegSlicer.py imported with FakeSlicerStandIn (test-only) in place of Slicer."""
-    from fake_slicer import install_fake_slicer
+def runner(context, tmp_path: Path):
+    from VolSegSlicerLib.runner import EngineRunner
 
-    install_fake_slicer(monkeypatch, tmp_path)
-    spec = importlib.util.spec_from_file_location("VolSegSlicer", MODULE_DIR / "VolSegSlicer.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "VolSegSlicer", module)
-    spec.loader.exec_module(module)
-    return module
+    made = EngineRunner(context, str(MODULE_DIR), temp_root=str(tmp_path))
+    yield made
+    made.shutdown()
 
 
-def _volume(ct_path: Path, name: str = "CTChest", node_id: str = "vtkMRMLScalarVolumeNode1"):
-    from fake_slicer import FakeStandInVolumeNode
-
-    return FakeStandInVolumeNode(ct_path, name, node_id)
+def _volume(context, ct_path: Path, name: str = "CTChest"):
+    return context.volumes_logic.AddArchetypeVolume(str(ct_path), name, 0)
 
 
-def _run(logic, job, timeout: float = 180.0):
-    """What the module's QTimer does: poll every 50 ms until the job has ended."""
-    end = time.monotonic() + timeout
-    while job in logic.jobs:
-        logic.pollJobs()
-        assert time.monotonic() < end, "the engine did not finish in time"
-        time.sleep(0.05)
-    return job
+def test_settings_round_trip_through_the_application_settings() -> None:
+    from VolSegSlicerLib.settings import RunSettings, restore_settings, save_settings
 
-
-def test_module_parameters_defaults_and_settings_round_trip(vs) -> None:
-    logic = vs.VolSegSlicerLogic()
-    params = logic.getParameterNode()
-    assert (params.useModelSettings, params.overlap, params.keepWarm, params.device) == (True, 0.5, False, "auto")
-    assert params.inputVolume0 is None and params.outputSegmentation is None
-    params.overlap, params.flips, params.roiX, params.device, params.modelId = 0.75, True, 96, "cuda:0", "demo"
-    logic.saveSettings(params)
-    fresh = vs.VolSegSlicerParameterNode(object())
-    logic.restoreSettings(fresh)
+    store: dict = {}
+    params = RunSettings(overlap=0.75, flips=True, roiX=96, device="cuda:0")
+    params.modelId = "demo"
+    save_settings(params, store.__setitem__)
+    fresh = RunSettings()
+    assert restore_settings(fresh, lambda key, default: store.get(key, default)) == []
     assert (fresh.overlap, fresh.flips, fresh.roiX, fresh.device, fresh.modelId) == (0.75, True, 96, "cuda:0", "demo")
-    assert vs.moduleResourcePath("UI/VolSegSlicer.ui") == str(REPO_ROOT / "Resources" / "UI" / "VolSegSlicer.ui")
+    store["Advanced"] = '{"overlap": "lots", "flips": 1, "roiX": 64}'  # another version's values
+    other = RunSettings()
+    assert sorted(restore_settings(other, lambda key, default: store.get(key, default))) == ["flips", "overlap"]
+    assert (other.overlap, other.flips, other.roiX) == (0.5, False, 64)
+    assert restore_settings(RunSettings(), lambda key, default: "{broken" if key == "Advanced" else default)
 
 
-def test_module_options_follow_the_panel(vs, models: list[dict]) -> None:
-    logic = vs.VolSegSlicerLogic()
-    params = logic.getParameterNode()
+def test_engine_options_follow_the_panel(models: list[dict]) -> None:
+    from VolSegSlicerLib.settings import RunSettings, segment_options
+
     tiny = next(m for m in models if m["id"] == "tiny-fast")
-    params.checkpointPath, params.device = "/w/best.pt", "cpu"
-    opts = logic.segmentOptions(tiny, ["/t/in0.nrrd"], "/t/out.nrrd", params)
+    params = RunSettings(checkpointPath="/w/best.pt", device="cpu")
+    opts = segment_options(tiny, ["/t/in0.nrrd"], "/t/out.nrrd", params)
     assert opts.model == tiny["card_path"] and opts.checkpoint == "/w/best.pt" and opts.use_model_settings
     params.useModelSettings, params.roiX, params.roiY, params.roiZ, params.fillHoles = False, 64, 64, 32, True
-    args = segment_args(logic.segmentOptions(tiny, ["/t/in0.nrrd"], "/t/out.nrrd", params))
+    args = segment_args(segment_options(tiny, ["/t/in0.nrrd"], "/t/out.nrrd", params))
     assert args[args.index("--roi-size") + 1:args.index("--roi-size") + 4] == ["64", "64", "32"]
     assert "--fill-holes" in args and "--overlap" in args
 
 
-def test_segment_refuses_wrong_or_repeated_inputs(vs, models: list[dict], ct_path: Path) -> None:
-    logic = vs.VolSegSlicerLogic()
-    params = logic.getParameterNode()
-    two_inputs = dict(next(m for m in models if m["id"] == "tiny-fast"),
-                      inputs=[{"name": "T1"}, {"name": "T2"}])
-    same = _volume(ct_path)
+def test_segment_refuses_wrong_or_repeated_inputs(runner, context, models: list[dict], ct_path: Path) -> None:
+    from VolSegSlicerLib.settings import RunSettings
+
+    two_inputs = dict(next(m for m in models if m["id"] == "tiny-fast"), inputs=[{"name": "T1"}, {"name": "T2"}])
+    same = _volume(context, ct_path)
     with pytest.raises(ValueError, match="same volume"):
-        logic.segment(two_inputs, [same, same], params)
+        runner.segment(two_inputs, [same, same], RunSettings())
     with pytest.raises(ValueError, match="needs 2 input"):
-        logic.segment(two_inputs, [same], params)
-    assert logic.jobs == []
+        runner.segment(two_inputs, [same], RunSettings())
+    assert runner.jobs == []
 
 
-def test_models_query_runs_in_the_background(vs, tiny_cards: Path) -> None:
-    logic = vs.VolSegSlicerLogic()
-    received = {}
-    logic.queryModels(str(tiny_cards), lambda result, error: received.update(result=result, error=error))
-    assert logic._timer.isActive() and received == {}  # asked, not answered yet: nothing blocked
-    query = logic.jobs[0]
+def test_models_query_runs_in_the_background(runner, tiny_cards: Path) -> None:
+    received, started = {}, []
+    runner.on_activity = lambda: started.append(True)
+    query = runner.query_models(str(tiny_cards), lambda result, error: received.update(result=result, error=error))
+    assert started and received == {}  # asked, not answered yet: nothing blocked; the timer was started
     assert isinstance(query, EngineQuery)
-    _run(logic, query, timeout=120)
+    runner.wait_for(query, timeout=120)
     assert received["error"] == "" and {"tiny-fast", "demo"} <= {m["id"] for m in received["result"]}
-    assert not logic._timer.isActive()
+    assert runner.models == received["result"] and not runner.poll()
 
 
-def test_segmentation_runs_in_a_background_engine_process(vs, models: list[dict], ct_path: Path, monkeypatch) -> None:
-    import nrrd
-    import numpy as np
+def test_segmentation_runs_in_a_background_engine_process(runner, context, models: list[dict], ct_path: Path,
+                                                          monkeypatch) -> None:
+    from VolSegSlicerLib.settings import RunSettings
 
-    logic = vs.VolSegSlicerLogic()
-    params = logic.getParameterNode()
-    params.device = "cpu"
     tiny = next(m for m in models if m["id"] == "tiny-fast")
-    imported = {}
+    engine_table = {}
+    original = runner._import
 
-    def import_result(job):  # the Slicer-side import is the self-test's; check the file it would read
-        labels, header = nrrd.read(job.outputPath)
-        ct, ct_header = nrrd.read(str(ct_path))
-        imported["shape"], imported["ct_shape"] = labels.shape, ct.shape
-        imported["ids"] = import_segment_ids(segment_rows(job.model), np.unique(labels))
-        imported["directions"] = (np.asarray(header["space directions"], float),
-                                  np.asarray(ct_header["space directions"], float))
-        imported["tempDir"] = job.tempDir
-        # The engine's colour table beside the labelmap agrees with the segments the module makes.
+    def read_engine_table_then_import(job):  # the engine's colour table agrees with the segments made here
         with open(Path(job.outputPath).with_suffix(".csv"), newline="", encoding="utf-8") as table:
-            imported["table"] = {int(r["LabelValue"]): r for r in csv.DictReader(table)}
-        imported["rows"] = segment_rows(job.model)
-        return "segmentation node"
+            engine_table.update({int(r["LabelValue"]): r for r in csv.DictReader(table)})
+        original(job)
 
-    monkeypatch.setattr(logic, "importResult", import_result)
+    monkeypatch.setattr(runner, "_import", read_engine_table_then_import)
     events, finished = [], []
-    job = logic.segment(tiny, [_volume(ct_path)], params, onEvent=lambda j, line: events.append(line),
-                        onFinished=finished.append)
+    job = runner.segment(tiny, [_volume(context, ct_path)], RunSettings(device="cpu"),
+                         on_event=lambda j, line: events.append(line), on_finished=finished.append)
     assert isinstance(job, SegmentationJob) and job.ownsProcess and not job.finished
-    assert Path(job.tempDir, "input0.nrrd").is_file()  # the input was exported for the engine
-    _run(logic, job)
+    assert Path(job.tempDir, "input0.nrrd").is_file()  # the input was written for the engine
+    runner.wait_for(job, timeout=180)
     assert finished == [job] and job.finished
     assert job.monitor.outcome == "done", job.monitor.error
-    assert job.monitor.percent == 100 and job.segmentationNode == "segmentation node"
+    assert job.monitor.percent == 100 and job.segmentationNode is not None
+    assert job.segmentationNode.GetSegmentation().GetNumberOfSegments() == len(tiny["labels"])
     assert any(line and line.startswith("[infer]") for line in events)
-    assert imported["shape"] == imported["ct_shape"]
-    np.testing.assert_allclose(*imported["directions"])
-    assert set(imported["ids"]) <= {"Segment_1", "Segment_2"}
-    for row in imported["rows"]:
-        entry = imported["table"][row["value"]]
+    for row in segment_rows(tiny):
+        entry = engine_table[row["value"]]
         assert entry["Name"] == row["name"]
         assert [int(entry[f"Color_{c}"]) / 255 for c in "RGB"] == pytest.approx(row["color"])
         codes = row["terminology_tag"].split("~")
         assert (codes[2] if row["terminology_tag"] else "^^") == "^".join(
             entry[f"Type_{k}"] for k in ("CodingScheme", "CodeValue", "CodeMeaning"))
-    assert not Path(imported["tempDir"]).exists()  # temporaries removed
-    assert not logic._timer.isActive() and _gone(job.process.pid)
+    assert not Path(job.tempDir).exists()  # temporaries removed
+    assert _gone(job.process.pid)
 
 
-def test_cancel_stops_the_engine_and_writes_nothing(vs, models: list[dict], ct_path: Path, monkeypatch) -> None:
-    logic = vs.VolSegSlicerLogic()
-    params = logic.getParameterNode()
-    params.device = "cpu"
+def test_cancel_stops_the_engine_and_writes_nothing(runner, context, models: list[dict], ct_path: Path) -> None:
+    from VolSegSlicerLib.settings import RunSettings
+
     slow = next(m for m in models if m["id"] == "tiny-slow")
-    monkeypatch.setattr(logic, "importResult", lambda job: pytest.fail("a cancelled run must not be imported"))
-    job = logic.segment(slow, [_volume(ct_path)], params)
+    job = runner.segment(slow, [_volume(context, ct_path)], RunSettings(device="cpu"))
     end = time.monotonic() + 120
     while job.monitor.stage != "infer" or job.monitor.percent <= int(100 * overall_fraction("infer", 0.0)):
-        logic.pollJobs()
-        assert job in logic.jobs, f"the run ended before it could be cancelled: {job.monitor.error}"
+        runner.poll()
+        assert job in runner.jobs, f"the run ended before it could be cancelled: {job.monitor.error}"
         assert time.monotonic() < end
         time.sleep(0.05)
     output, temp_dir = Path(job.outputPath), Path(job.tempDir)
     started = time.monotonic()
     job.cancel()
-    _run(logic, job, timeout=30)
+    runner.wait_for(job, timeout=30)
     assert time.monotonic() - started < 15
     assert job.monitor.outcome == "cancelled" and job.segmentationNode is None
     assert job.monitor.exit_code == 130  # the engine stopped cleanly on SIGTERM
     assert not output.exists() and not temp_dir.exists()
     assert _gone(job.process.pid)
+    assert context.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
-def test_warm_worker_keeps_running_between_runs(vs, models: list[dict], ct_path: Path, monkeypatch) -> None:
-    logic = vs.VolSegSlicerLogic()
-    params = logic.getParameterNode()
-    params.device, params.keepWarm = "cpu", True
+def test_warm_worker_keeps_running_between_runs(runner, context, models: list[dict], ct_path: Path) -> None:
+    from VolSegSlicerLib.settings import RunSettings
+
     tiny = next(m for m in models if m["id"] == "tiny-fast")
-    outputs = []
-    monkeypatch.setattr(logic, "importResult",
-                        lambda job: outputs.append(Path(job.outputPath).stat().st_size) or "node")
-    first = _run(logic, logic.segment(tiny, [_volume(ct_path)], params))
+    settings = RunSettings(device="cpu", keepWarm=True)
+    first = runner.wait_for(runner.segment(tiny, [_volume(context, ct_path)], settings), timeout=180)
     assert first.monitor.outcome == "done", first.monitor.error
-    worker = logic.warmWorker
+    worker = runner.warm_worker
     assert worker is not None and worker.is_running() and not first.ownsProcess
-    second = _run(logic, logic.segment(tiny, [_volume(ct_path)], params))
+    second = runner.wait_for(runner.segment(tiny, [_volume(context, ct_path, "CT 2")], settings), timeout=180)
     assert second.monitor.outcome == "done", second.monitor.error
-    assert logic.warmWorker is worker and worker.is_running()  # same process, model kept loaded
-    assert second.request != first.request and len(outputs) == 2 and all(size > 0 for size in outputs)
-    logic.shutdown()
+    assert runner.warm_worker is worker and worker.is_running()  # same process, model kept loaded
+    assert second.request != first.request
+    assert first.segmentationNode is not second.segmentationNode
+    runner.shutdown()
     assert _wait_gone([worker.pid])

@@ -1,7 +1,11 @@
-"""Pure-Python pieces of the VolSegSlicer Slicer module.
+"""The VolSegSlicer module's own code, tested with pytest outside Slicer.
 
-Nothing here imports slicer, qt, ctk or vtk, so everything can be tested with pytest outside
-Slicer: the engine's JSON progress protocol (:mod:`.protocol`), the background process with its
-tree kill (:mod:`.process`), command lines (:mod:`.command`), the model list and input matching
-(:mod:`.catalog`), device choices (:mod:`.devices`) and resources/requirements (:mod:`.resources`).
+Work on MRML is written against the scene and logics it is given (:class:`.mrml.MRMLContext`):
+Slicer passes its own, the tests pass slicer-core's. The path of a run: :mod:`.runner` writes the
+inputs and starts the engine (:mod:`.process`, :mod:`.command`, :mod:`.protocol`, :mod:`.jobs`),
+:mod:`.results` imports its label map as segments (re-runs: :mod:`.replace`), :mod:`.export` and
+:mod:`.dicom` write what the user corrected. :mod:`.catalog`, :mod:`.devices`, :mod:`.panel`,
+:mod:`.settings` and :mod:`.resources` decide what the panel shows and installs, without Qt;
+:mod:`.testing` holds the user's chain as checks, run by pytest and by the in-Slicer self-test.
+Nothing here imports qt, ctk or the Slicer application.
 """

@@ -134,14 +134,16 @@ def segment_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def import_segment_ids(rows: Sequence[dict[str, Any]], present_values: Iterable[int]) -> list[str]:
-    """Segment IDs to pass to ``ImportLabelmapToSegmentationNode(labelmap, seg, segmentIds)``.
+    """The ``segmentIds`` argument of ``ImportLabelmapToSegmentationNode(labelmap, seg, segmentIds)``.
 
-    Slicer fills the given segments in order of increasing label value, so the IDs are those of
-    the label values present in the labelmap, sorted by value. A value the card does not name
-    raises ValueError (the labelmap and the card do not belong together)."""
+    Slicer fills the segment named at position ``i`` of that list with label value ``i + 1``, so
+    the list is indexed by value: ``ids[v - 1]`` is the segment of label value ``v`` and values
+    the card does not use are ``""``. It ends at the largest value present ([] when the label map
+    is empty). A value present that the card does not name raises ValueError (the label map and
+    the card do not belong together)."""
     ids_by_value = {int(r["value"]): r["id"] for r in rows}
     present = sorted({int(v) for v in present_values if int(v) != 0})
     unknown = [v for v in present if v not in ids_by_value]
     if unknown:
         raise ValueError(f"the result has label values {unknown} that the model card does not name")
-    return [ids_by_value[v] for v in present]
+    return [ids_by_value.get(value, "") for value in range(1, (present[-1] if present else 0) + 1)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 #: The panel's log keeps at most this many characters (the oldest text is dropped first).
 LOG_LIMIT_CHARS = 256 * 1024
@@ -93,3 +94,69 @@ class LogBuffer:
 
     def clear(self) -> None:
         self._lines, self._size, self.dropped = [], 0, 0
+
+
+def diagnostics_text(module_dir: str, slicer_version: str, engine_python: str, devices: Any, log_text: str) -> str:
+    """The text the panel's "Copy log" puts on the clipboard for bug reports: versions, the
+    devices the engine sees (a :class:`~VolSegSlicerLib.devices.DeviceChoices`) and the log."""
+    import sys
+
+    lines = [f"VolSegSlicer module: {module_dir}",
+             f"Slicer: {slicer_version}",
+             f"Python: {sys.version.split()[0]}",
+             f"Engine Python: {engine_python}",
+             "Devices: " + "; ".join(text for _id, text in devices.items),
+             f"Automatic device: {devices.auto} ({devices.reason})",
+             "", log_text]
+    return "\n".join(lines)
+
+
+def _pytorch_utils_logic() -> Any:
+    import PyTorchUtils  # the PyTorch extension's module (ImportError when it is not installed)
+
+    return PyTorchUtils.PyTorchUtilsLogic()
+
+
+def _slicer_packaging() -> Any:
+    try:
+        import slicer.packaging as packaging  # Slicer 5.12+
+    except ImportError:
+        return None
+    return packaging
+
+
+def ensure_requirements(requirements_path: str, confirm: Any, pip_install: Any, torch_installer: Any = None,
+                        packaging: Any = "slicer") -> bool:
+    """Make sure PyTorch and the engine's packages are installed; False if the user declined.
+
+    PyTorch comes first, from the PyTorch extension's installer (``torch_installer()`` returns
+    its ``PyTorchUtilsLogic``, or raises ImportError when the extension is missing), which picks
+    the build that fits the GPU driver. The rest comes from ``requirements_path`` with Slicer's
+    ``packaging.pip_ensure`` (5.12+) where there is one, else by asking ``confirm(text)`` and
+    calling ``pip_install(list)`` for the missing ones.
+
+    Raises:
+        RuntimeError: the PyTorch extension is missing (the message says what to install).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        try:
+            torch_logic = (torch_installer or _pytorch_utils_logic)()
+        except ImportError:
+            raise RuntimeError("VolSegSlicer needs PyTorch: install the 'PyTorch' extension with the "
+                               "Extensions Manager, restart Slicer and try again.") from None
+        if not torch_logic.torchInstalled():
+            if torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
+                return False
+    packaging = _slicer_packaging() if packaging == "slicer" else packaging
+    if packaging is not None and hasattr(packaging, "pip_ensure"):
+        packaging.pip_ensure(packaging.load_requirements(requirements_path), requester="VolSegSlicer")
+        return True
+    missing = missing_requirements(read_requirements(requirements_path))
+    if not missing:
+        return True
+    if not confirm("VolSegSlicer needs these Python packages:\n" + "\n".join(missing) + "\n\nInstall them now?"):
+        return False
+    pip_install(missing)
+    return True

@@ -48,8 +48,9 @@ from volseg.manifest import (
     input_signature,
     sha256_of_json,
 )
-from volseg.pipeline import ModelCache, SegmentRequest, checkpoint_for
+from volseg.pipeline import ModelCache
 from volseg.progress import Reporter
+from volseg.request import SegmentRequest, checkpoint_for
 
 if TYPE_CHECKING:
     from volseg.cluster import ClusterSettings

@@ -22,6 +22,8 @@ from volseg.options import InferenceOptions
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "model_card.schema.json"
 CARDS_ENV = "VOLSEG_CARDS_PATH"
+#: The id suffix of a card made from ``--arch NAME --num-labels N`` (:func:`card_from_arguments`).
+ADHOC_SUFFIX = "-adhoc"
 
 #: A distinguishable default palette for labels without a colour (Slicer's GenericAnatomyColors-like).
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -87,6 +89,22 @@ class ModelCard:
     @property
     def is_torchscript(self) -> bool:
         return self.architecture == "torchscript"
+
+    @property
+    def from_arguments(self) -> bool:
+        """Whether this card was made by :func:`card_from_arguments` (``--arch``, no card file)."""
+        return self.path is None and self.id.endswith(ADHOC_SUFFIX)
+
+    def channel_names(self) -> list[str]:
+        """The name of each output channel of the network, in channel order: the label that
+        reads it, ``background`` for a softmax channel no label uses first, else ``channel N``
+        (what ``--probabilities`` files record for each of their channels)."""
+        names = [f"channel {c}" for c in range(self.out_channels)]
+        for lab in self.labels:
+            names[lab.channel] = lab.name
+        if self.activation == "softmax" and self.out_channels and all(lab.channel for lab in self.labels):
+            names[0] = "background"
+        return names
 
     def summary(self) -> dict[str, Any]:
         """The JSON the CLI prints for ``volseg models --json``."""
@@ -240,11 +258,10 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
 
 
 def _check_architecture(name: str, source: str) -> None:
-    try:
-        from volseg.models.registry import names
-    except ImportError:  # torch not installed yet: listing cards still works, running them will say why
-        return
-    known = names()
+    """Refuse an unknown architecture name (read without importing torch)."""
+    from volseg.models.builtin import known_names
+
+    known = known_names()
     if name.lower() != "torchscript" and name.lower() not in known:
         import difflib
 
@@ -357,11 +374,16 @@ def card_from_arguments(architecture: str, num_labels: int, in_channels: int = 1
     The output activation is the architecture family's (softmax with a background channel for
     most, sigmoid without one for SegFormer3D); TorchScript is taken as softmax.
     """
-    from volseg.models.registry import get
+    from volseg.models.builtin import output_kind
 
-    activation = "softmax" if architecture.lower() == "torchscript" else get(architecture).output_kind
+    _check_architecture(architecture, "--arch")
+    activation = "softmax" if architecture.lower() == "torchscript" else output_kind(architecture)
+    if activation is None:  # a registered plug-in (the registry is imported already if there is one)
+        from volseg.models.registry import get
+
+        activation = get(architecture).output_kind
     raw = {
-        "id": f"{architecture}-adhoc",
+        "id": f"{architecture}{ADHOC_SUFFIX}",
         "title": f"{architecture} ({num_labels} labels, no model card)",
         "architecture": {"name": architecture, "config": config or {}},
         "inputs": [{"name": f"input {i}"} for i in range(in_channels)],

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from volseg.checkpoint_files import checkpoint_kind
 from volseg.errors import CheckpointError
 
 #: Keys under which training frameworks nest the weights, tried in this order.
@@ -79,7 +80,8 @@ def verify_sha256(path: str | Path, expected: str) -> None:
     if actual.lower() != expected.lower():
         raise CheckpointError(
             f"checksum mismatch for {path}: the card expects sha256 {expected}, the file has {actual}",
-            hint="the file is corrupt, incomplete or a different release; download it again from where the card says",
+            hint="the file is not the one the card was written for (corrupt, incomplete, or another release): "
+            "use the card's own checkpoint (`volseg models` says where it comes from), or a card written for this file",
         )
 
 
@@ -111,6 +113,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, sha256: str
     if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty",
                               hint="the download is incomplete; download it again")
+    checkpoint_kind(path)  # "not a checkpoint" comes before "checksum mismatch"
     if sha256:
         verify_sha256(path, sha256)
     if path.suffix.lower() == ".safetensors":

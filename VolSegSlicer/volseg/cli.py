@@ -30,9 +30,10 @@ from typing import Any
 
 from volseg import __version__
 from volseg.errors import Cancelled, InputError, VolSegError, error_from_exception
+from volseg.help_texts import CARDS_DIR_HELP, DEVICE_HELP, PROGRESS_HELP, SEGMENT_EXAMPLES, SERVE_DESCRIPTION
 
 
-def _add_segment_options(p: argparse.ArgumentParser) -> None:
+def _add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) -> None:
     p.add_argument("inputs", nargs="+", type=Path, help="input volume(s): NIfTI, NRRD, MHA/MHD or a DICOM folder; one per channel")
     model = p.add_argument_group("model")
     model.add_argument("--model", "-m", help="model card id (see `volseg models`) or path to a card .json")
@@ -41,13 +42,16 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--arch-config", type=json.loads, default=None, metavar="JSON",
                        help="constructor arguments for --arch as JSON, e.g. '{\"feat_size\": [48,96,192,384]}'")
     model.add_argument("--checkpoint", "-c", type=Path, help="weights file (overrides the card's)")
-    model.add_argument("--cards-dir", action="append", default=[], help="extra folder of model cards (repeatable)")
+    model.add_argument("--cards-dir", action="append", default=[], metavar="FOLDER", help=CARDS_DIR_HELP)
     model.add_argument("--trust-pickle", action="store_true",
                        help="allow full unpickling of the checkpoint: this can run code, use only for files you trust")
     out = p.add_argument_group("output")
     out.add_argument("-o", "--output", type=Path, required=True,
                      help="result: .seg.nrrd, .nii/.nii.gz/.nrrd/.mha label map, or .dcm DICOM SEG (DICOM input)")
-    out.add_argument("--probabilities", type=Path, help="also write the class probabilities (.nii.gz or .nrrd)")
+    if probabilities:
+        out.add_argument("--probabilities", type=Path, metavar="FILE",
+                         help="also write the class probabilities, one channel per output of the network, named "
+                         "in the file (.nii.gz or .nrrd; see the README for opening it in Slicer)")
     out.add_argument("--overwrite", action="store_true", help="replace existing output files")
     run = p.add_argument_group("inference")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
@@ -79,37 +83,48 @@ alone unless --overwrite. Ctrl-C keeps the finished cases; run again to do the r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="volseg", description="AI segmentation of CT and MRI volumes.")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="volseg", description="AI segmentation of CT and MRI volumes.",
+                                     epilog="`volseg COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"volseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    seg = sub.add_parser("segment", help="segment a volume")
+    seg = sub.add_parser("segment", help="segment a volume", formatter_class=raw,
+                         description="Segment one case: one input file (or DICOM folder) per model input.",
+                         epilog=SEGMENT_EXAMPLES)
     _add_segment_options(seg)
-    seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                     help="bar: human output on stderr; json: one JSON event per line on stdout")
+    seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help=PROGRESS_HELP)
 
     mod = sub.add_parser("models", help="list the model cards")
-    mod.add_argument("--json", action="store_true")
-    mod.add_argument("--cards-dir", action="append", default=[])
+    mod.add_argument("--json", action="store_true",
+                     help='print {"models": [card summaries], "problems": [invalid card files]} as JSON '
+                     "(what the Slicer panel reads)")
+    mod.add_argument("--cards-dir", action="append", default=[], metavar="FOLDER", help=CARDS_DIR_HELP)
     mod.add_argument("--architectures", action="store_true", help="list the registered architectures instead")
 
     ins = sub.add_parser("inspect", help="what a checkpoint holds and which architecture it fits")
-    ins.add_argument("checkpoint", type=Path)
-    ins.add_argument("--json", action="store_true")
-    ins.add_argument("--trust-pickle", action="store_true")
+    ins.add_argument("checkpoint", type=Path, help="weights file (.pt/.pth/.bin/.ckpt/.model/.safetensors) or folder")
+    ins.add_argument("--json", action="store_true",
+                     help="print format, wrapper keys, stripped prefixes, tensor and parameter counts and the "
+                     "fitting architectures (with their configuration) as JSON")
+    ins.add_argument("--trust-pickle", action="store_true",
+                     help="allow a full unpickle for files that store Python objects: this can run code, "
+                     "use only for files you trust")
 
     dev = sub.add_parser("devices", help="list compute devices and what auto picks")
-    dev.add_argument("--json", action="store_true")
+    dev.add_argument("--json", action="store_true", help='print {"devices": [...], "auto": ID, "reason": TEXT} as JSON')
 
-    demo = sub.add_parser("demo", help="segment the bundled chest CT with the demonstration model")
+    demo = sub.add_parser("demo", help="segment the bundled chest CT with the demonstration model",
+                          description="Segment slicerio's chest CT with the bundled demonstration model (not a "
+                          "medical model) and write CTChest4-demo.seg.nrrd and a PNG of a few slices.")
     demo.add_argument("-o", "--output-dir", type=Path, default=None, help="folder for the results (default: a new ./volseg-demo*)")
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
+    demo.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help=PROGRESS_HELP)
     demo.add_argument("--overwrite", action="store_true", help="replace the demo results already in the -o folder")
 
     batch = sub.add_parser("batch", help="segment many cases with one model (loaded once)",
-                           formatter_class=argparse.RawDescriptionHelpFormatter, description=BATCH_DESCRIPTION)
-    _add_segment_options(batch)
+                           formatter_class=raw, description=BATCH_DESCRIPTION)
+    _add_segment_options(batch, probabilities=False)
     for action in batch._actions:  # -o is a folder here
         if action.dest == "output":
             action.help, action.metavar = "folder for the results (created if missing)", "OUT_DIR"
@@ -117,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = "cases: volume files, DICOM series folders, folders of volumes or case folders (see above)"
     batch.add_argument("--format", default=".seg.nrrd", choices=(".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"),
                        help="result format (default .seg.nrrd)")
-    batch.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    batch.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help=PROGRESS_HELP)
     spread = batch.add_argument_group("cluster (Ray)")
     spread.add_argument("--cluster", metavar="local|auto|ray://HOST:PORT",
                         help="run the cases on Ray workers: local starts Ray on this machine, auto joins the "
@@ -127,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     spread.add_argument("--retries", type=int, default=2,
                         help="times a case is tried again when its worker dies (default 2)")
 
-    sub.add_parser("serve", help="warm worker: one JSON request per stdin line, JSON events on stdout")
+    sub.add_parser("serve", help="warm worker: one JSON request per stdin line, JSON events on stdout",
+                   formatter_class=raw, description=SERVE_DESCRIPTION)
     return parser
 
 
@@ -135,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def request_from_args(args: argparse.Namespace):
     from volseg.cards import card_from_arguments, load_card
     from volseg.errors import ModelCardError
-    from volseg.pipeline import Overrides, SegmentRequest
+    from volseg.request import Overrides, SegmentRequest
 
     if args.model and args.arch:
         raise ModelCardError("give either --model or --arch, not both")
@@ -164,7 +180,7 @@ def request_from_args(args: argparse.Namespace):
         sw_batch_size=args.sw_batch_size, flips=args.flips, amp=args.amp, keep_largest=args.keep_largest,
         fill_holes=args.fill_holes, min_island_mm3=args.min_island_mm3)
     return SegmentRequest(inputs=args.inputs, card=card, output=args.output, checkpoint=args.checkpoint,
-                          probabilities=args.probabilities, overwrite=args.overwrite, device=args.device,
+                          probabilities=getattr(args, "probabilities", None), overwrite=args.overwrite, device=args.device,
                           trust_pickle=args.trust_pickle, overrides=overrides)
 
 
@@ -210,12 +226,20 @@ def _run_reported(reporter, fn) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from volseg.pipeline import segment
     from volseg.progress import make_reporter
+    from volseg.request import check_request
 
     reporter = make_reporter(args.progress)
+
+    def run() -> None:
+        request = request_from_args(args)
+        check_request(request)  # refuse bad arguments before importing torch and MONAI (seconds)
+        from volseg.pipeline import segment
+
+        segment(request, reporter, cancel)
+
     with _CancelOnSignal() as cancel:
-        return _run_reported(reporter, lambda: segment(request_from_args(args), reporter, cancel))
+        return _run_reported(reporter, run)
 
 
 # -- models / inspect / devices -------------------------------------------------------------------
@@ -245,12 +269,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         where = c.raw.get("checkpoint", {}).get("published_at")
         if c.checkpoint_path:
             print(f"  checkpoint: {c.checkpoint_path}")
-        elif where:
-            print(f"  weights: {where}")
+        else:
+            print(f"  weights: {where or 'the card names none; pass --checkpoint'}")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from volseg.checkpoint_files import checkpoint_kind
+
+    checkpoint_kind(args.checkpoint)  # not a checkpoint at all: say so before importing torch
     from volseg.checkpoints import describe, read_checkpoint
 
     info = describe(read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle))
@@ -302,17 +329,24 @@ def cluster_from_args(args: argparse.Namespace):
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from volseg.batch import run_batch
     from volseg.progress import make_reporter
 
     reporter = make_reporter(args.progress)
     summary: dict = {}
 
     def run() -> None:
-        if args.probabilities is not None:
-            raise VolSegError("--probabilities is for single runs", hint="use `volseg segment` per case")
+        from volseg.checkpoint_files import checkpoint_kind
+        from volseg.request import check_device_name, checkpoint_for
+
         template = request_from_args(args)
         cluster = cluster_from_args(args)
+        check_device_name(template.device)  # refuse what needs no torch before importing it
+        missing = next((p for p in args.inputs if not p.exists()), None)
+        if missing is not None:
+            raise InputError(f"{missing} does not exist")
+        checkpoint_kind(checkpoint_for(template.card, template.checkpoint))
+        from volseg.batch import run_batch
+
         summary.update(run_batch(template, list(args.inputs), args.output, args.format, reporter, cancel, cluster))
         reporter.log(f"batch: {len(summary['done'])} done, {len(summary['skipped'])} skipped, "
                      f"{len(summary['failed'])} failed; manifest {summary['manifest']}")

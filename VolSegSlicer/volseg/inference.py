@@ -85,8 +85,9 @@ class _Predictor:
         expected = self.options.out_channels
         if expected is not None and out.shape[1] != expected:
             raise CheckpointError(
-                f"the network returns {out.shape[1]} channels but the card describes {expected}",
-                hint="the card's labels (or output.channels) do not match the checkpoint; check the label count",
+                f"the network returns {out.shape[1]} channels but the card (or --num-labels) describes {expected}",
+                hint="the card's labels (or output.channels), or --num-labels, do not match the checkpoint; "
+                "check the label count",
             )
 
 

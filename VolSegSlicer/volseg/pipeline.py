@@ -15,7 +15,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,8 @@ from volseg.devices import resolve_device
 from volseg.errors import Cancelled, CheckpointError, OutputError, ResourceError
 from volseg.inference import InferenceOptions, count_windows, predict_with_fallback
 from volseg.io import (
-    PROBABILITY_SUFFIXES,
     check_not_an_input,
     check_segmentation_output,
-    check_writable,
-    full_suffix,
     read_inputs,
     segmentation_outputs,
     write_probabilities,
@@ -42,33 +39,13 @@ from volseg.io import (
 from volseg.postprocess import postprocess, to_labelmap
 from volseg.preprocess import invert, preprocess
 from volseg.progress import Reporter
-
-
-@dataclass
-class Overrides:
-    """Settings the user changed on the command line or in the Slicer panel (None: use the card's)."""
-
-    roi_size: tuple[int, int, int] | None = None
-    overlap: float | None = None
-    sw_batch_size: int | None = None
-    flips: bool | None = None
-    amp: bool | None = None
-    keep_largest: bool | None = None
-    fill_holes: bool | None = None
-    min_island_mm3: float | None = None
-
-
-@dataclass
-class SegmentRequest:
-    inputs: Sequence[Path]
-    card: ModelCard
-    output: Path
-    checkpoint: Path | None = None
-    probabilities: Path | None = None
-    overwrite: bool = False
-    device: str = "auto"
-    trust_pickle: bool = False
-    overrides: Overrides = field(default_factory=Overrides)
+from volseg.request import (  # noqa: F401  (part of this module's API since before volseg.request)
+    Overrides,
+    SegmentRequest,
+    check_probabilities_output,
+    check_request,
+    checkpoint_for,
+)
 
 
 class ModelCache:
@@ -84,17 +61,6 @@ class ModelCache:
         self._models = {key: model}  # one model at a time: GPU memory is the scarce resource
 
 
-def checkpoint_for(card: ModelCard, given: Path | None) -> Path:
-    path = given or card.checkpoint_path
-    if path is None:
-        where = card.raw.get("checkpoint", {}).get("published_at")
-        raise CheckpointError(
-            f"model {card.id!r} needs a checkpoint and none was given",
-            hint="pass --checkpoint PATH" + (f" (the weights are published at {where})" if where else ""),
-        )
-    return Path(path)
-
-
 def load_model(card: ModelCard, checkpoint: Path, trust_pickle: bool = False) -> torch.nn.Module:
     """Read the checkpoint and build the card's network around it (strict, eval mode)."""
     ckpt = read_checkpoint(checkpoint, trust_pickle=trust_pickle, sha256=card.checkpoint_sha256)
@@ -103,7 +69,35 @@ def load_model(card: ModelCard, checkpoint: Path, trust_pickle: bool = False) ->
             raise CheckpointError(f"the card {card.id!r} expects a TorchScript file but {checkpoint} holds a state_dict",
                                   hint=f"use a card with an architecture, or `volseg inspect {checkpoint}`")
         return ckpt.module.eval()
+    check_output_count(card, models.implied_out_channels(card.architecture, ckpt.state_dict))
     return models.load(card.architecture, ckpt.state_dict, **card.config)
+
+
+def check_output_count(card: ModelCard, found: int | None) -> None:
+    """Refuse a checkpoint whose output layer has another channel count than the card (or
+    ``--num-labels``) describes, from the state dict's shapes, before any image work.
+
+    Args:
+        card: the run's card (or the one ``--arch`` made: its message speaks of ``--num-labels``).
+        found: the output channel count the checkpoint's shapes imply (None: cannot tell).
+    """
+    if found is None or found == card.out_channels:
+        return
+    sigmoid = card.activation == "sigmoid"
+    per_label = "one channel per label" if sigmoid else "a background channel plus one per label"
+    if card.from_arguments:  # --arch NAME --num-labels N, no card
+        labels = found if sigmoid else found - 1
+        raise CheckpointError(
+            f"the checkpoint's output layer has {found} channels, but --num-labels {len(card.labels)} gives "
+            f"{card.out_channels} for {card.architecture} ({per_label})",
+            hint=f"pass --num-labels {labels}" if labels >= 1 else "check that the checkpoint is a segmentation network",
+        )
+    raise CheckpointError(
+        f"the checkpoint's output layer has {found} channels, but the card {card.id!r} describes {card.out_channels} "
+        f"({len(card.labels)} labels, {per_label})",
+        hint="use the checkpoint the card was written for, or a card whose labels (or output.channels) match it; "
+        "`volseg inspect CHECKPOINT` shows what the checkpoint holds",
+    )
 
 
 def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
@@ -160,20 +154,6 @@ def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, pass
         )
 
 
-def check_probabilities_output(request: SegmentRequest) -> None:
-    """Refuse, before any work, a probabilities path with the wrong format or that would clash
-    with the segmentation's own files."""
-    path = request.probabilities
-    if full_suffix(path).lower() not in PROBABILITY_SUFFIXES:
-        raise OutputError(f"cannot write probabilities as {path.name}",
-                          hint="use one of " + ", ".join(PROBABILITY_SUFFIXES))
-    clash = {p.resolve() for p in segmentation_outputs(request.output)}
-    if path.resolve() in clash:
-        raise OutputError(f"--probabilities {path} is a file of the segmentation itself",
-                          hint="give the probabilities their own file name")
-    check_writable(path, request.overwrite)
-
-
 def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event | None = None,
             cache: ModelCache | None = None) -> dict[str, Any]:
     """Run one segmentation end to end; returns the ``done`` event's payload."""
@@ -185,15 +165,8 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
             raise Cancelled()
         reporter.stage(name, message)
 
-    check_segmentation_output(request.output, request.overwrite)
-    if request.probabilities is not None:
-        check_probabilities_output(request)
+    ckpt_path = check_request(request)  # everything that can be refused before any work
     outputs = segmentation_outputs(request.output) + ([request.probabilities] if request.probabilities else [])
-    check_not_an_input(outputs, list(request.inputs))  # --overwrite replaces results, never the data
-    ckpt_path = checkpoint_for(card, request.checkpoint)  # fail before any work is done
-    if not ckpt_path.exists():
-        raise CheckpointError(f"checkpoint {ckpt_path} does not exist",
-                              hint="check the path given with --checkpoint or in the card")
     device, reason = resolve_device(request.device)
     reporter.log(f"device {device}: {reason}")
     if card.demonstration:
@@ -279,7 +252,8 @@ def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Te
         moves = [(p, request.output.parent / p.name) for p in segmentation_outputs(seg)]
         outputs: dict[str, Any] = {"segmentation": str(request.output), "probabilities": None}
         if request.probabilities is not None:
-            prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False)
+            prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False,
+                                       channel_names=request.card.channel_names())
             moves.append((prob, request.probabilities))
             outputs["probabilities"] = str(request.probabilities)
         for source, target in moves:

@@ -6,8 +6,10 @@ The JSON protocol (one object per line on stdout, everything else on stderr):
 - ``{"event": "progress", "stage": "infer", "fraction": 0.42, "done": 21, "total": 50,
   "elapsed_s": 3.1, "eta_s": 4.3}``
 - ``{"event": "log", "level": "info" | "warning", "message": "..."}``
-- ``{"event": "done", "outputs": {...}, "elapsed_s": ..., "timings": {...}, "device": "cpu",
-  "labels_present": [1, 2]}``
+- ``{"event": "done", "outputs": {...}, "elapsed_s": ..., "startup_s": ..., "timings": {...},
+  "device": "cpu", "labels_present": [1, 2]}``: ``timings`` has the seconds of each stage of this
+  run; ``startup_s`` is the time from the start of the run to its first stage (importing PyTorch
+  and MONAI, choosing the device), so ``elapsed_s`` = ``startup_s`` + the stages.
 - ``{"event": "error", "message": "...", "hint": "..." | null, "exit_code": 2}``
 """
 
@@ -27,8 +29,14 @@ class Reporter:
     def __init__(self, stream: TextIO | None = None, request: Any = None) -> None:
         self.stream = stream or sys.stdout
         self.request = request
+        self.begin_run()
+
+    def begin_run(self) -> None:
+        """Start timing a new run: ``elapsed_s``, ``startup_s`` and the stage timings of the next
+        ``done`` event count from here (``volseg batch`` calls this before each case)."""
         self.start = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.startup: float | None = None
         self._stage: str | None = None
         self._stage_start = self.start
 
@@ -36,6 +44,8 @@ class Reporter:
     def stage(self, name: str, message: str = "") -> None:
         self._close_stage()
         self._stage, self._stage_start = name, time.perf_counter()
+        if self.startup is None:
+            self.startup = self._stage_start - self.start
         self.emit({"event": "stage", "stage": name, "message": message or name})
 
     def progress(self, done: int, total: int, stage: str = "infer") -> None:
@@ -51,6 +61,7 @@ class Reporter:
     def done(self, outputs: dict[str, Any], **extra: Any) -> None:
         self._close_stage()
         self.emit({"event": "done", "outputs": outputs, "elapsed_s": round(time.perf_counter() - self.start, 3),
+                   "startup_s": round(self.startup or 0.0, 3),
                    "timings": {k: round(v, 3) for k, v in self.timings.items()}, **extra})
 
     def error(self, message: str, hint: str | None, exit_code: int) -> None:
@@ -104,7 +115,9 @@ class TextReporter(Reporter):
             prefix = "warning: " if event["level"] == "warning" else ""
             self.stream.write(f"{prefix}{event['message']}\n")
         elif kind == "done":
-            timings = ", ".join(f"{k} {v:.1f}s" for k, v in event["timings"].items())
+            startup = event.get("startup_s") or 0.0
+            timings = ", ".join([*([f"start-up {startup:.1f}s"] if startup >= 0.05 else []),
+                                 *(f"{k} {v:.1f}s" for k, v in event["timings"].items())])
             outs = ", ".join(f"{v}" for v in event["outputs"].values() if v)
             self.stream.write(f"wrote {outs} in {event['elapsed_s']:.1f}s ({timings})\n")
         elif kind == "error":

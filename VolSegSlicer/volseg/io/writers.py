@@ -18,14 +18,20 @@ import numpy as np
 import SimpleITK as sitk
 
 from volseg.errors import OutputError
-from volseg.io.atomic import atomic_output, atomic_outputs, check_writable, full_suffix
+from volseg.io.atomic import atomic_output, atomic_outputs, full_suffix
+from volseg.io.outputs import (  # noqa: F401  (re-exported: the writers' rules)
+    LABELMAP_SUFFIXES,
+    PROBABILITY_SUFFIXES,
+    SEGMENTATION_SUFFIXES,
+    VOLUME_SUFFIXES,
+    check_dicom_reference,
+    check_segmentation_output,
+    color_table_path,
+    segmentation_outputs,
+)
+from volseg.io.outputs import suffix_in as _suffix_in
 from volseg.io.volume import Volume
 from volseg.terminology import segment_table, to_slicerio_terminology
-
-LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
-SEGMENTATION_SUFFIXES = (".seg.nrrd", *LABELMAP_SUFFIXES, ".dcm")
-VOLUME_SUFFIXES = LABELMAP_SUFFIXES
-PROBABILITY_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 
 #: Columns of Slicer's colour table CSV format (Slicer 5.8+), terminology included.
 COLOR_TABLE_COLUMNS = ["LabelValue", "Name", "Color_R", "Color_G", "Color_B", "Color_A"] + [
@@ -34,65 +40,6 @@ COLOR_TABLE_COLUMNS = ["LabelValue", "Name", "Color_R", "Color_G", "Color_B", "C
     for field in ("CodingScheme", "CodeValue", "CodeMeaning")
 ]
 _TERMINOLOGY_PARTS = ("category", "type", "type_modifier", "region", "region_modifier")
-
-
-def _suffix_in(path: Path, supported: Sequence[str], what: str) -> str:
-    suffix = full_suffix(path).lower()
-    if suffix not in supported:
-        raise OutputError(
-            f"cannot write {what} to '{path.name}': unknown extension '{suffix or '(none)'}'",
-            hint=f"use one of: {', '.join(supported)}",
-        )
-    return suffix
-
-
-def color_table_path(path: str | os.PathLike) -> Path:
-    """The colour table written beside a label map: ``<stem>.csv`` (``seg.nii.gz`` -> ``seg.csv``)."""
-    path = Path(path)
-    suffix = full_suffix(path)
-    return path.with_name(path.name[: len(path.name) - len(suffix)] + ".csv")
-
-
-def segmentation_outputs(path: str | os.PathLike) -> list[Path]:
-    """The files :func:`write_segmentation` creates for ``path`` (a label map gets a colour table).
-
-    Raises:
-        OutputError: the extension is not supported.
-    """
-    path = Path(path)
-    suffix = _suffix_in(path, SEGMENTATION_SUFFIXES, "a segmentation")
-    return [path, color_table_path(path)] if suffix in LABELMAP_SUFFIXES else [path]
-
-
-def check_segmentation_output(
-    path: str | os.PathLike, overwrite: bool = False, reference: Volume | None = None
-) -> list[Path]:
-    """Up-front check that a segmentation can be written to ``path`` (extension, folder, no clobber).
-
-    Args:
-        path: the output the user asked for.
-        overwrite: whether existing files may be replaced.
-        reference: the input volume, when known: a ``.dcm`` output needs a DICOM series input.
-
-    Returns:
-        the files that will be written.
-    """
-    outputs = segmentation_outputs(path)
-    if reference is not None and full_suffix(path).lower() == ".dcm":
-        _check_dicom_reference(reference)
-    for output in outputs:
-        check_writable(output, overwrite)
-    return outputs
-
-
-def _check_dicom_reference(reference: Volume) -> None:
-    source = reference.source
-    if source is None or source.format != "dicom" or not source.dicom_files:
-        fmt = source.format if source is not None else "an in-memory volume"
-        raise OutputError(
-            f"a DICOM SEG (.dcm) output needs a DICOM series input, but the input is {fmt}",
-            hint="write .seg.nrrd, .nii.gz or .nrrd instead, or read the input from a DICOM folder",
-        )
 
 
 def _itk_image(array: np.ndarray, reference: Volume) -> sitk.Image:
@@ -256,7 +203,7 @@ def write_segmentation(
     if suffix == ".dcm":
         from volseg.io.dicom_seg import write_dicom_seg
 
-        _check_dicom_reference(reference)
+        check_dicom_reference(reference)
         if not segments:
             raise OutputError("a DICOM SEG needs at least one label description")
         with atomic_output(path, overwrite) as tmp:
@@ -266,12 +213,19 @@ def write_segmentation(
 
 
 def write_probabilities(
-    path: str | os.PathLike, probs: np.ndarray, reference: Volume, *, overwrite: bool = False
+    path: str | os.PathLike, probs: np.ndarray, reference: Volume, *, overwrite: bool = False,
+    channel_names: Sequence[str] | None = None,
 ) -> Path:
     """Write per-class probabilities (C, I, J, K) as a 4D float32 image, channels last.
 
     NIfTI (``.nii``, ``.nii.gz``; affine = the reference's ijk->RAS, sform and qform) or NRRD
     (``.nrrd``; a ``list`` axis after the three spatial ``domain`` axes).
+
+    ``channel_names`` (one per channel, e.g. :meth:`volseg.cards.ModelCard.channel_names`) are
+    stored in the file: NRRD key/value fields ``VolSeg_channel_names`` (a JSON list) and
+    ``VolSeg_channel<N>_name``; in NIfTI a JSON header extension (code 6, "comment")
+    ``{"volseg_channel_names": [...]}``, the intent name ``probabilities`` and the names in
+    ``descrip`` as far as its 80 characters go.
     """
     path = Path(path)
     suffix = _suffix_in(path, PROBABILITY_SUFFIXES, "probabilities")
@@ -280,6 +234,9 @@ def write_probabilities(
         raise OutputError(
             f"probabilities must be (C, I, J, K) with (I, J, K) = {reference.spatial_shape}, got {probs.shape}"
         )
+    names = [str(n) for n in channel_names] if channel_names is not None else None
+    if names is not None and len(names) != probs.shape[0]:
+        raise OutputError(f"{len(names)} channel names for {probs.shape[0]} probability channels")
     data = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32, copy=False), 0, -1))
     with atomic_output(path, overwrite) as tmp:
         if suffix == ".nrrd":
@@ -294,6 +251,9 @@ def write_probabilities(
                 "kinds": ["domain", "domain", "domain", "list"],
                 "encoding": "gzip",
             }
+            if names is not None:
+                header["VolSeg_channel_names"] = json.dumps(names)
+                header.update({f"VolSeg_channel{n}_name": " ".join(name.split()) for n, name in enumerate(names)})
             nrrd.write(str(tmp), data, header, index_order="F")
         else:
             import nibabel as nib
@@ -303,6 +263,11 @@ def write_probabilities(
             image.header.set_xyzt_units("mm")
             image.header.set_sform(affine, code="scanner")
             image.header.set_qform(affine, code="scanner")
+            if names is not None:
+                image.header.extensions.append(
+                    nib.nifti1.Nifti1Extension("comment", json.dumps({"volseg_channel_names": names}).encode()))
+                image.header["intent_name"] = b"probabilities"
+                image.header["descrip"] = ("channels: " + ", ".join(names)).encode("ascii", "replace")[:79]
             nib.save(image, str(tmp))
     return path
 

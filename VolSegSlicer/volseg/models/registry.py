@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from volseg.errors import ArchitectureError, CheckpointError
+from volseg.models import builtin
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -54,19 +55,8 @@ class Architecture:
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
-#: Registry name -> module that defines ``ARCHITECTURES`` (a list of :class:`Architecture`).
-BUILTIN_MODULES: dict[str, str] = {
-    "uxnet": "volseg.models.uxnet",
-    "repuxnet": "volseg.models.repuxnet",
-    "deformuxnet": "volseg.models.deformuxnet",
-    "segformer3d": "volseg.models.segformer3d",
-    "mednext": "volseg.models.mednext",
-    "swinunetr": "volseg.models.monai_nets",
-    "unetr": "volseg.models.monai_nets",
-    "segresnet": "volseg.models.monai_nets",
-    "dynunet": "volseg.models.monai_nets",
-    "unet": "volseg.models.monai_nets",
-}
+#: Registry name -> module that defines ``ARCHITECTURES`` (see :mod:`volseg.models.builtin`).
+BUILTIN_MODULES: dict[str, str] = dict(builtin.BUILTIN_MODULES)
 
 _REGISTRY: dict[str, Architecture] = {}
 
@@ -149,6 +139,31 @@ def implied_config(name: str, state_dict: StateDict) -> dict[str, Any]:
     if arch.config_from_state_dict is None:
         return {}
     return arch.config_from_state_dict(sd) or {}
+
+
+#: Constructor arguments that hold the number of output channels, across the families.
+OUTPUT_COUNT_KEYS = ("out_chans", "out_channels", "num_classes", "n_classes")
+
+
+def implied_out_channels(name: str, state_dict: StateDict) -> int | None:
+    """The number of output channels ``state_dict`` implies for architecture ``name``.
+
+    Read from the shapes (no network is built), so a checkpoint for another label count can be
+    refused before any work is done. None when the family cannot tell from its weights.
+    """
+    arch = get(name)
+    if arch.config_from_state_dict is None:
+        return None
+    for raw in prefix_variants(state_dict):
+        sd = arch.prepare_state_dict(raw) if arch.prepare_state_dict else raw
+        try:
+            config = arch.config_from_state_dict(sd) or {}
+        except (KeyError, IndexError, ValueError, StopIteration):
+            continue
+        count = next((config[k] for k in OUTPUT_COUNT_KEYS if isinstance(config.get(k), int)), None)
+        if count is not None:
+            return count
+    return None
 
 
 #: Key prefixes a training wrapper may add that can also be a network's own first key component.

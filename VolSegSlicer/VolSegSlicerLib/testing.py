@@ -1,0 +1,327 @@
+"""The user's chain as checks: segment, correct as Segment Editor would, re-run, export.
+
+Used by the module's self-test inside Slicer and by pytest on slicer-core, so both check the
+same claims. Checks take a ``unittest.TestCase``-like object (``assertEqual``, ``assertTrue``...).
+Edits go through ``SetBinaryLabelmapToSegment``, the call Segment Editor's effects make.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from VolSegSlicerLib.catalog import segment_rows
+from VolSegSlicerLib.mrml import (
+    TAG_LABEL_VALUE,
+    TAG_MODEL_ID,
+    MRMLContext,
+    ijk_to_ras,
+    reference_volume,
+    segment_tag,
+    string_array,
+    subject_hierarchy_item,
+    terminology_tag_name,
+    volume_array,
+)
+
+
+def sample_ct_path() -> str:
+    """slicerio's chest CT (128x128x34), the demo model's own sample."""
+    import slicerio
+
+    return os.path.join(os.path.dirname(slicerio.__file__), "data", "CTChest4.nrrd")
+
+
+def demo_model(models: Sequence[dict]) -> dict:
+    """The ``demo`` card's entry of ``volseg models --json``."""
+    demo = next((m for m in models if m.get("id") == "demo"), None)
+    if demo is None:
+        raise AssertionError("the 'demo' model card is missing from the model list")
+    return demo
+
+
+def world_matrix(node: Any) -> np.ndarray:
+    """The node's parent transform to world as a 4x4 matrix (identity when it has none)."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    transform = node.GetParentTransformNode()
+    if transform is not None:
+        transform.GetMatrixTransformToWorld(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def segment_mask(context: MRMLContext, segmentation_node: Any, segment_id: str, volume: Any) -> np.ndarray:
+    """One segment as a boolean (K, J, I) array on ``volume``'s grid."""
+    import slicer
+
+    with context.temporary_additions():
+        labelmap = context.add_node("vtkMRMLLabelMapVolumeNode", "mask", hidden=True)
+        if not context.segmentations_logic.ExportSegmentsToLabelmapNode(
+                segmentation_node, string_array([segment_id]), labelmap, volume,
+                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise AssertionError(f"segment {segment_id} could not be exported")
+        return volume_array(labelmap) > 0
+
+
+def set_segment_voxels(segmentation_node: Any, segment_id: str, volume: Any, mask: np.ndarray, mode: int) -> None:
+    """Apply ``mask`` (K, J, I on ``volume``'s grid) to a segment as an editor effect does:
+    ``mode`` is ``MODE_MERGE_MAX`` (paint), ``MODE_MERGE_MIN`` (erase where 0) or ``MODE_REPLACE``."""
+    import slicer
+    from vtk.util import numpy_support
+
+    image = slicer.vtkOrientedImageData()
+    k, j, i = mask.shape
+    image.SetDimensions(i, j, k)
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.astype(np.uint8).ravel(), deep=True))
+    extent = image.GetExtent()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode, extent):
+        raise AssertionError(f"editing segment {segment_id} failed")
+
+
+@dataclass
+class Edits:
+    """What :func:`correct_like_segment_editor` did, to check later."""
+
+    painted_segment: str
+    sphere: np.ndarray
+    erased_segment: str
+    slab: np.ndarray
+    user_segment: str
+    user_mask: np.ndarray
+    masks_after: dict = field(default_factory=dict)  # every segment's mask after the edits
+
+
+def correct_like_segment_editor(context: MRMLContext, segmentation_node: Any, volume: Any) -> Edits:
+    """Paint a sphere into "right lung" (taking its voxels from the other segments, Segment
+    Editor's default "overwrite other segments"), erase a slab of "tissue", and add a user
+    segment "my lesion" (a box; the one already there is reused). Each edit replaces the segment's voxels with
+    ``SetBinaryLabelmapToSegment(..., MODE_REPLACE)``."""
+    import slicer
+
+    replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    segmentation = segmentation_node.GetSegmentation()
+    lung, tissue = (segmentation.GetSegmentIdBySegmentName(name) for name in ("right lung", "tissue"))
+    masks = all_masks(context, segmentation_node, volume)
+    shape = volume_array(volume).shape
+    kk, jj, ii = np.indices(shape)
+    spacing = volume.GetSpacing()
+    centre = (shape[0] // 2, shape[1] // 2, shape[2] // 3)
+    sphere = ((kk - centre[0]) * spacing[2]) ** 2 + ((jj - centre[1]) * spacing[1]) ** 2 + \
+        ((ii - centre[2]) * spacing[0]) ** 2 <= 20.0 ** 2
+    for segment_id, mask in masks.items():
+        if segment_id != lung and (mask & sphere).any():
+            set_segment_voxels(segmentation_node, segment_id, volume, mask & ~sphere, replace)
+    set_segment_voxels(segmentation_node, lung, volume, masks[lung] | sphere, replace)
+    slab = np.zeros(shape, bool)
+    slab[shape[0] // 2 - 2: shape[0] // 2 + 2] = True
+    set_segment_voxels(segmentation_node, tissue, volume, masks[tissue] & ~sphere & ~slab, replace)
+    user = segmentation.GetSegmentIdBySegmentName("my lesion") or \
+        segmentation.AddEmptySegment("", "my lesion", [0.1, 0.2, 0.9])
+    box = np.zeros(shape, bool)
+    box[3:8, 100:110, 60:70] = True
+    set_segment_voxels(segmentation_node, user, volume, box, replace)
+    edits = Edits(lung, sphere, tissue, slab, user, box)
+    edits.masks_after = all_masks(context, segmentation_node, volume)
+    return edits
+
+
+def all_masks(context: MRMLContext, segmentation_node: Any, volume: Any) -> dict:
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    return {segment_id: segment_mask(context, segmentation_node, segment_id, volume) for segment_id in ids}
+
+
+def check_result(tc: Any, context: MRMLContext, segmentation_node: Any, model: dict, volume: Any) -> None:
+    """A fresh result: one segment per card label with the card's name, colour, terminology and
+    our tags, on the volume's geometry, under its transform and in its folder/study."""
+    tc.assertIsNotNone(segmentation_node, "no segmentation node was made")
+    rows = segment_rows(model)
+    segmentation = segmentation_node.GetSegmentation()
+    tc.assertEqual(segmentation.GetNumberOfSegments(), len(rows))
+    terminology = terminology_tag_name()
+    for index, row in enumerate(rows):
+        segment = segmentation.GetNthSegment(index)
+        tc.assertEqual(segment.GetName(), row["name"])
+        tc.assertTrue(np.allclose(segment.GetColor(), row["color"], atol=1e-6), row["name"])
+        tc.assertEqual(segment_tag(segment, terminology), row["terminology_tag"])
+        tc.assertEqual(segment_tag(segment, TAG_LABEL_VALUE), str(row["value"]))
+        tc.assertEqual(segment_tag(segment, TAG_MODEL_ID), model["id"])
+    tc.assertIs(reference_volume(segmentation_node), volume)
+    tc.assertEqual(segmentation_node.GetTransformNodeID(), volume.GetTransformNodeID())
+    hierarchy = context.subject_hierarchy
+    tc.assertEqual(hierarchy.GetItemParent(subject_hierarchy_item(context, segmentation_node)),
+                   hierarchy.GetItemParent(subject_hierarchy_item(context, volume)))
+    masks = all_masks(context, segmentation_node, volume)
+    tc.assertTrue(sum(int(m.sum()) for m in masks.values()) > 0, "every segment is empty")
+
+
+def check_replaced(tc: Any, context: MRMLContext, segmentation_node: Any, volume: Any, edits: Edits,
+                   fresh_masks: dict) -> None:
+    """After a 'replace' re-run: the model's segments are the model's again (the painted sphere
+    and erased slab are gone), the user's segment is exactly as it was, in its place."""
+    masks = all_masks(context, segmentation_node, volume)
+    tc.assertIn(edits.user_segment, masks, "the user's segment was removed")
+    tc.assertTrue(np.array_equal(masks[edits.user_segment], edits.user_mask), "the user's segment changed")
+    for segment_id, fresh in fresh_masks.items():
+        tc.assertTrue(np.array_equal(masks[segment_id], fresh), f"segment {segment_id} is not the model's result")
+    segmentation = segmentation_node.GetSegmentation()
+    tc.assertEqual(segmentation.GetNumberOfSegments(), len(fresh_masks) + 1)
+    tc.assertEqual(segmentation.GetNthSegmentID(segmentation.GetNumberOfSegments() - 1), edits.user_segment)
+
+
+def check_labelmap_export(tc: Any, written: Sequence[Any], model: dict, volume: Any,
+                          edits: Edits | None = None) -> np.ndarray:
+    """Read an exported label map (nibabel or pynrrd) and its colour table: the grid is the volume's
+    (in world coordinates), values and names are the card's, the edits are there."""
+    import csv
+
+    labels, affine = read_labelmap_file(str(written[0]))
+    expected_affine = world_matrix(volume) @ ijk_to_ras(volume)
+    tc.assertTrue(np.allclose(affine, expected_affine, atol=1e-3), f"{affine} != {expected_affine}")
+    tc.assertEqual(labels.shape, volume_array(volume).shape)
+    with open(written[1], newline="", encoding="utf-8") as handle:
+        table = {int(row["LabelValue"]): row for row in csv.DictReader(handle)}
+    for row in segment_rows(model):
+        tc.assertEqual(table[row["value"]]["Name"], row["name"])
+    if edits is not None:
+        values = {row["name"]: row["value"] for row in segment_rows(model)}
+        tc.assertTrue(np.all(labels[edits.sphere] == values["right lung"]), "the painted sphere is missing")
+        tc.assertFalse(np.any(labels[edits.slab] == values["tissue"]), "the erased slab is still tissue")
+        user_value = max(values.values()) + 1
+        tc.assertTrue(np.all(labels[edits.user_mask] == user_value), "the user's segment is missing")
+        tc.assertEqual(table[user_value]["Name"], "my lesion")
+    return labels
+
+
+def read_labelmap_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A label map file as a (K, J, I) array and its IJK-to-RAS matrix: NIfTI read by nibabel,
+    NRRD by pynrrd (independent of Slicer's own readers)."""
+    if path.lower().endswith(".nrrd"):
+        import nrrd
+
+        data, header = nrrd.read(path)
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(header["space directions"], float).T
+        affine[:3, 3] = header["space origin"]
+        if header.get("space") in ("left-posterior-superior", "LPS"):
+            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        return np.asarray(data).transpose(2, 1, 0), affine
+    import nibabel
+
+    image = nibabel.load(path)
+    return np.asarray(image.dataobj).transpose(2, 1, 0), image.affine  # (I, J, K) -> (K, J, I)
+
+
+def check_seg_nrrd_export(tc: Any, path: str, model: dict, edits: Edits, volume: Any) -> None:
+    """Read an exported ``.seg.nrrd`` with slicerio: names, our tags and terminology, the edits."""
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(path))
+    names = [segment["name"] for segment in segmentation["segments"]]
+    tc.assertEqual(names, [row["name"] for row in segment_rows(model)] + ["my lesion"])
+    lung = next(s for s in segmentation["segments"] if s["name"] == "right lung")
+    tc.assertEqual(lung["terminology"]["type"][1], "39607008")
+    lung_voxels = slicerio.extract_segments(segmentation, [("right lung", 1)])["voxels"]
+    lung_mask = np.asarray(lung_voxels).transpose(2, 1, 0) > 0 if lung_voxels.ndim == 3 else None
+    tc.assertIsNotNone(lung_mask)
+    tc.assertEqual(lung_mask.shape, volume_array(volume).shape)
+    tc.assertTrue(np.all(lung_mask[edits.sphere]), "the painted sphere is missing from the .seg.nrrd")
+
+
+def scene_snapshot(context: MRMLContext) -> dict:
+    """Every node ID with, for segmentations, its segments' IDs and names: to check that a
+    failed run changed nothing."""
+    snapshot = {}
+    scene = context.scene
+    for index in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(index)
+        entry = node.GetClassName()
+        if node.IsA("vtkMRMLSegmentationNode"):
+            segmentation = node.GetSegmentation()
+            entry += repr([(segmentation.GetNthSegmentID(n), segmentation.GetNthSegment(n).GetName())
+                           for n in range(segmentation.GetNumberOfSegments())])
+        snapshot[node.GetID()] = entry
+    return snapshot
+
+
+def run_user_chain(tc: Any, context: MRMLContext, segment: Any, export_labelmap: Any, export_segmentation: Any,
+                   volume: Any, model: dict, folder: str) -> Any:
+    """The user's journey, checked at every step: segment -> correct as Segment Editor would ->
+    re-run into a new node (the edited one untouched) -> re-run with 'replace' (only the model's
+    segments swapped, the user's own and other nodes untouched) -> export a label map and a
+    ``.seg.nrrd`` of the corrected segmentation, read back outside Slicer.
+
+    Args:
+        segment: ``segment(outputSegmentation=None, replaceOutput=False)`` runs the model on
+            ``volume`` and returns the finished job (the module's logic or the library's runner).
+        export_labelmap: ``export_labelmap(node, path)`` -> written files.
+        export_segmentation: ``export_segmentation(node, path)`` -> written file.
+
+    Returns:
+        The corrected segmentation node.
+    """
+    first = segment()
+    tc.assertEqual(first.monitor.outcome, "done", first.monitor.error)
+    tc.assertFalse(os.path.exists(first.tempDir), "the run folder was left behind")
+    node = first.segmentationNode
+    check_result(tc, context, node, model, volume)
+    fresh = all_masks(context, node, volume)
+    edits = correct_like_segment_editor(context, node, volume)
+    tc.assertTrue(edits.masks_after[edits.painted_segment][edits.sphere].all(), "painting did not take")
+    tc.assertFalse(edits.masks_after[edits.erased_segment][edits.slab].any(), "erasing did not take")
+
+    second = segment()
+    tc.assertEqual(second.monitor.outcome, "done", second.monitor.error)
+    tc.assertIsNot(second.segmentationNode, node)
+    check_result(tc, context, second.segmentationNode, model, volume)
+    after = all_masks(context, node, volume)
+    tc.assertEqual(after.keys(), edits.masks_after.keys())
+    tc.assertTrue(all(np.array_equal(after[k], edits.masks_after[k]) for k in after), "the edited node changed")
+
+    others = all_masks(context, second.segmentationNode, volume)
+    third = segment(outputSegmentation=node, replaceOutput=True)
+    tc.assertEqual(third.monitor.outcome, "done", third.monitor.error)
+    tc.assertIs(third.segmentationNode, node)
+    check_replaced(tc, context, node, volume, edits, fresh)
+    still = all_masks(context, second.segmentationNode, volume)
+    tc.assertTrue(all(np.array_equal(still[k], others[k]) for k in others), "another node changed")
+
+    edits = correct_like_segment_editor(context, node, volume)
+    for suffix in (".nii.gz", ".nrrd"):
+        written = export_labelmap(node, os.path.join(folder, f"edited{suffix}"))
+        tc.assertEqual([os.path.basename(str(p)) for p in written], [f"edited{suffix}", "edited.csv"])
+        check_labelmap_export(tc, written, model, volume, edits)
+        for path in written:
+            os.remove(path)
+    check_seg_nrrd_export(tc, str(export_segmentation(node, os.path.join(folder, "edited.seg.nrrd"))), model,
+                          edits, volume)
+    return node
+
+
+def run_module_chain(tc: Any, logic: Any, load_volume: Any, process_events: Any, folder: str) -> Any:
+    """:func:`run_user_chain` through the module's logic (``VolSegSlicerLogic``: ``runner``,
+    ``context``, ``getParameterNode``, ``segment``, ``exportLabelmap``, ``exportSegmentation``):
+    the demo model on the sample CT, loaded by ``load_volume(path)``."""
+    volume = load_volume(sample_ct_path())
+    query = logic.runner.query_models("", lambda models, error: None)
+    logic.runner.wait_for(query, timeout=300, process_events=process_events)
+    demo = demo_model(logic.runner.models)
+    params = logic.getParameterNode()
+    params.device, params.keepWarm = "cpu", True
+
+    def segment(outputSegmentation=None, replaceOutput=False):
+        params.outputSegmentation, params.replaceOutput = outputSegmentation, replaceOutput
+        return logic.segment(demo, [volume], params, wait=True)
+
+    return run_user_chain(tc, logic.context, segment, lambda node, path: logic.exportLabelmap(node, path, [demo]),
+                          logic.exportSegmentation, volume, demo, folder)

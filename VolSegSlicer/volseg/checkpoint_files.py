@@ -1,0 +1,82 @@
+"""Telling, from its first bytes, whether a file can be a checkpoint at all -- without torch.
+
+``volseg inspect notes.txt`` and ``volseg segment ... --checkpoint notes.txt`` are answered
+from here at once, before PyTorch is imported and before a checksum is computed: a file that is
+not a checkpoint is reported as such, not as a "checksum mismatch". What the file holds is
+read later by :mod:`volseg.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+from volseg.errors import CheckpointError
+
+#: What ``checkpoint_kind`` returns: a folder (``accelerate.save_state``; read later), a
+#: ``torch.save`` zip archive (TorchScript too), a legacy ``torch.save`` pickle, safetensors.
+KINDS = ("folder", "zip", "pickle", "safetensors")
+
+_NOT_A_CHECKPOINT_HINT = ("pass the weights file itself (.pt, .pth, .bin, .ckpt, .model written by torch.save, "
+                          "or .safetensors); `volseg models` says where each card's weights are published")
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 0 < length <= size - 8 and head[8:9] == b"{"
+
+
+def _describe_start(head: bytes) -> str:
+    """A few words on what the file starts with, for the message."""
+    text = head[:40]
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {text[:8].hex(' ')}"
+    if decoded.lstrip().startswith(("{", "[")):
+        try:
+            json.loads(head.decode("utf-8"))
+            return "it is a JSON file (a model card goes with --model, not --checkpoint)"
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+    shown = " ".join(decoded.split())[:30]
+    return f"it is a text file starting {shown!r}"
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """What kind of checkpoint file ``path`` is, judged from its first bytes (see :data:`KINDS`).
+
+    Raises:
+        CheckpointError: the path does not exist, cannot be read, is empty, or is not a
+            checkpoint (neither a torch.save file nor safetensors).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path given with --checkpoint or in the card")
+    if path.is_dir():
+        return "folder"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty",
+                              hint="the download is incomplete; download it again")
+    if head.startswith(b"PK") or zipfile.is_zipfile(path):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if _is_safetensors(head, size):
+        return "safetensors"
+    if path.suffix.lower() == ".safetensors":
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not a safetensors header",
+                              hint="the download may be incomplete or an HTML page; download it again")
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint: {_describe_start(head)}", hint=_NOT_A_CHECKPOINT_HINT)

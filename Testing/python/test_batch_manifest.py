@@ -219,3 +219,20 @@ def test_text_progress_shows_the_cohort(cohort, capsys):
     assert "3/3 cases" in err and "/min" in err
     assert cohort["run"](progress="none") == 0
     assert capsys.readouterr().err == ""
+
+
+def test_cases_left_when_the_cluster_fails_say_why(cohort, monkeypatch, capsys):
+    import volseg.cluster
+    from volseg.errors import ResourceError
+
+    def unreachable(*args, **kwargs):
+        raise ResourceError("cannot join the Ray cluster at ray://nowhere:10001: refused")
+
+    monkeypatch.setattr(volseg.cluster, "require_ray", lambda: None)
+    monkeypatch.setattr(volseg.cluster, "run_on_cluster", unreachable)
+    assert cohort["run"]("--cluster", "ray://nowhere:10001", progress="none") == 3
+    assert "cannot join the Ray cluster" in capsys.readouterr().err
+    rows, _ = read_rows(cohort["out"] / MANIFEST_NAME)
+    assert {r["status"] for r in rows.values()} == {"not_done"}
+    assert rows["c0"]["error"]["message"] == "not run: the batch stopped (cannot join the Ray cluster at " \
+        "ray://nowhere:10001: refused)"

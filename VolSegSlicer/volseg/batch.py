@@ -38,7 +38,7 @@ from volseg.cards import ModelCard, match_inputs
 from volseg.case_runner import Job, run_case
 from volseg.checkpoints import sha256sum
 from volseg.cohort import CohortProgress
-from volseg.errors import Cancelled, CheckpointError, InputError
+from volseg.errors import Cancelled, CheckpointError, InputError, error_from_exception
 from volseg.io import full_suffix, make_output_folder, segmentation_outputs
 from volseg.io.readers import image_format
 from volseg.manifest import (
@@ -177,10 +177,10 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
                 result = {"outputs": outputs, "made_with": made_with[job.name]}
             else:
                 result = manifest.kept_result(job.name, names[job.name])
+            measured = {k: outcome.get(k) for k in ("elapsed_s", "cpu_s", "overhead_s", "timings", "device", "where",
+                                                    "node", "worker", "error")}
             manifest.record({"case": job.name, "status": status, "inputs": [str(p) for p in job.inputs], **result,
-                             **{k: outcome.get(k) for k in ("elapsed_s", "cpu_s", "overhead_s", "timings", "device", "where", "node",
-                                                   "worker", "error")},
-                             "attempts": job.attempts})
+                             **measured, "attempts": job.attempts})
             summary[status].append(job.name)
             for warning in outcome.get("warnings") or []:
                 if cluster is not None:  # a local run's warnings were printed as they came
@@ -198,14 +198,13 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
         def retry(job: Job, message: str) -> None:
             progress.case(job.name, "retry", attempt=job.attempts, message=message)
 
-        interrupted = False
+        interrupted, left_because = False, "cancelled before it ran"
         try:
             if cluster is None:
                 _run_here(template, jobs, reporter, finish, cancel)
             else:
-                from volseg.cluster import (
-                    run_on_cluster,  # Ray is imported only when asked for
-                )
+                # Ray is imported only here, when asked for
+                from volseg.cluster import run_on_cluster
 
                 def log(message: str, level: str) -> None:
                     progress.break_line()
@@ -214,11 +213,14 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
                 run_on_cluster(template, jobs, cluster, log, finish, retry, cancel)
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException as exc:  # e.g. the cluster cannot be reached: reported by the caller
+            left_because = f"not run: the batch stopped ({error_from_exception(exc).message})"
+            raise
         finally:
             for job in jobs:
                 if job.name not in finished:
-                    finish(job, {"status": "not_done", "error": {"message": "cancelled before it ran",
-                                                                  "hint": None, "exit_code": Cancelled.exit_code}})
+                    finish(job, {"status": "not_done", "error": {"message": left_because, "hint": None,
+                                                                  "exit_code": Cancelled.exit_code}})
     progress.break_line()
     if interrupted or cancel.is_set():
         raise Cancelled(f"cancelled: {len(summary['done'])} case(s) done, {len(summary['failed'])} failed, "

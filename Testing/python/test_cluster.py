@@ -211,3 +211,23 @@ def test_the_command_line_starts_and_stops_its_own_loopback_instance(cohort, thr
     assert [e["status"] for e in events if e["event"] == "case"] == ["done"]
     assert any(e["event"] == "log" and e["message"].startswith("cluster local: 1 node(s) (127.0.0.1);") for e in events)
     assert (out / "c0.seg.nrrd").exists()
+
+
+def test_auto_joins_the_running_cluster_and_leaves_it_running(ray_local, cohort, threshold_torchscript, tmp_path):
+    """`--cluster auto` from another process joins this module's instance (named by RAY_ADDRESS,
+    as `ray start` leaves it for the processes of a node), runs there and only disconnects."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.pathsep.join([cluster.ENGINE_ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "volseg", "batch", str(cohort["cases"] / "c3.nii.gz"),
+                           "--model", str(cohort["card"]), "--checkpoint", str(threshold_torchscript), "-o", str(out),
+                           "--cluster", "auto", "--progress", "json"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert any(e["event"] == "log" and e["message"].startswith("cluster auto: 1 node(s) (127.0.0.1);") for e in events)
+    assert [e["status"] for e in events if e["event"] == "case"] == ["done"]
+    assert ray_local.is_initialized() and all(n["Alive"] for n in ray_local.nodes())

@@ -118,12 +118,17 @@ def test_cluster_bench_tiny(bench, tmp_path):
     rows = bc.run(2, (32, 32, 24), cpus=1, repeats=1, warmup=0, rows=("plain batch",), scratch=tmp_path)
     assert [r["name"] for r in rows] == ["plain batch"] and rows[0]["cases"] == 2
     assert rows[0]["ok"] and rows[0]["case_s"] > 0 and rows[0]["overhead_ms"] is None
+    assert rows[0]["check"] == f"ok (= plain batch at {torch.get_num_threads()} thread(s))"
     assert "| plain batch | 2 |" in bc.table(rows)
     run = {"wall": 1.0, "failed": [], "labels": {"a.nii.gz": np.zeros((2, 2, 2), np.uint8)},
            "rows": [{"status": "done", "elapsed_s": 0.4, "cpu_s": 0.7, "overhead_s": 0.01, "worker": "pid 1"}] * 2}
     row = bc.summarise("Ray, 1 worker", [run], {"a.nii.gz": np.ones((2, 2, 2), np.uint8)})
     assert row["check"] == "FAIL: labels differ" and not row["ok"]
     assert row["overhead_pct"] == pytest.approx(2.5) and row["fixed_s"] == pytest.approx(1.0 - 0.82)
+    same = {"a.nii.gz": np.zeros((2, 2, 2), np.uint8)}
+    row = bc.summarise("Ray, 2 workers", [run], same, baseline={"a.nii.gz": np.eye(2, dtype=np.uint8)[None].repeat(2, 0)},
+                       threads=1)
+    assert row["ok"] and row["check"] == "ok (= plain batch at 1 thread(s); 4 voxel(s) differ from the baseline's threads)"
 
 
 def test_run_all_finds_every_benchmark(bench):

@@ -39,6 +39,7 @@ from volseg.io import (
     write_probabilities,
     write_segmentation,
 )
+from volseg.limits import available_memory
 from volseg.postprocess import postprocess, to_labelmap
 from volseg.preprocess import invert, preprocess
 from volseg.progress import Reporter
@@ -120,12 +121,7 @@ def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
 
 
 def _available_memory() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
+    return available_memory()
 
 
 def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int = 1,

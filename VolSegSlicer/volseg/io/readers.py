@@ -7,10 +7,13 @@ overlay their input exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import tempfile
 import warnings
+from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +22,15 @@ import SimpleITK as sitk
 
 from volseg.errors import InputError
 from volseg.io.atomic import full_suffix
+from volseg.io.limits import check_declared_size, require_regular_file
+from volseg.limits import check_allocation
 from volseg.io.volume import Source, Volume
 
 logger = logging.getLogger(__name__)
+
+# ITK prints its warnings (e.g. "WARNING: In ... NiftiImageIO") straight to stderr, which the
+# Slicer panel shows as they are; volseg reports problems itself, as one message.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 #: File extensions read as images, and the format name recorded in ``Source.format``.
 FORMATS = {
@@ -43,13 +52,61 @@ def image_format(path: str | os.PathLike) -> str | None:
 def _itk_error_text(error: Exception) -> str:
     """The useful last line of an ITK exception (they start with C++ source locations)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if "ERROR" in line or "error" in line.lower()]
-    return (useful[-1] if useful else lines[-1] if lines else repr(error))[:300]
+    lines = [line for line in lines if not line.startswith("Exception thrown in SimpleITK")]
+    if not lines:
+        return repr(error)[:300]
+    last = lines[-1]
+    if last.endswith(":") and len(lines) > 1:  # "... Error reading x.nrrd:" then the reason, or nothing
+        last = lines[-2] if not lines[-2].endswith(":") else last
+    last = re.sub(r"itk::ERROR: \w+\(0x[0-9a-f]+\): ", "", last)
+    return " ".join(re.sub(r"^\[\w+\] ", "", last).split())[:300]
 
 
-def _read_itk(path: Path) -> sitk.Image:
+class _WarningHandler(logging.Handler):
+    """Turns a library's log records into :class:`UserWarning` s (the pipeline reports those)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warnings.warn(f"{self.name}: " + " ".join(record.getMessage().split()), UserWarning, stacklevel=2)
+
+
+@contextlib.contextmanager
+def library_messages() -> Iterator[None]:
+    """While reading, nibabel's log messages ("qform_code 999 not valid; setting to 0") become
+    warnings instead of lines printed on stderr."""
+    log = logging.getLogger("nibabel.global")
+    handler = _WarningHandler()
+    handler.name = "nibabel"
+    saved = log.handlers[:], log.propagate
+    log.handlers, log.propagate = [handler], False
     try:
-        return sitk.ReadImage(str(path))
+        yield
+    finally:
+        log.handlers, log.propagate = saved
+
+
+def _image_information(path: Path) -> sitk.ImageFileReader:
+    """An ITK reader on ``path`` that has read the header only (no voxels)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        _raise_read_error(error, path)
+    return reader
+
+
+def _read_checked(path: Path, fmt: str | None) -> sitk.ImageFileReader:
+    """The header of ``path``, refused when it is not a 3D scalar image or when it declares more
+    voxel data than the file holds or memory allows (nothing is allocated for voxels yet)."""
+    reader = _image_information(path)
+    _check_itk_image(reader, path)
+    check_declared_size(path, fmt, reader)
+    return reader
+
+
+def _read_itk(reader: sitk.ImageFileReader, path: Path) -> sitk.Image:
+    try:
+        return reader.Execute()
     except RuntimeError as error:
         _raise_read_error(error, path)
 
@@ -121,19 +178,15 @@ def _read_nifti(path: Path) -> Volume:
     """
     import nibabel as nib
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        _raise_read_error(error, path)
-    _check_itk_image(reader, path)
+    reader = _read_checked(path, "nifti")
     size = tuple(int(n) for n in reader.GetSize())
     try:
-        image = nib.load(str(path), mmap=False)  # no memory map: the file may be replaced later
-        array = np.asanyarray(image.dataobj)
+        with library_messages():
+            image = nib.load(str(path), mmap=False)  # no memory map: the file may be replaced later
+            array = np.asanyarray(image.dataobj)
     except Exception as error:
-        raise InputError(f"cannot read the voxels of {path}: {str(error)[:300]}",
+        reason = " ".join(str(error).replace(" - could the file be damaged?", "").split())[:300]
+        raise InputError(f"cannot read the voxels of {path}: {reason or type(error).__name__}",
                          hint="the file may be truncated or corrupt; export it again") from None
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -250,6 +303,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise InputError(f"input {path} does not exist", hint="check the path")
     if path.is_dir():
         return _read_dicom_folder(path)
+    require_regular_file(path)
     if not os.access(path, os.R_OK):
         raise InputError(f"input {path} is not readable (permission denied)")
     if full_suffix(path).lower() in (".dcm", ".ima"):
@@ -269,7 +323,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         _check_nrrd_spacings(path)
     if fmt == "nifti":
         return _read_nifti(path)
-    img = _read_itk(path)
+    img = _read_itk(_read_checked(path, fmt), path)
     _check_itk_image(img, path)
     fmt = fmt or (full_suffix(path).lstrip(".").lower() or "unknown")
     return volume_from_itk(img, Source(paths=[path], format=fmt))

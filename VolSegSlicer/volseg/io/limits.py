@@ -1,0 +1,219 @@
+"""Size guards for input files: nothing is allocated for voxels before the header's claim is checked.
+
+A header declares how many voxels of which type follow. A damaged or hostile header can claim
+gigabytes in a file of a few kilobytes, and the readers (ITK, nibabel) allocate what the header
+says before they find out the data is missing. :func:`check_declared_size` compares the claim
+with the bytes that can really be there *before* any reader touches the voxels:
+
+- uncompressed data: the declared bytes must fit in the file that holds them;
+- deflate (gzip/zlib) data: at most :data:`DEFLATE_MAX_RATIO` times the compressed bytes,
+  the largest expansion deflate can encode;
+- bzip2 (NRRD only): the stream is decompressed in small chunks and counted (nothing is kept);
+- text encodings: at least one byte per value.
+
+It also refuses anything that is not a regular file (a device such as ``/dev/zero``, a FIFO, a
+socket), which a reader would otherwise read for ever. The memory the read needs is compared
+with the memory available (:func:`volseg.limits.check_allocation`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import os
+import stat
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from volseg.errors import InputError
+from volseg.limits import check_allocation
+
+#: The largest expansion of a deflate stream (RFC 1951: a 258-byte match in about 2 bits).
+DEFLATE_MAX_RATIO = 1032
+#: Bytes of a header read as text (NRRD, MHA); real headers are a few KiB.
+MAX_HEADER_BYTES = 1 << 20
+
+_COMPONENT_BYTES = {
+    sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
+    sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8,
+    sitk.sitkFloat32: 4, sitk.sitkFloat64: 8, sitk.sitkComplexFloat32: 8, sitk.sitkComplexFloat64: 16,
+    sitk.sitkVectorUInt8: 1, sitk.sitkVectorInt8: 1, sitk.sitkVectorUInt16: 2, sitk.sitkVectorInt16: 2,
+    sitk.sitkVectorUInt32: 4, sitk.sitkVectorInt32: 4, sitk.sitkVectorUInt64: 8, sitk.sitkVectorInt64: 8,
+    sitk.sitkVectorFloat32: 4, sitk.sitkVectorFloat64: 8,
+}
+
+
+def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
+    """The ``stat`` of ``path`` (symlinks followed) if it is a regular file; else one clear refusal.
+
+    Raises:
+        InputError: a device, FIFO, socket or other special file, or a path that cannot be
+            examined.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as error:
+        raise InputError(f"cannot open {what} {path}: {error.strerror or error}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+                "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise InputError(f"{what} {path} is {kind}, not a regular file", hint="give the path of an image file")
+    return st
+
+
+def _text_header(path: Path) -> tuple[list[str], int]:
+    """The header lines of a NRRD or MHA file and the byte offset where the header ends."""
+    with open(path, "rb") as f:
+        head = f.read(MAX_HEADER_BYTES)
+    lines, offset = [], 0
+    for raw in head.split(b"\n"):
+        offset += len(raw) + 1
+        line = raw.decode("latin-1").rstrip("\r")
+        if not line.strip() and lines:  # NRRD: a blank line ends the header
+            break
+        lines.append(line)
+        if line.replace(" ", "").lower().startswith("elementdatafile="):  # MHA: the last field
+            break
+    return lines, min(offset, len(head))
+
+
+def _nrrd_data(path: Path) -> tuple[list[Path], str, int]:
+    """Data files, encoding and (for attached data) the header length of a NRRD file."""
+    lines, header_end = _text_header(path)
+    fields: dict[str, str] = {}
+    data_lines: list[str] = []
+    in_list = False
+    for line in lines[1:]:
+        if in_list:
+            data_lines.append(line.strip())
+            continue
+        if line.startswith("#") or ":" not in line:
+            continue
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        fields[key] = value.lstrip("=").strip()
+        if key in ("data file", "datafile") and fields[key].upper().startswith("LIST"):
+            in_list = True
+    encoding = fields.get("encoding", "raw").lower()
+    data_file = fields.get("data file", fields.get("datafile"))
+    if data_file is None:
+        return [path], encoding, header_end
+    if in_list:
+        names = [n for n in data_lines if n]
+    elif len(data_file.split()) > 1:  # a printf pattern "name%03d.raw min max step [dim]"
+        return [], encoding, 0  # many files: ITK checks each one as it reads
+    else:
+        names = [data_file]
+    return [(path.parent / n) for n in names], encoding, 0
+
+
+def _mha_data(path: Path) -> tuple[list[Path], str, int]:
+    """Data files, encoding ("raw" or "gzip") and header length of an MHA/MHD file."""
+    lines, header_end = _text_header(path)
+    fields = {}
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    encoding = "gzip" if fields.get("compresseddata", "false").lower() == "true" else "raw"
+    data_file = fields.get("elementdatafile", "LOCAL")
+    if data_file.upper() == "LOCAL":
+        return [path], encoding, header_end
+    if data_file.upper().startswith("LIST") or len(data_file.split()) > 1:
+        return [], encoding, 0
+    return [path.parent / data_file], encoding, 0
+
+
+def _nifti_data(path: Path) -> tuple[list[Path], str, int]:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return [path], "gzip" if magic == b"\x1f\x8b" else "raw", 0
+
+
+def _bzip2_length(path: Path, offset: int, limit: int) -> int:
+    """Decompressed length of the bzip2 stream at ``offset``, counted in chunks up to ``limit``+1."""
+    decompressor, total = bz2.BZ2Decompressor(), 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while total <= limit and not decompressor.eof:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            try:
+                total += len(decompressor.decompress(chunk, max_length=1 << 24))
+                while not decompressor.needs_input and not decompressor.eof and total <= limit:
+                    total += len(decompressor.decompress(b"", max_length=1 << 24))
+            except (OSError, EOFError, ValueError):
+                break
+    return total
+
+
+def declared_bytes(reader: sitk.ImageFileReader) -> int:
+    """Bytes of voxel data a header declares (after ``ReadImageInformation``)."""
+    voxels = 1
+    for n in reader.GetSize():
+        voxels *= int(n)
+    per_component = _COMPONENT_BYTES.get(reader.GetPixelID(), 8)
+    return voxels * per_component * max(1, int(reader.GetNumberOfComponents()))
+
+
+def check_declared_size(path: Path, fmt: str | None, reader: sitk.ImageFileReader) -> None:
+    """Refuse a header that declares more voxel data than its file can hold, or than memory can.
+
+    Args:
+        path: the image file (header).
+        fmt: ``"nifti"``, ``"nrrd"`` or ``"mha"``; for other formats ITK reads, only the memory
+            is checked.
+        reader: an ITK reader on ``path`` after ``ReadImageInformation`` (nothing read yet).
+
+    Raises:
+        InputError: the data is shorter than declared (truncated file, damaged header), or a
+            data file is missing or not a regular file.
+        ResourceError: the voxels would not fit in the memory available.
+    """
+    need = declared_bytes(reader)
+    size = "x".join(str(n) for n in reader.GetSize())
+    locate = {"nifti": _nifti_data, "nrrd": _nrrd_data, "mha": _mha_data}.get(fmt or "")
+    files, encoding, offset = locate(path) if locate else ([], "raw", 0)
+    if files:
+        have = 0
+        for data in files:
+            if not data.exists():
+                raise InputError(f"{path}: its data file {data} does not exist",
+                                 hint="keep the header and its data file together")
+            have += require_regular_file(data, "data file").st_size
+        have = max(0, have - offset)
+        if encoding in ("gzip", "gz"):
+            bound, how = have * DEFLATE_MAX_RATIO, "can expand to at most"
+        elif encoding in ("bzip2", "bz2"):
+            bound = _bzip2_length(files[0], offset, need) if len(files) == 1 else need
+            how = "decompresses to"
+        elif encoding in ("ascii", "text", "txt"):
+            bound, how = have * max(1, need // max(1, _voxels(reader))), "can hold at most"
+        elif encoding == "hex":
+            bound, how = have // 2, "can hold at most"
+        else:
+            bound, how = have, "holds"
+        if need > bound:
+            raise InputError(
+                f"{path}: the header declares {size} voxels ({_mib(need)} of data) but the file {how} {_mib(bound)}",
+                hint="the file is truncated or its header is damaged; export it again",
+            )
+    # The read holds the native voxels, a float32 copy and the stacked channels.
+    check_allocation(need + 2 * 4 * _voxels(reader), f"reading {path} ({size} voxels)")
+
+
+def _voxels(reader: sitk.ImageFileReader) -> int:
+    n = 1
+    for s in reader.GetSize():
+        n *= int(s)
+    return n
+
+
+def _mib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n} bytes"

@@ -7,7 +7,10 @@ allows, so a run under a memory cap is refused up front instead of dying half-wa
 
 from __future__ import annotations
 
-from volseg.errors import ResourceError
+import os
+import stat
+
+from volseg.errors import InputError, ResourceError, VolSegError
 
 #: Share of the available memory one allocation may take.
 SAFETY_FRACTION = 0.9
@@ -59,3 +62,23 @@ def check_allocation(n_bytes: int, what: str) -> None:
             f"{what} needs about {format_bytes(n_bytes)} of memory but only {format_bytes(free)} are available",
             hint="crop or resample the volume, or close other programs; if the size is unexpected, the header may be damaged",
         )
+
+
+def require_regular_file(path: str | os.PathLike, what: str = "input",
+                         error: type[VolSegError] = InputError) -> os.stat_result:
+    """The ``stat`` of ``path`` (symlinks followed) if it is a regular file; else one clear refusal.
+
+    Raises:
+        ``error`` (:class:`InputError` by default): a device, FIFO, socket or other special
+            file, or a path that cannot be examined.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise error(f"cannot open {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+                "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise error(f"{what} {path} is {kind}, not a regular file", hint="give the path of a file")
+    return st

@@ -19,14 +19,12 @@ with the memory available (:func:`volseg.limits.check_allocation`).
 from __future__ import annotations
 
 import bz2
-import os
-import stat
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from volseg.errors import InputError
-from volseg.limits import check_allocation
+from volseg.limits import check_allocation, require_regular_file
 
 #: The largest expansion of a deflate stream (RFC 1951: a 258-byte match in about 2 bits).
 DEFLATE_MAX_RATIO = 1032
@@ -41,25 +39,6 @@ _COMPONENT_BYTES = {
     sitk.sitkVectorUInt32: 4, sitk.sitkVectorInt32: 4, sitk.sitkVectorUInt64: 8, sitk.sitkVectorInt64: 8,
     sitk.sitkVectorFloat32: 4, sitk.sitkVectorFloat64: 8,
 }
-
-
-def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
-    """The ``stat`` of ``path`` (symlinks followed) if it is a regular file; else one clear refusal.
-
-    Raises:
-        InputError: a device, FIFO, socket or other special file, or a path that cannot be
-            examined.
-    """
-    try:
-        st = os.stat(path)
-    except OSError as error:
-        raise InputError(f"cannot open {what} {path}: {error.strerror or error}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
-                "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
-                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise InputError(f"{what} {path} is {kind}, not a regular file", hint="give the path of an image file")
-    return st
 
 
 def _text_header(path: Path) -> tuple[list[str], int]:

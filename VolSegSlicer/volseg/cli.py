@@ -21,14 +21,13 @@ import json
 import math
 import os
 import queue
-import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from volseg import __version__
+from volseg import __version__, signals
 from volseg.errors import Cancelled, InputError, VolSegError, error_from_exception
 
 
@@ -155,27 +154,10 @@ def request_from_args(args: argparse.Namespace):
                           trust_pickle=args.trust_pickle, overrides=overrides)
 
 
-class _CancelOnSignal:
-    """Turns SIGINT/SIGTERM into a cancel request the pipeline honours between windows."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> threading.Event:
-        # SIGBREAK is what CTRL_BREAK_EVENT (the Slicer module's cancel on Windows) delivers.
-        for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self.event
-
-    def _handle(self, signum, frame) -> None:
-        if self.event.is_set():  # second signal: stop now (atomic writes still leave nothing behind)
-            raise KeyboardInterrupt
-        self.event.set()
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _CancelOnSignal():  # noqa: N802 - kept as the name every command uses
+    """SIGINT/SIGTERM (SIGBREAK on Windows) cancel the run at once: see :mod:`volseg.signals`.
+    Yields the event the pipeline also checks between windows."""
+    return signals.installed()
 
 
 def _run_reported(reporter, fn) -> int:
@@ -448,6 +430,8 @@ def cmd_serve(_: argparse.Namespace, stdin=None, stdout=None) -> int:
             _run_reported(reporter, run)
         finally:
             requests.finished()
+        if signals.cancel_event.is_set():  # SIGINT/SIGTERM stop the worker, not only the request
+            return 130
 
 
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
@@ -455,15 +439,17 @@ COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        return COMMANDS[args.command](args)
+        with signals.installed():
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
     except Exception as exc:  # failures outside a reported run (models, inspect, devices): one message
         if os.environ.get("VOLSEG_DEBUG") and not isinstance(exc, VolSegError):
             raise
         err = error_from_exception(exc)
-    except KeyboardInterrupt as exc:
-        err = error_from_exception(exc)
+    except KeyboardInterrupt:  # a signal before or after a reported run (parsing, imports)
+        return signals.report_cancelled(words)
     print(f"error: {err.message}", file=sys.stderr)
     if err.hint:
         print(f"  hint: {err.hint}", file=sys.stderr)

@@ -8,8 +8,8 @@ or failed run leaves no output behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -22,17 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from volseg import __version__, models
+from volseg import __version__, models, signals
 from volseg.cards import ModelCard
 from volseg.checkpoints import read_checkpoint
 from volseg.devices import resolve_device
-from volseg.errors import Cancelled, CheckpointError, OutputError, ResourceError
+from volseg.errors import Cancelled, CheckpointError, OutputError, ResourceError, VolSegError, output_error
 from volseg.inference import InferenceOptions, count_windows, predict_with_fallback
 from volseg.io import (
     PROBABILITY_SUFFIXES,
     check_not_an_input,
     check_segmentation_output,
     check_writable,
+    commit_file,
     full_suffix,
     read_inputs,
     segmentation_outputs,
@@ -175,6 +176,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     """Run one segmentation end to end; returns the ``done`` event's payload."""
     card, o = request.card, request.overrides
     cancel = cancel or threading.Event()
+    signals.begin_run()
 
     def checkpoint_stage(name: str, message: str) -> None:
         if cancel.is_set():
@@ -250,40 +252,73 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     checkpoint_stage("write", f"writing {request.output}")
     provenance = {"model": card.id, "title": card.title, "architecture": card.architecture,
                   "checkpoint": ckpt_path.name, "software": f"volseg {__version__}", "device": where}
-    outputs = write_outputs(request, labelmap, probs, volume, provenance)
+    outputs = write_outputs(request, labelmap, probs, volume, provenance, cancel)
     present = sorted(int(v) for v in np.unique(labelmap) if v)
     result = {"outputs": outputs, "device": str(device), "where": where, "labels_present": present}
     reporter.done(**result)
     return result
 
 
+def _in_user_terms(err: VolSegError, stages: dict[Path, Path]) -> VolSegError:
+    """``err`` with every hidden staging folder in its text replaced by the user's folder."""
+    for folder, user_folder in stages.items():
+        err.message = err.message.replace(str(folder), str(user_folder))
+        if err.hint:
+            err.hint = err.hint.replace(str(folder), str(user_folder))
+    err.args = (err.message,)
+    return err
+
+
 def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Tensor, volume,
-                  provenance: dict[str, Any]) -> dict[str, Any]:
+                  provenance: dict[str, Any], cancel: threading.Event | None = None) -> dict[str, Any]:
     """Write the segmentation (and the probabilities) as one group: every file is first written
     into a hidden staging folder beside its destination and moved into place only when all of
-    them were written, so a failure (a full disk, say) leaves none of them behind."""
-    stages: list[Path] = []
+    them were written, so a failure (a full disk, no inodes, a read-only folder) or a cancel
+    leaves none of them behind. Errors name the user's paths, never the staging folder.
+
+    Once every file is written and no cancel arrived, the files are committed (moved into
+    place without replacing a file that appeared meanwhile, unless ``--overwrite``): from that
+    point a signal no longer cancels the run (:func:`volseg.signals.commit_point`).
+    """
+    stages: dict[Path, Path] = {}
+    committed: list[Path] = []
 
     def staged(path: Path) -> Path:
-        folder = Path(tempfile.mkdtemp(prefix=".volseg-stage-", dir=path.parent))
-        stages.append(folder)
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=".volseg-stage-", dir=path.parent))
+        except OSError as error:
+            raise output_error(error, path) from None
+        stages[folder] = path.parent
         return folder / path.name
 
     try:
-        seg = write_segmentation(staged(request.output), labelmap, volume, request.card.labels,
-                                 overwrite=False, provenance=provenance)
-        moves = [(p, request.output.parent / p.name) for p in segmentation_outputs(seg)]
-        outputs: dict[str, Any] = {"segmentation": str(request.output), "probabilities": None}
-        if request.probabilities is not None:
-            prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False)
-            moves.append((prob, request.probabilities))
-            outputs["probabilities"] = str(request.probabilities)
-        for source, target in moves:
-            if target.exists() and not request.overwrite:
-                raise OutputError(f"{target} exists already", hint="pass --overwrite to replace it")
-        for source, target in moves:
-            os.replace(source, target)
-        return outputs
+        try:
+            seg = write_segmentation(staged(request.output), labelmap, volume, request.card.labels,
+                                     overwrite=False, provenance=provenance)
+            moves = [(p, request.output.parent / p.name) for p in segmentation_outputs(seg)]
+            outputs: dict[str, Any] = {"segmentation": str(request.output), "probabilities": None}
+            if request.probabilities is not None:
+                prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False)
+                moves.append((prob, request.probabilities))
+                outputs["probabilities"] = str(request.probabilities)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            signals.commit_point()
+            for source, target in moves:
+                existed = target.exists()
+                commit_file(source, target, request.overwrite)
+                if not existed:
+                    committed.append(target)
+            return outputs
+        except OSError as error:
+            raise output_error(error, request.output) from None
+        except VolSegError as err:
+            raise _in_user_terms(err, stages) from None
+    except BaseException:
+        for path in committed:  # a later file could not be committed: take the group back
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
     finally:
         for folder in stages:
             shutil.rmtree(folder, ignore_errors=True)

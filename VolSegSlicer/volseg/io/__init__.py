@@ -8,7 +8,15 @@ Public API::
     atomic_output, atomic_outputs, check_writable, check_not_an_input   # volseg.io.atomic
 """
 
-from volseg.io.atomic import make_output_folder, atomic_output, atomic_outputs, check_not_an_input, check_writable, full_suffix
+from volseg.io.atomic import (
+    atomic_output,
+    atomic_outputs,
+    check_not_an_input,
+    check_writable,
+    commit_file,
+    full_suffix,
+    make_output_folder,
+)
 from volseg.io.readers import count_nonfinite, read_inputs, read_volume
 from volseg.io.volume import Source, Volume
 from volseg.io.writers import (
@@ -35,6 +43,7 @@ __all__ = [
     "check_not_an_input",
     "check_segmentation_output",
     "check_writable",
+    "commit_file",
     "color_table_path",
     "count_nonfinite",
     "full_suffix",

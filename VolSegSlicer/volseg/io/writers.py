@@ -7,6 +7,7 @@ existing file without ``overwrite=True`` and an interrupted write leaves no part
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from volseg.errors import OutputError
+from volseg.errors import OutputError, output_error
 from volseg.io.atomic import atomic_output, atomic_outputs, check_writable, full_suffix
 from volseg.io.volume import Volume
 from volseg.terminology import segment_table, to_slicerio_terminology
@@ -108,7 +109,10 @@ def _write_itk(image: sitk.Image, path: Path) -> None:
     try:
         sitk.WriteImage(image, str(path), useCompression=True)
     except RuntimeError as error:
-        raise OutputError(f"cannot write {path}: {str(error).strip().splitlines()[-1][:300]}") from None
+        text = str(error)
+        if "No space left" in text or "quota" in text.lower():
+            raise output_error(OSError(errno.ENOSPC, "No space left on device"), path) from None
+        raise OutputError(f"cannot write {path}: {text.strip().splitlines()[-1][:300]}") from None
 
 
 def _checked_labels(labels: np.ndarray, reference: Volume, segments: Sequence[Any]) -> np.ndarray:

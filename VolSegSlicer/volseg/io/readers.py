@@ -11,10 +11,10 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import warnings
-from collections.abc import Iterator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,9 @@ import SimpleITK as sitk
 
 from volseg.errors import InputError
 from volseg.io.atomic import full_suffix
-from volseg.io.limits import check_declared_size, require_regular_file
-from volseg.limits import check_allocation
+from volseg.io.limits import check_declared_size
 from volseg.io.volume import Source, Volume
+from volseg.limits import check_allocation, require_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -247,10 +247,19 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, img: sitk.Image, folder
     for index in range(img.GetSize()[2]):
         if not reader.HasMetaDataKey(index, "0020|0032"):
             return  # no positions to check (ITK then stacked the files at a nominal spacing)
+        text = reader.GetMetaData(index, "0020|0032")
         try:
-            positions.append([float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")])
+            values = [float(v) for v in text.split("\\")]
         except ValueError:
-            return
+            values = []
+        if len(values) != 3 or not all(np.isfinite(values)):
+            name = Path(reader.GetFileNames()[index]).name if index < len(reader.GetFileNames()) else f"slice {index}"
+            raise InputError(
+                f"the DICOM series in {folder} has a damaged slice position: ImagePositionPatient of {name} is "
+                f"{text.strip()[:60]!r}, not three numbers",
+                hint="the series is damaged; export it again from the scanner or PACS",
+            )
+        positions.append(values)
     normal = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
     steps = np.diff(np.asarray(positions) @ normal)
     if steps.size == 0:
@@ -265,13 +274,45 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, img: sitk.Image, folder
         )
 
 
+def _check_folder_entries(folder: Path) -> None:
+    """Refuse a folder holding a device, FIFO or socket: scanning it for DICOM files would block
+    on it or read it for ever."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as error:
+        raise InputError(f"cannot list the folder {folder}: {error.strerror or error}") from None
+    for entry in entries:
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: GDCM skips what it cannot open
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise InputError(f"{folder} holds {entry.name}, which is not a regular file",
+                             hint="a DICOM series folder holds only the series' files")
+
+
+def _check_dicom_memory(dicom_files: list[Path], folder: Path) -> None:
+    """Refuse a series whose voxels would not fit in memory (from the first file's header)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(dicom_files[0]))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"cannot read the DICOM series in {folder}: {_itk_error_text(error)}") from None
+    columns, rows = (int(n) for n in reader.GetSize()[:2])
+    voxels = columns * rows * len(dicom_files)
+    check_allocation(voxels * (8 + 2 * 4), f"reading the DICOM series in {folder} ({columns}x{rows}x{len(dicom_files)} voxels)")
+
+
 def _read_dicom_folder(folder: Path) -> Volume:
+    _check_folder_entries(folder)
     dicom_files, series_uid = _dicom_series(folder)
     if len(dicom_files) < 2:
         raise InputError(
             f"the DICOM series {series_uid} in {folder} has a single file; a series of 2D slices is needed",
             hint="for an enhanced (multi-frame) DICOM file, convert it to NRRD/NIfTI first (e.g. load it in Slicer and save)",
         )
+    _check_dicom_memory(dicom_files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in dicom_files])
     reader.MetaDataDictionaryArrayUpdateOn()

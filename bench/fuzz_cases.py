@@ -355,6 +355,17 @@ def _garble_dicom(rng: random.Random, ds) -> None:
 
 
 def make_dicom(rng: random.Random, folder: Path) -> list[Path]:
+    from pydicom import config
+
+    saved = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE  # write the damaged values as asked
+    try:
+        return _make_dicom(rng, folder)
+    finally:
+        config.settings.writing_validation_mode = saved
+
+
+def _make_dicom(rng: random.Random, folder: Path) -> list[Path]:
     from pydicom.uid import generate_uid
 
     series = folder / "series"

@@ -97,6 +97,14 @@ def _mha_data(path: Path) -> tuple[list[Path], str, int]:
             fields[key.strip().lower()] = value.strip()
     encoding = "gzip" if fields.get("compresseddata", "false").lower() == "true" else "raw"
     data_file = fields.get("elementdatafile", "LOCAL")
+    if "compresseddatasize" in fields:  # MetaIO allocates this many bytes before reading them
+        try:
+            compressed = int(float(fields["compresseddatasize"]))
+        except ValueError:
+            compressed = -1
+        if not 0 < compressed <= path.stat().st_size * (1 if data_file.upper() == "LOCAL" else 2**20):
+            raise InputError(f"{path}: CompressedDataSize = {fields['compresseddatasize']} is not a possible size "
+                             "of the data in the file", hint="the header is damaged; export the image again")
     if data_file.upper() == "LOCAL":
         return [path], encoding, header_end
     if data_file.upper().startswith("LIST") or len(data_file.split()) > 1:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,8 +26,6 @@ from volseg.io.atomic import full_suffix
 from volseg.io.limits import check_declared_size
 from volseg.io.volume import Source, Volume
 from volseg.limits import check_allocation, require_regular_file
-
-logger = logging.getLogger(__name__)
 
 # ITK prints its warnings (e.g. "WARNING: In ... NiftiImageIO") straight to stderr, which the
 # Slicer panel shows as they are; volseg reports problems itself, as one message.
@@ -181,9 +180,8 @@ def _read_nifti(path: Path) -> Volume:
     reader = _read_checked(path, "nifti")
     size = tuple(int(n) for n in reader.GetSize())
     try:
-        with library_messages():
-            image = nib.load(str(path), mmap=False)  # no memory map: the file may be replaced later
-            array = np.asanyarray(image.dataobj)
+        image = nib.load(str(path), mmap=False)  # no memory map: the file may be replaced later
+        array = np.asanyarray(image.dataobj)
     except Exception as error:
         reason = " ".join(str(error).replace(" - could the file be damaged?", "").split())[:300]
         raise InputError(f"cannot read the voxels of {path}: {reason or type(error).__name__}",
@@ -233,7 +231,6 @@ def _dicom_series(folder: Path) -> tuple[list[Path], str]:
             f"ignoring {others}. Put one series per folder to choose another."
         )
         warnings.warn(message, stacklevel=3)
-        logger.warning(message)
     return [Path(f) for f in files[chosen]], chosen
 
 
@@ -329,17 +326,56 @@ def _read_dicom_folder(folder: Path) -> Volume:
     return volume_from_itk(img, source)
 
 
+@contextlib.contextmanager
+def library_output() -> Iterator[list[str]]:
+    """Capture what C/C++ libraries print on file descriptor 2 (MetaIO's "Uncompress failed",
+    GDCM and NIfTI library notes) while the block runs; the yielded list holds the lines after it.
+
+    The Slicer panel shows the engine's stderr to the user, so nothing may reach it unasked.
+    """
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2 (embedded interpreters)
+        yield lines
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read(1 << 16).decode("utf-8", errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read one 3D scalar image: NIfTI, NRRD, MHA/MHD file or a DICOM series folder.
+
+    What the image libraries print while reading is captured: after a successful read each
+    line becomes a :class:`UserWarning` (which the pipeline reports as a warning event); after a
+    failure it is dropped, the error says what went wrong.
 
     Returns:
         a :class:`Volume` whose array is (I, J, K) in the file's native numeric dtype.
 
     Raises:
         InputError: missing or unreadable file, a 2D/4D image, a vector image, zero spacing,
-            sheared axes, a folder without DICOM files.
+            sheared axes, a folder without DICOM files, a header that declares more data than
+            the file holds.
+        ResourceError: the voxels would not fit in the memory available.
     """
-    path = Path(path)
+    with library_output() as printed, library_messages():
+        volume = _read_volume(Path(path))
+    for line in list(dict.fromkeys(printed))[:5]:
+        warnings.warn(f"{Path(path).name}: image library: {line[:300]}", UserWarning, stacklevel=2)
+    return volume
+
+
+def _read_volume(path: Path) -> Volume:
     if not path.exists():
         raise InputError(f"input {path} does not exist", hint="check the path")
     if path.is_dir():
@@ -356,7 +392,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         with tempfile.TemporaryDirectory() as folder:
             alias = Path(folder) / ("volume" + suffix.lower())
             alias.symlink_to(path.resolve())
-            volume = read_volume(alias)
+            volume = _read_volume(alias)
         volume.source = Source(paths=[path], format=volume.source.format if volume.source else "unknown")
         return volume
     fmt = image_format(path)

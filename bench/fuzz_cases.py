@@ -317,9 +317,9 @@ def _garble_dicom(rng: random.Random, ds) -> None:
     elif what == "ipp_long":
         ds.ImagePositionPatient = [0.0, 1.0, 2.0, 3.0]
     elif what == "ipp_garbled":
-        ds.ImagePositionPatient = rng.choice(["abc", "1\\x\\3", "", "1e400\\0\\0"])
+        ds.add_new(0x00200032, "LO", rng.choice(["abc", "1\\x\\3", "", "1e400\\0\\0"]))
     elif what == "ipp_nan":
-        ds.ImagePositionPatient = ["nan", "0", "0"]
+        ds.add_new(0x00200032, "LO", "nan\\0\\0")
     elif what == "iop_missing":
         del ds.ImageOrientationPatient
     elif what == "iop_short":
@@ -329,7 +329,7 @@ def _garble_dicom(rng: random.Random, ds) -> None:
     elif what == "iop_skew":
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.7, 0.7, 0.0]
     elif what == "iop_garbled":
-        ds.ImageOrientationPatient = rng.choice(["x", "1\\0\\0\\0\\1\\y"])
+        ds.add_new(0x00200037, "LO", rng.choice(["x", "1\\0\\0\\0\\1\\y"]))
     elif what == "ps_missing":
         del ds.PixelSpacing
     elif what == "ps_zero":

@@ -171,14 +171,34 @@ def check_probabilities_output(request: SegmentRequest) -> None:
     check_writable(path, request.overwrite)
 
 
+def _relay(caught: list, reporter: Reporter) -> None:
+    """Report the library warnings caught so far as warning events (one line each), then forget them."""
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            reporter.log(" ".join(str(w.message).split())[:500], "warning")
+    caught.clear()
+
+
 def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event | None = None,
             cache: ModelCache | None = None) -> dict[str, Any]:
-    """Run one segmentation end to end; returns the ``done`` event's payload."""
+    """Run one segmentation end to end; returns the ``done`` event's payload.
+
+    Warnings raised on the way (which DICOM series was used, what a library noticed) are
+    reported as warning events at the next stage, never printed on stderr; other warning
+    categories (deprecations) are silenced.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        return _segment(request, reporter, cancel or threading.Event(), cache, lambda: _relay(caught, reporter))
+
+
+def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event, cache: ModelCache | None,
+             relay) -> dict[str, Any]:
     card, o = request.card, request.overrides
-    cancel = cancel or threading.Event()
     signals.begin_run()
 
     def checkpoint_stage(name: str, message: str) -> None:
+        relay()
         if cancel.is_set():
             raise Cancelled()
         reporter.stage(name, message)
@@ -198,13 +218,9 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
         reporter.log(f"model {card.id!r} is a demonstration model: not for clinical use", "warning")
 
     checkpoint_stage("read", f"reading {len(request.inputs)} input(s)")
-    with warnings.catch_warnings(record=True) as caught:  # e.g. "several DICOM series; using ..."
-        warnings.simplefilter("always")
-        volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
-                             channel_names=[i.name for i in card.inputs])
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            reporter.log(str(w.message), "warning")
+    volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
+                         channel_names=[i.name for i in card.inputs])
+    relay()  # e.g. "several DICOM series; using ..."
     check_segmentation_output(request.output, request.overwrite, reference=volume)  # e.g. .dcm needs DICOM input
     if volume.source is not None and volume.source.dicom_files:
         check_not_an_input(outputs, [], volume.source.dicom_files)
@@ -254,6 +270,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
                   "checkpoint": ckpt_path.name, "software": f"volseg {__version__}", "device": where}
     outputs = write_outputs(request, labelmap, probs, volume, provenance, cancel)
     present = sorted(int(v) for v in np.unique(labelmap) if v)
+    relay()
     result = {"outputs": outputs, "device": str(device), "where": where, "labels_present": present}
     reporter.done(**result)
     return result

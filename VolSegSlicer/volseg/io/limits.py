@@ -89,12 +89,8 @@ def _nrrd_data(path: Path) -> tuple[list[Path], str, int]:
 
 def _mha_data(path: Path) -> tuple[list[Path], str, int]:
     """Data files, encoding ("raw" or "gzip") and header length of an MHA/MHD file."""
-    lines, header_end = _text_header(path)
-    fields = {}
-    for line in lines:
-        key, sep, value = line.partition("=")
-        if sep:
-            fields[key.strip().lower()] = value.strip()
+    header_end = _text_header(path)[1]
+    fields = _mha_fields(path)
     encoding = "gzip" if fields.get("compresseddata", "false").lower() == "true" else "raw"
     data_file = fields.get("elementdatafile", "LOCAL")
     if "compresseddatasize" in fields:  # MetaIO allocates this many bytes before reading them
@@ -110,6 +106,50 @@ def _mha_data(path: Path) -> tuple[list[Path], str, int]:
     if data_file.upper().startswith("LIST") or len(data_file.split()) > 1:
         return [], encoding, 0
     return [path.parent / data_file], encoding, 0
+
+
+def _mha_fields(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in _text_header(path)[0]:
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+def _ints(text: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split()]
+    except ValueError:
+        return None
+
+
+def check_header_fields(path: Path, fmt: str | None) -> None:
+    """Refuse, before any image library parses it, a MetaImage header whose dimension fields
+    are impossible: ITK's MetaIO crashes (segmentation fault) on ``NDims = -1`` and allocates
+    whatever ``DimSize`` and ``CompressedDataSize`` say.
+
+    Raises:
+        InputError: NDims, DimSize or ElementNumberOfChannels is not a small positive integer
+            (list), or DimSize does not have NDims entries.
+    """
+    if fmt != "mha":
+        return
+    fields = _mha_fields(path)
+    hint = "the header is damaged; export the image again"
+    ndims = _ints(fields.get("ndims", ""))
+    if not ndims or len(ndims) != 1 or not 1 <= ndims[0] <= 8:
+        raise InputError(f"cannot read {path} as an image: NDims = {fields.get('ndims', '(missing)')[:40]} is not "
+                         "a number of dimensions", hint=hint)
+    dims = _ints(fields.get("dimsize", ""))
+    if not dims or len(dims) != ndims[0] or min(dims) < 1:
+        raise InputError(f"cannot read {path} as an image: DimSize = {fields.get('dimsize', '(missing)')[:60]} is "
+                         f"not {ndims[0]} positive sizes", hint=hint)
+    if "elementnumberofchannels" in fields:
+        channels = _ints(fields["elementnumberofchannels"])
+        if not channels or len(channels) != 1 or not 1 <= channels[0] <= 4096:
+            raise InputError(f"cannot read {path} as an image: ElementNumberOfChannels = "
+                             f"{fields['elementnumberofchannels'][:40]} is not a number of channels", hint=hint)
 
 
 def _nifti_data(path: Path) -> tuple[list[Path], str, int]:

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from volseg.errors import InputError
 from volseg.io.atomic import full_suffix
-from volseg.io.limits import check_declared_size
+from volseg.io.limits import check_declared_size, check_header_fields
 from volseg.io.volume import Source, Volume
 from volseg.limits import check_allocation, require_regular_file
 
@@ -97,6 +97,7 @@ def _image_information(path: Path) -> sitk.ImageFileReader:
 def _read_checked(path: Path, fmt: str | None) -> sitk.ImageFileReader:
     """The header of ``path``, refused when it is not a 3D scalar image or when it declares more
     voxel data than the file holds or memory allows (nothing is allocated for voxels yet)."""
+    check_header_fields(path, fmt)
     reader = _image_information(path)
     _check_itk_image(reader, path)
     check_declared_size(path, fmt, reader)
@@ -420,6 +421,13 @@ def _check_geometry(volume: Volume, path: Path) -> None:
                          hint="fix the spacing in the file header")
     if not np.all(np.isfinite(volume.origin)) or not np.all(np.isfinite(volume.direction)):
         raise InputError(f"{path}: the origin or direction in the header is not finite")
+    gram = volume.direction.T @ volume.direction
+    if not np.allclose(gram, np.eye(3), atol=1e-4):
+        raise InputError(
+            f"{path}: the voxel axes are sheared or scaled (the direction matrix {np.round(volume.direction, 4).tolist()} "
+            "is not orthonormal)",
+            hint="resample the image onto an orthogonal grid first",
+        )
 
 
 def _channel_label(index: int, channel_names: Sequence[str] | None) -> str:

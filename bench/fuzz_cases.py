@@ -310,9 +310,12 @@ def _garble_dicom(rng: random.Random, ds) -> None:
     what = rng.choice(["ipp_missing", "ipp_short", "ipp_long", "ipp_garbled", "ipp_nan", "iop_missing", "iop_short",
                        "iop_zero", "iop_skew", "iop_garbled", "ps_missing", "ps_zero", "ps_negative", "rows",
                        "bits", "pixels_short", "pixels_long", "series", "photometric", "samples"])
-    if what == "ipp_missing":
-        del ds.ImagePositionPatient
-    elif what == "ipp_short":
+    tag = {"ipp": 0x00200032, "iop": 0x00200037}.get(what[:3])
+    if tag is not None and tag in ds:
+        del ds[tag]  # a fresh element, whatever VR an earlier damage gave it
+        if what.endswith("_missing"):
+            return
+    if what == "ipp_short":
         ds.ImagePositionPatient = [0.0, 1.0]
     elif what == "ipp_long":
         ds.ImagePositionPatient = [0.0, 1.0, 2.0, 3.0]
@@ -320,8 +323,6 @@ def _garble_dicom(rng: random.Random, ds) -> None:
         ds.add_new(0x00200032, "LO", rng.choice(["abc", "1\\x\\3", "", "1e400\\0\\0"]))
     elif what == "ipp_nan":
         ds.add_new(0x00200032, "LO", "nan\\0\\0")
-    elif what == "iop_missing":
-        del ds.ImageOrientationPatient
     elif what == "iop_short":
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0]
     elif what == "iop_zero":
@@ -379,9 +380,14 @@ def _make_dicom(rng: random.Random, folder: Path) -> list[Path]:
         state = rng.getstate()
         for ds in targets:
             rng.setstate(state)  # the same damage on every targeted slice
-            _garble_dicom(rng, ds)
+            try:
+                _garble_dicom(rng, ds)
+            except (AttributeError, TypeError, ValueError, KeyError):
+                pass  # that damage does not apply to this slice any more (a tag already removed)
     if rng.random() < 0.1:
-        slices[rng.randrange(n)].ImagePositionPatient = slices[0].get("ImagePositionPatient", [0, 0, 0])
+        target = slices[rng.randrange(n)]
+        if "ImagePositionPatient" in slices[0]:
+            target[0x00200032] = slices[0][0x00200032]  # a duplicate position
     for k, ds in enumerate(slices):
         path = series / f"IM{k:04d}.dcm"
         ds.save_as(str(path), enforce_file_format=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from volseg.errors import CheckpointError
 from volseg.limits import check_allocation, require_regular_file
-from volseg.pickle_scan import PickleBombError, scan_pickle
+from volseg.pickle_scan import PickleBombError, PickleFormatError, scan_pickle
 
 #: Largest pickle member walked (torch's data.pkl holds structure only; tensors lie beside it).
 MAX_PICKLE_BYTES = 256 * 2**20
@@ -70,6 +70,8 @@ def zip_members(path: Path) -> list[str] | None:
             return [info.filename for info in infos]
     except PickleBombError as error:
         raise _bomb(path, error) from None
+    except PickleFormatError as error:
+        raise _damaged(path, str(error)) from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError,
             OSError, RuntimeError, UnicodeDecodeError) as error:
         # zlib.error is an Exception subclass not listed above; caught by the caller's guard.
@@ -96,4 +98,6 @@ def check_checkpoint_file(path: Path) -> list[str] | None:
                 scan_pickle(f, max_pickles=LEGACY_PICKLES)
     except PickleBombError as error:
         raise _bomb(path, error) from None
+    except PickleFormatError as error:
+        raise _damaged(path, str(error)) from None
     return None

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from volseg.checkpoint_limits import check_checkpoint_file
-from volseg.errors import CheckpointError
+from volseg.errors import CheckpointError, ResourceError
 from volseg.limits import check_allocation, require_regular_file
 
 #: Keys under which training frameworks nest the weights, tried in this order.
@@ -150,6 +150,11 @@ def _read_safetensors(path: Path) -> Checkpoint:
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except MemoryError:  # a legacy (non-zip) file declares each storage's size before its bytes
+        raise ResourceError(
+            f"loading checkpoint {path} needs more memory than is available (its tensors, as declared)",
+            hint="if the file is much smaller than that, it is damaged: download it again; else free memory",
+        ) from None
     except pickle.UnpicklingError as exc:
         if not _looks_like_torch_file(path):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint",

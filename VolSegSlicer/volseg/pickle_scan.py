@@ -39,6 +39,33 @@ class PickleBombError(ValueError):
     """A pickle whose objects would cost more than the bounds allow (the message says which)."""
 
 
+class PickleFormatError(ValueError):
+    """A pickle that is truncated or malformed (the unpickler would fail on it, maybe after
+    allocating what a damaged length field says)."""
+
+
+class _BoundedReader:
+    """A binary stream whose reads never ask for more than what is left: a damaged length field
+    (4 GiB for a 10 KiB file) must not make ``read`` allocate it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        start = stream.tell()
+        stream.seek(0, io.SEEK_END)
+        self.end = stream.tell()
+        stream.seek(start)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.end - self.stream.tell()
+        return self.stream.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.stream.readline(1 << 20 if limit is None or limit < 0 else min(limit, 1 << 20))
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+
 class _Node:
     """One object on the modelled stack: expanded size and nesting depth."""
 
@@ -71,9 +98,19 @@ def _combine(parts: list[_Node]) -> _Node:
     return _Node(min(size, MAX_EXPANDED + 1), depth)
 
 
-def _walk(stream: BinaryIO, deadline: float) -> bool:
-    """Walk one pickle; True when it ended with STOP, False when it is malformed or cut short
-    (the unpickler then fails on its own, at the same place, without expanding anything)."""
+def _malformed(stream, why: str) -> PickleFormatError:
+    return PickleFormatError(f"its pickle is truncated or malformed near byte {stream.tell()} ({why})")
+
+
+def _walk(stream: _BoundedReader, deadline: float) -> bool:
+    """Walk one pickle; True when it ended with STOP, False when the stream had nothing left.
+
+    Raises:
+        PickleBombError: see :func:`scan_pickle`.
+        PickleFormatError: the pickle is cut short or malformed.
+    """
+    if stream.tell() >= stream.end:
+        return False
     stack: list = []
     memo: dict = {}
     try:
@@ -100,14 +137,14 @@ def _walk(stream: BinaryIO, deadline: float) -> bool:
             if "mark" in before:
                 popped = _pop_to_mark(stack)
                 if popped is None:
-                    return False
+                    raise _malformed(stream, f"{name} without a mark")
                 for _ in range(before.index("mark")):
                     if not stack:
-                        return False
+                        raise _malformed(stream, f"{name} on an empty stack")
                     popped.append(stack.pop())
             else:
                 if len(stack) < len(before):
-                    return False
+                    raise _malformed(stream, f"{name} on an empty stack")
                 popped = [stack.pop() for _ in before]
             popped = [p for p in popped if p is not _MARK]
             after = [str(s) for s in op.stack_after]
@@ -125,11 +162,11 @@ def _walk(stream: BinaryIO, deadline: float) -> bool:
                 node = _combine(popped) if popped else _Node()
             _check(node)
             stack.extend([node] * len(after))
-    except (ValueError, IndexError, EOFError) as error:
-        if isinstance(error, PickleBombError):
-            raise
-        return False
-    return False
+    except (PickleBombError, PickleFormatError):
+        raise
+    except (ValueError, IndexError, EOFError, UnicodeDecodeError) as error:
+        raise _malformed(stream, " ".join(str(error).split())[:80] or type(error).__name__) from None
+    raise _malformed(stream, "it ends before STOP")
 
 
 def scan_pickle(data: bytes | BinaryIO, max_pickles: int = 1, seconds: float = MAX_SECONDS) -> None:
@@ -144,8 +181,9 @@ def scan_pickle(data: bytes | BinaryIO, max_pickles: int = 1, seconds: float = M
     Raises:
         PickleBombError: an object too large once expanded or nested too deep, too many
             opcodes, or a walk longer than ``seconds``.
+        PickleFormatError: a pickle is cut short or malformed.
     """
-    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    stream = _BoundedReader(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
     deadline = time.monotonic() + seconds
     for _ in range(max_pickles):
         if not _walk(stream, deadline):

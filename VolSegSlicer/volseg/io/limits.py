@@ -19,6 +19,8 @@ with the memory available (:func:`volseg.limits.check_allocation`).
 from __future__ import annotations
 
 import bz2
+import math
+import struct
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -153,9 +155,20 @@ def check_header_fields(path: Path, fmt: str | None) -> None:
 
 
 def _nifti_data(path: Path) -> tuple[list[Path], str, int]:
+    """The file, its encoding and, uncompressed, where the voxels start (``vox_offset``)."""
     with open(path, "rb") as f:
-        magic = f.read(2)
-    return [path], "gzip" if magic == b"\x1f\x8b" else "raw", 0
+        head = f.read(540)
+    if head[:2] == b"\x1f\x8b":
+        return [path], "gzip", 0
+    offset = 0
+    if len(head) >= 540 and struct.unpack("<i", head[:4])[0] == 540:  # NIfTI-2
+        offset = struct.unpack("<q", head[168:176])[0]
+    elif len(head) >= 348:
+        for endian in "<>":
+            if struct.unpack(endian + "i", head[:4])[0] == 348:
+                value = struct.unpack(endian + "f", head[108:112])[0]
+                offset = int(value) if math.isfinite(value) and 0 <= value < 2**62 else 0
+    return [path], "raw", max(offset, 348 if len(head) >= 348 else 0)
 
 
 def _bzip2_length(path: Path, offset: int, limit: int) -> int:

@@ -105,14 +105,15 @@ def _itk_image(array: np.ndarray, reference: Volume) -> sitk.Image:
     return image
 
 
-def _write_itk(image: sitk.Image, path: Path) -> None:
+def _write_itk(image: sitk.Image, path: Path, shown: Path) -> None:
+    """Write ``image`` to ``path`` (a temporary file); errors name ``shown``, the user's file."""
     try:
         sitk.WriteImage(image, str(path), useCompression=True)
     except RuntimeError as error:
         text = str(error)
         if "No space left" in text or "quota" in text.lower():
-            raise output_error(OSError(errno.ENOSPC, "No space left on device"), path) from None
-        raise OutputError(f"cannot write {path}: {text.strip().splitlines()[-1][:300]}") from None
+            raise output_error(OSError(errno.ENOSPC, "No space left on device"), shown) from None
+        raise OutputError(f"cannot write {shown}: {text.strip().splitlines()[-1][:300]}") from None
 
 
 def _checked_labels(labels: np.ndarray, reference: Volume, segments: Sequence[Any]) -> np.ndarray:
@@ -175,7 +176,7 @@ def _write_labelmap(path: Path, labels: np.ndarray, reference: Volume, segments,
     table = color_table_path(path)
     # Both temporary files are written first; neither is committed unless both are complete.
     with atomic_outputs([path, table], overwrite) as (tmp_image, tmp_table):
-        _write_itk(image, tmp_image)
+        _write_itk(image, tmp_image, path)
         write_color_table(tmp_table, segments, overwrite=True)
     return path
 
@@ -326,5 +327,5 @@ def write_volume(path: str | os.PathLike, vol: Volume, *, overwrite: bool = Fals
         array = array.astype(np.uint8)
     image = _itk_image(array, vol)
     with atomic_output(path, overwrite) as tmp:
-        _write_itk(image, tmp)
+        _write_itk(image, tmp, path)
     return path

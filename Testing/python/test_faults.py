@@ -74,8 +74,7 @@ def _assert_cancelled(proc: subprocess.Popen, out_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("point,sig", [*[(f"stage:{s}", signal.SIGTERM) for s in STAGES],
-                                       ("mid-write", signal.SIGTERM), ("mid-write", signal.SIGINT),
-                                       ("stage:read", signal.SIGINT)])
+                                       ("mid-write", signal.SIGTERM), ("mid-write", signal.SIGINT)])
 def test_a_signal_at_every_stage_cancels_with_nothing_written(case, tmp_path, point, sig):
     args, out_dir = case
     marker = tmp_path / "marker"
@@ -97,7 +96,7 @@ def test_a_signal_after_the_commit_began_lets_the_run_finish(case, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["seg.csv", "seg.nrrd"]
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0])
+@pytest.mark.parametrize("delay", [0.3, 1.0])
 def test_a_signal_in_the_first_second_is_a_clean_cancel(case, delay):
     args, out_dir = case
     proc = subprocess.Popen([sys.executable, "-m", "volseg", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -127,14 +127,24 @@ def _ints(text: str) -> list[int] | None:
 
 
 def check_header_fields(path: Path, fmt: str | None) -> None:
-    """Refuse, before any image library parses it, a MetaImage header whose dimension fields
-    are impossible: ITK's MetaIO crashes (segmentation fault) on ``NDims = -1`` and allocates
-    whatever ``DimSize`` and ``CompressedDataSize`` say.
+    """Refuse, before any image library parses the header, what would crash or stall it:
+
+    - a detached data file (NRRD ``data file``, MHA ``ElementDataFile``) that is missing or not
+      a regular file (teem reads ``/dev/zero`` line by line for ``line skip``);
+    - MetaImage dimension fields that are impossible: ITK's MetaIO crashes (segmentation fault)
+      on ``NDims = -1`` and allocates whatever ``DimSize``, ``HeaderSize`` and
+      ``CompressedDataSize`` imply.
 
     Raises:
-        InputError: NDims, DimSize or ElementNumberOfChannels is not a small positive integer
-            (list), or DimSize does not have NDims entries.
+        InputError: naming the field and the file.
     """
+    if fmt in ("nrrd", "mha"):
+        files = (_nrrd_data if fmt == "nrrd" else _mha_data)(path)[0]
+        for data in files:
+            if data != path and not data.exists():
+                raise InputError(f"{path}: its data file {data} does not exist",
+                                 hint="keep the header and its data file together")
+            require_regular_file(data, "data file")
     if fmt != "mha":
         return
     fields = _mha_fields(path)
@@ -147,6 +157,14 @@ def check_header_fields(path: Path, fmt: str | None) -> None:
     if not dims or len(dims) != ndims[0] or min(dims) < 1:
         raise InputError(f"cannot read {path} as an image: DimSize = {fields.get('dimsize', '(missing)')[:60]} is "
                          f"not {ndims[0]} positive sizes", hint=hint)
+    if "headersize" in fields:
+        header_size = _ints(fields["headersize"])
+        compressed = fields.get("compresseddata", "false").lower() == "true"
+        data_size = files[0].stat().st_size if files else path.stat().st_size
+        if (not header_size or len(header_size) != 1 or header_size[0] < -1 or header_size[0] > data_size
+                or (header_size[0] == -1 and compressed)):
+            raise InputError(f"cannot read {path} as an image: HeaderSize = {fields['headersize'][:40]} is not possible"
+                             + (" for compressed data" if compressed else ""), hint=hint)
     if "elementnumberofchannels" in fields:
         channels = _ints(fields["elementnumberofchannels"])
         if not channels or len(channels) != 1 or not 1 <= channels[0] <= 4096:

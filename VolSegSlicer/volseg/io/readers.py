@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from volseg.errors import InputError
 from volseg.io.atomic import full_suffix
-from volseg.io.limits import check_declared_size, check_header_fields
+from volseg.io.limits import check_declared_size, check_header_fields, declared_bytes
 from volseg.io.volume import Source, Volume
 from volseg.limits import check_allocation, require_regular_file
 
@@ -289,17 +289,44 @@ def _check_folder_entries(folder: Path) -> None:
                              hint="a DICOM series folder holds only the series' files")
 
 
-def _check_dicom_memory(dicom_files: list[Path], folder: Path) -> None:
-    """Refuse a series whose voxels would not fit in memory (from the first file's header)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(dicom_files[0]))
+#: Transfer syntaxes whose pixel data is stored as is (implicit/explicit VR, little/big endian).
+_UNCOMPRESSED_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+def _transfer_syntax(path: Path) -> str:
+    """The transfer syntax UID in a DICOM file's meta header (implicit VR little endian, the
+    DICOM default, when it has none)."""
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise InputError(f"cannot read the DICOM series in {folder}: {_itk_error_text(error)}") from None
-    columns, rows = (int(n) for n in reader.GetSize()[:2])
-    voxels = columns * rows * len(dicom_files)
-    check_allocation(voxels * (8 + 2 * 4), f"reading the DICOM series in {folder} ({columns}x{rows}x{len(dicom_files)} voxels)")
+        from pydicom.filereader import read_file_meta_info
+
+        return str(read_file_meta_info(str(path)).get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    except Exception:  # no pydicom, or a meta header pydicom cannot parse: not known to be uncompressed
+        return ""
+
+
+def _check_dicom_files(dicom_files: list[Path], folder: Path) -> None:
+    """Refuse a series whose slices declare more pixel data than their files hold (uncompressed
+    transfer syntaxes), or whose voxels would not fit in memory; only headers are read."""
+    largest = 0
+    for path in dicom_files:
+        require_regular_file(path, "DICOM file")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise InputError(f"cannot read the DICOM series in {folder}: {path.name}: {_itk_error_text(error)}") from None
+        need = declared_bytes(reader)
+        largest = max(largest, need)
+        if _transfer_syntax(path) in _UNCOMPRESSED_SYNTAXES and need > path.stat().st_size:
+            size = "x".join(str(n) for n in reader.GetSize()[:2])
+            raise InputError(
+                f"the DICOM series in {folder} is damaged: {path.name} declares {size} pixels ({need} bytes) "
+                f"but the file holds {path.stat().st_size} bytes",
+                hint="the file is truncated or its Rows/Columns are wrong; export the series again",
+            )
+    voxels = largest * len(dicom_files)
+    check_allocation(voxels * 4, f"reading the DICOM series in {folder} ({len(dicom_files)} slices)")
 
 
 def _read_dicom_folder(folder: Path) -> Volume:
@@ -310,7 +337,7 @@ def _read_dicom_folder(folder: Path) -> Volume:
             f"the DICOM series {series_uid} in {folder} has a single file; a series of 2D slices is needed",
             hint="for an enhanced (multi-frame) DICOM file, convert it to NRRD/NIfTI first (e.g. load it in Slicer and save)",
         )
-    _check_dicom_memory(dicom_files, folder)
+    _check_dicom_files(dicom_files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in dicom_files])
     reader.MetaDataDictionaryArrayUpdateOn()

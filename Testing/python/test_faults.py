@@ -23,6 +23,8 @@ import SimpleITK as sitk
 from conftest import make_card
 from volseg.cli import main
 
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and file-system faults")
+
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 STAGES = ["read", "load_model", "preprocess", "infer", "postprocess", "write"]

@@ -99,6 +99,7 @@ def test_sheared_direction_is_refused_for_every_format(tmp_path):
         read_inputs([path])
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX special files")
 @pytest.mark.parametrize("special", ["device", "fifo"])
 def test_special_files_are_refused_as_inputs_and_checkpoints(tmp_path, special):
     path = tmp_path / "x.nrrd"
@@ -117,6 +118,7 @@ def test_special_files_are_refused_as_inputs_and_checkpoints(tmp_path, special):
         read_checkpoint(ckpt)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX special files")
 def test_dicom_folder_holding_a_fifo_is_refused(tmp_path):
     folder = tmp_path / "series"
     folder.mkdir()

@@ -11,7 +11,8 @@
     volseg serve            # warm worker: JSON requests on stdin, JSON events on stdout
 
 Errors are one message (and a hint) with a non-zero exit code: 2 for bad input, 3 for missing
-resources (memory, device), 130 for a cancelled run. Nothing is written when a run fails.
+resources (memory, device, disk space or inodes), 130 for a cancelled run (SIGINT/SIGTERM at any
+moment, see :mod:`volseg.signals`). Nothing is written when a run fails.
 """
 
 from __future__ import annotations

@@ -199,6 +199,7 @@ def worker(conn, memory_cap: int, torch_threads: int) -> None:
                 shutil.rmtree(case_dir)
             case_dir.mkdir(parents=True)
             start = time.perf_counter()
+            peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # pydicom on the damaged values it is asked to write
@@ -214,8 +215,10 @@ def worker(conn, memory_cap: int, torch_threads: int) -> None:
             except Exception as exc:  # noqa: BLE001
                 outcome, reason = "failure", f"checking the result failed: {type(exc).__name__}: {exc}"[:200]
             rss = process.memory_info().rss
+            peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
             conn.send({"index": index, "family": case["family"], "outcome": outcome, "reason": reason,
-                       "seconds": round(seconds, 3), "rc": rc, "rss_growth": rss - baseline_rss})
+                       "seconds": round(seconds, 3), "rc": rc, "rss_growth": rss - baseline_rss,
+                       "peak_growth": peak_growth})
             if not keep:
                 shutil.rmtree(case_dir, ignore_errors=True)
     finally:
@@ -345,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(results))
     growth = max((r.get("rss_growth", 0) for r in results), default=0)
     print(f"\nlargest resident-memory growth of a worker over its warm-up size: {growth / 2**20:.0f} MiB")
+    peak = max(results, key=lambda r: r.get("peak_growth", 0), default=None)
+    if peak is not None and peak.get("peak_growth"):
+        print(f"largest rise of a worker's peak resident memory in one case: {peak['peak_growth'] / 2**20:.0f} MiB "
+              f"(case {peak['index']}, {peak['family']})")
     ckpt = [r for r in results if r["family"] == "checkpoint" and r["outcome"] == "refused"]
     if ckpt:
         print(f"checkpoint refusals: {len(ckpt)}, slowest {max(r['seconds'] for r in ckpt):.2f} s")

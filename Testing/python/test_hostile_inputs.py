@@ -221,6 +221,18 @@ def test_dicom_positions_that_are_not_three_numbers_are_refused(tmp_path, positi
     assert "\n" not in info.value.message and str(folder) in info.value.message
 
 
+def test_dicom_element_claiming_more_than_its_file_is_refused_before_gdcm_scans(tmp_path):
+    folder = _series(tmp_path / "series", [[0.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 4.0]])
+    damaged = folder / "IM0001.dcm"
+    data = bytearray(damaged.read_bytes())
+    at = data.index(b"\x02\x00\x02\x00UI")  # Media Storage SOP Class UID
+    data[at + 4] = ord(">")  # an unknown VR: GDCM reads a 4-byte length from the value and allocates it
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"IM0001.dcm: meta element \(0002,0002\) claims \d+ bytes") as info:
+        read_inputs([folder])
+    assert "remove the damaged file" in info.value.hint
+
+
 # -- one-line messages, nothing on stderr --------------------------------------------------------
 def test_library_notes_become_warning_events_not_stderr(tmp_path, threshold_torchscript, card_factory, capfd):
     image = nib.Nifti1Image(np.full((8, 8, 8), 900, np.int16), np.eye(4))

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from volseg.errors import InputError
 from volseg.io.atomic import full_suffix
+from volseg.io.dicom_guard import check_element_lengths
 from volseg.io.limits import check_declared_size, check_header_fields, declared_bytes
 from volseg.io.volume import Source, Volume
 from volseg.limits import check_allocation, require_regular_file
@@ -273,8 +274,8 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, img: sitk.Image, folder
 
 
 def _check_folder_entries(folder: Path) -> None:
-    """Refuse a folder holding a device, FIFO or socket: scanning it for DICOM files would block
-    on it or read it for ever."""
+    """Refuse a folder holding a device, FIFO or socket (scanning it for DICOM files would block
+    on it or read it for ever) or a DICOM file whose elements claim more bytes than it holds."""
     try:
         entries = list(os.scandir(folder))
     except OSError as error:
@@ -287,6 +288,8 @@ def _check_folder_entries(folder: Path) -> None:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise InputError(f"{folder} holds {entry.name}, which is not a regular file",
                              hint="a DICOM series folder holds only the series' files")
+        if stat.S_ISREG(mode):
+            check_element_lengths(Path(entry.path), folder)  # GDCM would allocate what a damaged length says
 
 
 #: Transfer syntaxes whose pixel data is stored as is (implicit/explicit VR, little/big endian).

@@ -291,23 +291,26 @@ def run_cases(seed: int, indices: list[int], timeout: float = 20.0, memory_cap: 
 def summary_table(results: list[dict]) -> str:
     by_family: dict[str, Counter] = defaultdict(Counter)
     slowest: dict[str, float] = defaultdict(float)
+    peak: dict[str, int] = defaultdict(int)
     for r in results:
         by_family[r["family"]][r["outcome"]] += 1
         slowest[r["family"]] = max(slowest[r["family"]], r["seconds"])
-    lines = ["| family | cases | refused | segmented | failures | slowest case s |", "|---|---:|---:|---:|---:|---:|"]
+        peak[r["family"]] = max(peak[r["family"]], r.get("peak_growth") or 0)
+    lines = ["| family | cases | refused | segmented | failures | slowest case s | largest peak-memory rise MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for family in [*FAMILIES, *sorted(set(by_family) - set(FAMILIES))]:
         c = by_family.get(family)
         if not c:
             continue
         failures = sum(v for k, v in c.items() if k not in ("refused", "segmented"))
         lines.append(f"| {family} | {sum(c.values())} | {c['refused']} | {c['segmented']} | {failures} | "
-                     f"{slowest[family]:.2f} |")
+                     f"{slowest[family]:.2f} | {peak[family] / 2**20:.0f} |")
     total = Counter()
     for c in by_family.values():
         total.update(c)
     failures = sum(v for k, v in total.items() if k not in ("refused", "segmented"))
     lines.append(f"| all | {sum(total.values())} | {total['refused']} | {total['segmented']} | {failures} | "
-                 f"{max(slowest.values(), default=0):.2f} |")
+                 f"{max(slowest.values(), default=0):.2f} | {max(peak.values(), default=0) / 2**20:.0f} |")
     return "\n".join(lines)
 
 

@@ -423,6 +423,38 @@ def _zip_replace(data: bytes, member_suffix: str, content: bytes) -> bytes:
     return out.getvalue()
 
 
+def _loops_while_loading_class():
+    import torch
+
+    class LoopsWhileLoading(torch.nn.Module):
+        """TorchScript whose ``__setstate__`` (run by torch.jit.load) never returns."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.x = 1
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        @torch.jit.export
+        def __getstate__(self) -> tuple[int, bool]:
+            return (self.x, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[int, bool]) -> None:
+            i = 0
+            while i >= 0:
+                i = i + 1 if i < 10 else 5
+            self.x = state[0]
+            self.training = state[1]
+
+    return LoopsWhileLoading
+
+
+def _LoopsWhileLoading():  # noqa: N802 - builds the module
+    return _loops_while_loading_class()()
+
+
 class CheckpointBases:
     """Valid checkpoints of the tiny U-Net in every container, built once per process."""
 
@@ -450,6 +482,9 @@ class CheckpointBases:
         buf = io.BytesIO()
         torch.jit.save(torch.jit.script(Threshold()), buf)
         self.torchscript = buf.getvalue()
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.script(_LoopsWhileLoading()), buf)
+        self.torchscript_loops = buf.getvalue()  # __setstate__ never returns: must be refused unloaded
 
 
 def make_checkpoint(rng: random.Random, folder: Path, bases: CheckpointBases) -> tuple[Path, bool]:
@@ -460,7 +495,12 @@ def make_checkpoint(rng: random.Random, folder: Path, bases: CheckpointBases) ->
     suffix = {"safetensors": ".safetensors"}.get(kind, ".pt")
     path = folder / f"model{suffix}"
     attack = rng.choice(["none", "flip", "flip", "truncate", "cut_directory", "bomb", "deep", "huge_member",
-                         "bad_pkl", "device", "fifo", "empty", "folder", "extra_tail", "safetensors_header"])
+                         "bad_pkl", "device", "fifo", "empty", "folder", "extra_tail", "safetensors_header",
+                         "loops_at_load"])
+    if attack == "loops_at_load":
+        path = folder / "model.pt"
+        path.write_bytes(_maybe_damage(rng, bases.torchscript_loops, p=0.2))
+        return path, True
     if attack == "device":
         path.symlink_to("/dev/zero")
         return path, kind == "torchscript"

@@ -182,6 +182,38 @@ def test_damaged_central_directory_is_one_clear_refusal(tmp_path, threshold_torc
     assert "\n" not in info.value.message
 
 
+class LoopsWhileLoading(torch.nn.Module):
+    """TorchScript whose ``__setstate__`` (run by torch.jit.load) never returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[int, bool]:
+        return (self.x, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[int, bool]) -> None:
+        i = 0
+        while i >= 0:
+            i = i + 1 if i < 10 else 5
+        self.x = state[0]
+        self.training = state[1]
+
+
+def test_torchscript_running_its_own_code_at_load_is_refused(tmp_path):
+    path = tmp_path / "loops.pt"
+    torch.jit.save(torch.jit.script(LoopsWhileLoading()), str(path))
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match="__setstate__") as info:
+        read_checkpoint(path)  # torch.jit.load would hang here, holding the interpreter lock
+    assert time.monotonic() - start < 5 and "--trust-pickle" in info.value.hint
+
+
 # -- DICOM positions -----------------------------------------------------------------------------
 def _series(folder: Path, positions: list) -> Path:
     from pydicom.dataset import Dataset, FileMetaDataset

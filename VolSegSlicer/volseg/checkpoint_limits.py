@@ -79,9 +79,33 @@ def zip_members(path: Path) -> list[str] | None:
         raise _damaged(path, f"its zip archive is damaged ({reason})") from None
 
 
-def check_checkpoint_file(path: Path) -> list[str] | None:
-    """Refuse a checkpoint that is not a regular file, a damaged zip, or a pickle bomb; return
-    the zip member names (None for a plain pickle file, which is then walked too)."""
+def _check_torchscript_code(path: Path, names: list[str]) -> None:
+    """Refuse a TorchScript archive whose code runs while it loads (``__setstate__``).
+
+    torch.jit.load runs such methods from the file itself, holding the interpreter lock: a
+    loop in one hangs the process beyond the reach of signals, and what it does is the file's
+    choice. Modules saved by ``torch.jit.script``/``trace`` of ordinary networks have none.
+    """
+    with zipfile.ZipFile(path) as archive:
+        for name in names:
+            if "/code/" not in name or not name.endswith(".py"):
+                continue
+            info = archive.getinfo(name)
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise _damaged(path, f"its code member {name} is {info.file_size / 2**20:.0f} MiB")
+            if b"__setstate__" in archive.read(info):
+                raise CheckpointError(
+                    f"{path} is TorchScript whose own code runs while it loads (__setstate__ in {name}), "
+                    "so it was refused: such code can hang or do what its author chose",
+                    hint="if you trust where this file comes from, pass --trust-pickle; better, export the "
+                    "weights as a state_dict or .safetensors",
+                )
+
+
+def check_checkpoint_file(path: Path, trust_code: bool = False) -> list[str] | None:
+    """Refuse a checkpoint that is not a regular file, a damaged zip, a pickle bomb, or (unless
+    ``trust_code``) TorchScript that runs its own code while loading; return the zip member
+    names (None for a plain pickle file, which is then walked too)."""
     require_regular_file(path, "checkpoint", CheckpointError)
     try:
         names = zip_members(path)
@@ -90,6 +114,11 @@ def check_checkpoint_file(path: Path) -> list[str] | None:
     except Exception as error:  # zlib.error and the like from a member's data
         raise _damaged(path, f"its zip archive is damaged ({type(error).__name__})") from None
     if names is not None:
+        if not trust_code and any("/code/" in n for n in names):
+            try:
+                _check_torchscript_code(path, names)
+            except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as error:
+                raise _damaged(path, f"its zip archive is damaged ({type(error).__name__})") from None
         return names
     try:
         with open(path, "rb") as f:

@@ -117,7 +117,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, sha256: str
         verify_sha256(path, sha256)
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
-    names = check_checkpoint_file(path)  # regular file, sound archive, no pickle bomb
+    names = check_checkpoint_file(path, trust_code=trust_pickle)  # regular file, sound archive, no bomb
     if _is_torchscript(names):
         try:
             module = torch.jit.load(str(path), map_location="cpu")

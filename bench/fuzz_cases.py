@@ -338,7 +338,7 @@ def _garble_dicom(rng: random.Random, ds) -> None:
     elif what == "ps_negative":
         ds.PixelSpacing = [-1.5, 1.5]
     elif what == "rows":
-        ds.Rows = rng.choice([0, 1, ds.Rows + 3, 65535])
+        ds.Rows = rng.choice([0, 1, min(ds.Rows + 3, 65535), 65535])
     elif what == "bits":
         ds.BitsAllocated = rng.choice([1, 8, 12, 32, 0])
     elif what == "pixels_short":

@@ -204,9 +204,11 @@ def worker(conn, memory_cap: int, torch_threads: int) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # pydicom on the damaged values it is asked to write
                     case = make_case(seed, index, case_dir, assets)
-            except Exception as exc:  # a generator bug, not an engine failure
+            except Exception as exc:  # a generator bug, not an engine failure (still counted as a failure)
                 conn.send({"index": index, "family": "?", "outcome": "generator-error",
                            "reason": f"{type(exc).__name__}: {exc}"[:200], "seconds": 0.0})
+                if not keep:
+                    shutil.rmtree(case_dir, ignore_errors=True)
                 continue
             rc, stdout, stderr = _run_captured(main, case["args"], case_dir)
             seconds = time.perf_counter() - start

@@ -305,8 +305,7 @@ def _dicom_slice(k: int, rows: int, cols: int, series_uid: str, study_uid: str, 
 
 
 def _garble_dicom(rng: random.Random, ds) -> None:
-    from pydicom.multival import MultiValue  # noqa: F401 - pydicom accepts lists for multi-valued tags
-
+    """One damage to one slice: a tag missing, short, long, garbled or out of range."""
     what = rng.choice(["ipp_missing", "ipp_short", "ipp_long", "ipp_garbled", "ipp_nan", "iop_missing", "iop_short",
                        "iop_zero", "iop_skew", "iop_garbled", "ps_missing", "ps_zero", "ps_negative", "rows",
                        "bits", "pixels_short", "pixels_long", "series", "photometric", "samples"])

@@ -120,7 +120,7 @@ def test_concurrent_writers_never_clobber_each_other(case, tmp_path):
     assert sitk.ReadImage(str(out_dir / "seg.nrrd")).GetSize() == (8, 10, 12)
 
 
-def test_a_killed_warm_worker_leaves_no_output(case, tmp_path):
+def test_a_killed_warm_worker_leaves_no_output(case, tmp_path, capsys):
     args, out_dir = case
     marker = tmp_path / "marker"
     proc = _launch(["serve"], "mid-write", marker)
@@ -130,6 +130,10 @@ def test_a_killed_warm_worker_leaves_no_output(case, tmp_path):
     proc.kill()
     proc.communicate(timeout=60)
     assert not (out_dir / "seg.nrrd").exists() and not (out_dir / "seg.csv").exists()
+    left = [p.name for p in out_dir.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".volseg-stage-")  # a killed process cannot clean up...
+    assert main(args) == 0  # ...the next run into the folder removes the dead process's staging folder
+    assert sorted(p.name for p in out_dir.iterdir()) == ["seg.csv", "seg.nrrd"]
 
 
 def test_sigterm_stops_the_warm_worker_with_a_json_error(case, tmp_path):
@@ -156,12 +160,12 @@ def _run_in_process(args: list[str], capsys) -> tuple[int, dict]:
                                                   (errno.EACCES, 2, "permission denied")])
 def test_no_inodes_quota_and_read_only_are_one_line_naming_the_output(case, capsys, monkeypatch, code, exit_code,
                                                                        words):
-    import volseg.pipeline
+    import volseg.io.staging
 
-    def refuse(*a, **k):  # mkdtemp is the first thing that needs a new inode in the output folder
+    def refuse(*a, **k):  # the staging folder is the first thing that needs a new inode in the output folder
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(volseg.pipeline.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(volseg.io.staging.tempfile, "mkdtemp", refuse)
     args, out_dir = case
     rc, last = _run_in_process(args, capsys)
     assert rc == exit_code and last["event"] == "error" and last["exit_code"] == exit_code
@@ -196,3 +200,21 @@ def test_an_io_error_inside_the_staging_folder_is_reported_with_the_users_path(c
     assert rc == 2 and "Input/output error" in last["message"]
     assert ".volseg-stage" not in last["message"] and str(out_dir) in last["message"]
     assert list(out_dir.iterdir()) == []
+
+
+def test_only_staging_folders_of_dead_processes_of_this_host_are_removed(tmp_path):
+    from volseg.io import staging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = staging._host()
+    names = {
+        "dead": f"{staging.PREFIX}{host}-{int(dead.stdout)}-abc",
+        "self": f"{staging.PREFIX}{host}-{os.getpid()}-abc",
+        "other_host": f"{staging.PREFIX}elsewhere-{int(dead.stdout)}-abc",
+        "parent": f"{staging.PREFIX}{host}-{os.getppid()}-abc",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    removed = staging.remove_stale_stages(tmp_path)
+    assert [p.name for p in removed] == [names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "dead")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from volseg.io import (
     write_probabilities,
     write_segmentation,
 )
+from volseg.io.staging import make_stage
 from volseg.limits import available_memory
 from volseg.postprocess import postprocess, to_labelmap
 from volseg.preprocess import invert, preprocess
@@ -302,7 +302,7 @@ def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Te
 
     def staged(path: Path) -> Path:
         try:
-            folder = Path(tempfile.mkdtemp(prefix=".volseg-stage-", dir=path.parent))
+            folder = make_stage(path.parent)
         except OSError as error:
             raise output_error(error, path) from None
         stages[folder] = path.parent

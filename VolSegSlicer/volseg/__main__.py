@@ -12,7 +12,7 @@ signals.install()
 try:
     from volseg.cli import main
 
-    code = main()
+    code = signals.report_cancelled(sys.argv[1:]) if signals.pending() else main()
 except KeyboardInterrupt:
     code = signals.report_cancelled(sys.argv[1:])
 sys.exit(code)

@@ -11,7 +11,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from volseg.errors import CheckpointError
+from volseg.errors import CheckpointError, VolSegError
 from volseg.limits import check_allocation, require_regular_file
 from volseg.pickle_scan import PickleBombError, PickleFormatError, scan_pickle
 
@@ -109,16 +109,14 @@ def check_checkpoint_file(path: Path, trust_code: bool = False) -> list[str] | N
     require_regular_file(path, "checkpoint", CheckpointError)
     try:
         names = zip_members(path)
-    except CheckpointError:
+        if names is not None and not trust_code and any("/code/" in n for n in names):
+            _check_torchscript_code(path, names)
+    except VolSegError:  # CheckpointError, or ResourceError for memory
         raise
-    except Exception as error:  # zlib.error and the like from a member's data
-        raise _damaged(path, f"its zip archive is damaged ({type(error).__name__})") from None
+    except Exception as error:  # zlib.error, BadZipFile and the like from a member's data
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        raise _damaged(path, f"its zip archive is damaged ({reason})") from None
     if names is not None:
-        if not trust_code and any("/code/" in n for n in names):
-            try:
-                _check_torchscript_code(path, names)
-            except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as error:
-                raise _damaged(path, f"its zip archive is damaged ({type(error).__name__})") from None
         return names
     try:
         with open(path, "rb") as f:

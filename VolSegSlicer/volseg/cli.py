@@ -175,6 +175,8 @@ def _run_reported(reporter, fn) -> int:
         if os.environ.get("VOLSEG_DEBUG"):
             raise
         err = error_from_exception(exc)
+    if signals.pending():  # a signal came during an import; whatever failed since, the run was cancelled
+        err = Cancelled()
     reporter.error(err.message, err.hint, err.exit_code)
     return err.exit_code
 
@@ -444,13 +446,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with signals.installed():
             args = build_parser().parse_args(argv)
-            return COMMANDS[args.command](args)
+            if signals.pending():
+                return signals.report_cancelled(words)
+            code = COMMANDS[args.command](args)
+            if code == 0 and signals.pending():  # a signal during an import, not acted on since
+                return signals.report_cancelled(words)
+            return code
     except Exception as exc:  # failures outside a reported run (models, inspect, devices): one message
         if os.environ.get("VOLSEG_DEBUG") and not isinstance(exc, VolSegError):
             raise
         err = error_from_exception(exc)
     except KeyboardInterrupt:  # a signal before or after a reported run (parsing, imports)
         return signals.report_cancelled(words)
+    if signals.pending():
+        return signals.report_cancelled(words)
+    if signals.wants_json(words):  # the Slicer module reads one JSON error event, even here
+        print(json.dumps({"event": "error", "message": err.message, "hint": err.hint, "exit_code": err.exit_code}),
+              flush=True)
+        return err.exit_code
     print(f"error: {err.message}", file=sys.stderr)
     if err.hint:
         print(f"  hint: {err.hint}", file=sys.stderr)

@@ -24,6 +24,8 @@ from typing import BinaryIO
 MAX_EXPANDED = 20_000_000
 #: Deepest nesting of containers and reduced objects.
 MAX_DEPTH = 200
+#: Most objects on the unpickler's stack at once (pickle writes containers in batches of 1,000).
+MAX_STACK = 100_000
 #: Most opcodes in one pickle.
 MAX_OPCODES = 50_000_000
 #: Longest walk of one file's pickles, in seconds.
@@ -162,6 +164,8 @@ def _walk(stream: _BoundedReader, deadline: float) -> bool:
                 node = _combine(popped) if popped else _Node()
             _check(node)
             stack.extend([node] * len(after))
+            if len(stack) > MAX_STACK:
+                raise PickleBombError(f"more than {MAX_STACK:,} objects wait on the unpickler's stack (deep nesting)")
     except (PickleBombError, PickleFormatError):
         raise
     except (ValueError, IndexError, EOFError, UnicodeDecodeError) as error:

@@ -8,6 +8,9 @@ through (atomic writes remove their temporary files on it) and the CLI reports a
 
 Once the outputs are being committed (moved into place, :func:`commit_point`), the run has
 finished: a signal then only sets the flag, and the run reports ``done`` with exit code 0.
+A signal that arrives while a module is being imported only sets the flag too (raising inside
+an import leaves the module half-initialised, and numpy turns the interrupt into an
+``ImportError``): the pipeline honours it at its next stage, :func:`pending` tells the CLI.
 A second signal while the first one's exception unwinds is ignored, so clean-up is never cut
 short. :func:`install` is called first thing by ``python -m volseg`` (before the heavy
 imports) so that a signal in the first second is handled too.
@@ -28,7 +31,7 @@ from typing import Any
 #: Set by every handled signal; the pipeline also looks at it between windows and stages.
 cancel_event = threading.Event()
 
-_state = {"raised": False, "committed": False}
+_state = {"raised": False, "committed": False, "pending": False}
 
 CANCELLED_MESSAGE = "cancelled; nothing was written"
 
@@ -37,12 +40,29 @@ def _signals() -> list[int]:
     return [signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])]
 
 
+def _in_import(frame: Any) -> bool:
+    """Whether ``frame`` runs inside an import (a frame of importlib's bootstrap is on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _handle(signum: int, frame: Any) -> None:
     cancel_event.set()
     if _state["raised"] or _state["committed"]:
         return  # clean-up of the first signal under way, or the outputs already committed
+    if _in_import(frame):
+        _state["pending"] = True  # honoured at the next stage (the pipeline) or by the CLI
+        return
     _state["raised"] = True
     raise KeyboardInterrupt
+
+
+def pending() -> bool:
+    """Whether a signal arrived during an import and has not been acted on by raising."""
+    return _state["pending"] and cancel_event.is_set()
 
 
 def begin_run() -> None:
@@ -66,7 +86,9 @@ def install() -> dict[int, Any]:
     previous: dict[int, Any] = {}
     if threading.current_thread() is not threading.main_thread():
         return previous
-    cancel_event.clear()
+    if signal.getsignal(signal.SIGTERM) is not _handle:  # a fresh start; nested installs keep a pending signal
+        cancel_event.clear()
+        _state["pending"] = False
     begin_run()
     for sig in _signals():
         previous[sig] = signal.signal(sig, _handle)

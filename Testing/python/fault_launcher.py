@@ -6,7 +6,9 @@ point named by ``VOLSEG_TEST_PAUSE``:
 
 - ``stage:NAME``: right after the engine announced stage NAME (read, load_model, ...);
 - ``mid-write``: the segmentation is written into its staging folder, nothing committed yet;
-- ``commit``: the first output file was just moved into place.
+- ``commit``: the first output file was just moved into place;
+- ``import``: inside the import of a module (during the read stage) that, like numpy, turns any
+  exception raised while it initialises into an ``ImportError``.
 
 On reaching it the launcher writes the point's name to the file ``VOLSEG_TEST_MARKER`` and
 waits ``VOLSEG_TEST_PAUSE_SECONDS`` (default 60) or until a signal sets the cancel flag.
@@ -63,6 +65,23 @@ def install_pause(point: str) -> None:
                 pause(point)
 
         volseg.pipeline.commit_file = commit_hook
+    elif point == "import":
+        folder = Path(os.environ["VOLSEG_TEST_MARKER"]).parent
+        (folder / "slow_extension.py").write_text(
+            "import fault_launcher\n"
+            "try:\n"
+            "    fault_launcher.pause('import')\n"
+            "except BaseException as error:  # as numpy does with a failing C extension\n"
+            "    raise ImportError('the extension failed to initialise') from error\n")
+        sys.path.insert(0, str(folder))
+        original_read = volseg.pipeline.read_inputs
+
+        def read_hook(*args, **kwargs):
+            import slow_extension  # noqa: F401
+
+            return original_read(*args, **kwargs)
+
+        volseg.pipeline.read_inputs = read_hook
     else:
         raise SystemExit(f"unknown pause point {point!r}")
 

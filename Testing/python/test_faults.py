@@ -76,7 +76,8 @@ def _assert_cancelled(proc: subprocess.Popen, out_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("point,sig", [*[(f"stage:{s}", signal.SIGTERM) for s in STAGES],
-                                       ("mid-write", signal.SIGTERM), ("mid-write", signal.SIGINT)])
+                                       ("mid-write", signal.SIGTERM), ("mid-write", signal.SIGINT),
+                                       ("import", signal.SIGTERM)])
 def test_a_signal_at_every_stage_cancels_with_nothing_written(case, tmp_path, point, sig):
     args, out_dir = case
     marker = tmp_path / "marker"

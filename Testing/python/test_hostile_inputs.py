@@ -84,6 +84,35 @@ def test_mha_impossible_dimension_fields_are_refused_before_itk_parses_them(tmp_
         read_inputs([path])
 
 
+def _mha_header(dims: str, data_file: str) -> bytes:
+    return (f"ObjectType = Image\nNDims = 3\nDimSize = {dims}\nElementType = MET_SHORT\n"
+            f"ElementDataFile = {data_file}\n").encode()
+
+
+def test_detached_data_files_are_counted_list_and_pattern(tmp_path, no_voxel_reads):
+    for i in range(6):
+        (tmp_path / f"s{i}.raw").write_bytes(bytes(40))  # 4x5 int16 slices
+    (tmp_path / "empty_list.mha").write_bytes(_mha_header("4 5 6", "LIST 2D") + b"\x18" * 300)
+    with pytest.raises(InputError, match="not a file name"):
+        read_inputs([tmp_path / "empty_list.mha"])
+    (tmp_path / "no_names.mha").write_bytes(_mha_header("4 5 65535", "LIST 2D"))  # ITK zero-filled 1.3 MB
+    with pytest.raises(InputError, match="names no files"):
+        read_inputs([tmp_path / "no_names.mha"])
+    (tmp_path / "pattern.mha").write_bytes(_mha_header("4 5 600", "s%d.raw 0 5 1 2"))
+    with pytest.raises(InputError, match="declares 4x5x600 voxels"):
+        read_inputs([tmp_path / "pattern.mha"])
+
+
+def test_detached_data_files_in_a_list_or_pattern_are_read(tmp_path):
+    for i in range(6):
+        (tmp_path / f"s{i}.raw").write_bytes(np.full(20, i, np.int16).tobytes())
+    (tmp_path / "list.mha").write_bytes(_mha_header("4 5 6", "LIST 2D") + "".join(f"s{i}.raw\n" for i in range(6)).encode())
+    (tmp_path / "pattern.mha").write_bytes(_mha_header("4 5 6", "s%d.raw 0 5 1 2"))
+    for name in ("list.mha", "pattern.mha"):
+        volume = read_inputs([tmp_path / name])
+        assert volume.array.shape == (1, 4, 5, 6) and volume.array[0, 0, 0, 5] == 5
+
+
 def test_a_compressed_volume_within_the_deflate_bound_is_still_read(tmp_path):
     a = np.zeros((64, 64, 64), np.int16)  # compresses about 500:1
     image = sitk.GetImageFromArray(a)

@@ -59,6 +59,41 @@ def _text_header(path: Path) -> tuple[list[str], int]:
     return lines, min(offset, len(head))
 
 
+#: Most data files a detached header may name.
+MAX_DATA_FILES = 100_000
+
+
+def _pattern_files(path: Path, spec: str) -> list[Path]:
+    """The files of a printf-style data file pattern ``name%03d.raw MIN MAX STEP [...]``."""
+    parts = spec.split()
+    try:
+        first, last, step = (int(v) for v in parts[1:4])
+    except ValueError:
+        raise InputError(f"{path}: the data file pattern {spec[:80]!r} is not 'name%d.raw min max step'",
+                         hint="the header is damaged; export the image again") from None
+    if step == 0 or (last - first) // step + 1 > MAX_DATA_FILES or (last - first) * step < 0:
+        raise InputError(f"{path}: the data file pattern {spec[:80]!r} names no or too many files",
+                         hint="the header is damaged; export the image again")
+    try:
+        return [path.parent / (parts[0] % i) for i in range(first, last + (1 if step > 0 else -1), step)]
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: the data file pattern {spec[:80]!r} is not a printf pattern",
+                         hint="the header is damaged; export the image again") from None
+
+
+def _listed_files(path: Path, names: list[str]) -> list[Path]:
+    """The data files a ``LIST`` names (one per line after the header); refused when none."""
+    names = [n for n in names if n][:MAX_DATA_FILES + 1]
+    if not names or len(names) > MAX_DATA_FILES:
+        raise InputError(f"{path}: the header's data file LIST names {'no' if not names else 'too many'} files",
+                         hint="list the data files after the header, one per line")
+    for name in names:
+        if len(name) > 255 or not name.isprintable():
+            raise InputError(f"{path}: the header's data file LIST holds {name[:40]!r}, which is not a file name",
+                             hint="list the data files after the header, one per line")
+    return [path.parent / n for n in names]
+
+
 def _nrrd_data(path: Path) -> tuple[list[Path], str, int]:
     """Data files, encoding and (for attached data) the header length of a NRRD file."""
     lines, header_end = _text_header(path)
@@ -81,12 +116,10 @@ def _nrrd_data(path: Path) -> tuple[list[Path], str, int]:
     if data_file is None:
         return [path], encoding, header_end
     if in_list:
-        names = [n for n in data_lines if n]
-    elif len(data_file.split()) > 1:  # a printf pattern "name%03d.raw min max step [dim]"
-        return [], encoding, 0  # many files: ITK checks each one as it reads
-    else:
-        names = [data_file]
-    return [(path.parent / n) for n in names], encoding, 0
+        return _listed_files(path, data_lines), encoding, 0
+    if len(data_file.split()) > 1:  # a printf pattern "name%03d.raw min max step [dim]"
+        return _pattern_files(path, data_file), encoding, 0
+    return [path.parent / data_file], encoding, 0
 
 
 def _mha_data(path: Path) -> tuple[list[Path], str, int]:
@@ -105,8 +138,13 @@ def _mha_data(path: Path) -> tuple[list[Path], str, int]:
                              "of the data in the file", hint="the header is damaged; export the image again")
     if data_file.upper() == "LOCAL":
         return [path], encoding, header_end
-    if data_file.upper().startswith("LIST") or len(data_file.split()) > 1:
-        return [], encoding, 0
+    if data_file.upper().startswith("LIST"):
+        with open(path, "rb") as f:
+            f.seek(header_end)
+            rest = f.read(MAX_HEADER_BYTES).decode("latin-1", errors="replace")
+        return _listed_files(path, [line.strip() for line in rest.splitlines()]), encoding, 0
+    if len(data_file.split()) > 1:
+        return _pattern_files(path, data_file), encoding, 0
     return [path.parent / data_file], encoding, 0
 
 
@@ -141,7 +179,12 @@ def check_header_fields(path: Path, fmt: str | None) -> None:
     if fmt in ("nrrd", "mha"):
         files = (_nrrd_data if fmt == "nrrd" else _mha_data)(path)[0]
         for data in files:
-            if data != path and not data.exists():
+            try:
+                missing = data != path and not data.exists()
+            except OSError as error:  # a name too long for the file system, ...
+                raise InputError(f"{path}: its data file {str(data)[:200]!r} cannot be opened "
+                                 f"({error.strerror or error})") from None
+            if missing:
                 raise InputError(f"{path}: its data file {data} does not exist",
                                  hint="keep the header and its data file together")
             require_regular_file(data, "data file")

@@ -79,9 +79,9 @@ def test_multi_input_case_folders_use_name_hints(tmp_path, threshold_torchscript
 
 
 def test_unexpected_error_in_one_case_does_not_stop_the_others(tmp_path, threshold_torchscript, capsys, monkeypatch):
-    import volseg.batch
+    import volseg.case_runner
 
-    real = volseg.batch.segment
+    real = volseg.case_runner.segment
 
     def flaky(request, *a, **k):
         if request.inputs[0].name.startswith("b"):
@@ -90,7 +90,7 @@ def test_unexpected_error_in_one_case_does_not_stop_the_others(tmp_path, thresho
             raise MemoryError()
         return real(request, *a, **k)
 
-    monkeypatch.setattr(volseg.batch, "segment", flaky)
+    monkeypatch.setattr(volseg.case_runner, "segment", flaky)
     cases = [write_case(tmp_path / f"{n}.nrrd") for n in ("a", "b", "c", "d")]
     card = make_card(tmp_path, "thr", preprocessing=SCALE)
     out = tmp_path / "o"
@@ -103,7 +103,7 @@ def test_unexpected_error_in_one_case_does_not_stop_the_others(tmp_path, thresho
     assert "internal error (RuntimeError: boom inside the network)" in errors["b"]["message"]
     assert errors["b"]["exit_code"] == 1
     assert "out of memory" in errors["c"]["message"] and errors["c"]["exit_code"] == 3
-    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "d.seg.nrrd"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "d.seg.nrrd", "volseg-manifest.jsonl"]
 
 
 def test_folder_of_volumes_is_one_case_per_file_for_single_input_models(tmp_path, threshold_torchscript):

@@ -112,6 +112,20 @@ def test_published_cases_follow_manifests(bench):
         assert bm.n_params(case.net) == case.expected_params, case.name
 
 
+def test_cluster_bench_tiny(bench, tmp_path):
+    """The plain-batch row and the check (the Ray rows run the code test_cluster.py tests)."""
+    bc = bench("bench_cluster")
+    rows = bc.run(2, (32, 32, 24), cpus=1, repeats=1, warmup=0, rows=("plain batch",), scratch=tmp_path)
+    assert [r["name"] for r in rows] == ["plain batch"] and rows[0]["cases"] == 2
+    assert rows[0]["ok"] and rows[0]["case_s"] > 0 and rows[0]["overhead_ms"] is None
+    assert "| plain batch | 2 |" in bc.table(rows)
+    run = {"wall": 1.0, "failed": [], "labels": {"a.nii.gz": np.zeros((2, 2, 2), np.uint8)},
+           "rows": [{"status": "done", "elapsed_s": 0.4, "cpu_s": 0.7, "overhead_s": 0.01, "worker": "pid 1"}] * 2}
+    row = bc.summarise("Ray, 1 worker", [run], {"a.nii.gz": np.ones((2, 2, 2), np.uint8)})
+    assert row["check"] == "FAIL: labels differ" and not row["ok"]
+    assert row["overhead_pct"] == pytest.approx(2.5) and row["fixed_s"] == pytest.approx(1.0 - 0.82)
+
+
 def test_run_all_finds_every_benchmark(bench):
     ra = bench("run_all")
     found = [p.name for p in ra.benchmarks()]

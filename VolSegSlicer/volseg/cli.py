@@ -74,7 +74,12 @@ BATCH_DESCRIPTION = """Segment many cases with one model, loaded once. Each path
   any other folder, multi-input model      one case: the folder holds one file per input,
                                            matched by the card's name hints
 Results go to OUT_DIR/<case name><format>. A failed case is reported and the others go on
-(exit code 1 at the end); existing results are skipped unless --overwrite."""
+(exit code 1 at the end). OUT_DIR/volseg-manifest.jsonl records every case (status, result
+files, timings, device, error): a re-run skips the cases done with the same model, checkpoint,
+options and inputs, redoes those made with other settings, and leaves other existing files
+alone unless --overwrite. Ctrl-C keeps the finished cases; run again to do the rest.
+--cluster local|auto|ray://HOST:PORT spreads the cases over Ray workers (pip install
+"volseg[cluster]"); inputs and OUT_DIR must then be on a file system every node sees."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--format", default=".seg.nrrd", choices=(".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"),
                        help="result format (default .seg.nrrd)")
     batch.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help=PROGRESS_HELP)
+    spread = batch.add_argument_group("cluster (Ray)")
+    spread.add_argument("--cluster", metavar="local|auto|ray://HOST:PORT",
+                        help="run the cases on Ray workers: local starts Ray on this machine, auto joins the "
+                        "cluster this machine belongs to")
+    spread.add_argument("--workers", type=int, help="Ray workers, each holding the model (default: one per GPU, "
+                        "else as many as the CPUs allow)")
+    spread.add_argument("--retries", type=int, default=2,
+                        help="times a case is tried again when its worker dies (default 2)")
 
     sub.add_parser("serve", help="warm worker: one JSON request per stdin line, JSON events on stdout",
                    formatter_class=raw, description=SERVE_DESCRIPTION)
@@ -283,6 +296,23 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_from_args(args: argparse.Namespace):
+    """The batch's ``--cluster`` settings (None without ``--cluster``); bad values are refused."""
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers} must be at least 1")
+    if args.retries < 0:
+        raise InputError(f"--retries {args.retries} must be 0 or more")
+    if args.cluster is None:
+        if args.workers is not None:
+            raise InputError("--workers is for --cluster runs", hint="add --cluster local (or auto, or ray://HOST:PORT)")
+        return None
+    from volseg.cluster import ClusterSettings, check_address, require_ray
+
+    check_address(args.cluster)
+    require_ray()  # before any work: a missing Ray is one message
+    return ClusterSettings(args.cluster, args.workers, args.retries)
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from volseg.progress import make_reporter
 
@@ -294,6 +324,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from volseg.request import check_device_name, checkpoint_for
 
         template = request_from_args(args)
+        cluster = cluster_from_args(args)
         check_device_name(template.device)  # refuse what needs no torch before importing it
         missing = next((p for p in args.inputs if not p.exists()), None)
         if missing is not None:
@@ -301,9 +332,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         checkpoint_kind(checkpoint_for(template.card, template.checkpoint))
         from volseg.batch import run_batch
 
-        summary.update(run_batch(template, list(args.inputs), args.output, args.format, reporter, cancel))
+        summary.update(run_batch(template, list(args.inputs), args.output, args.format, reporter, cancel, cluster))
         reporter.log(f"batch: {len(summary['done'])} done, {len(summary['skipped'])} skipped, "
-                     f"{len(summary['failed'])} failed")
+                     f"{len(summary['failed'])} failed; manifest {summary['manifest']}")
 
     with _CancelOnSignal() as cancel:
         rc = _run_reported(reporter, run)

@@ -11,6 +11,8 @@ The JSON protocol (one object per line on stdout, everything else on stderr):
   run; ``startup_s`` is the time from the start of the run to its first stage (importing PyTorch
   and MONAI, choosing the device), so ``elapsed_s`` = ``startup_s`` + the stages.
 - ``{"event": "error", "message": "...", "hint": "..." | null, "exit_code": 2}``
+- ``volseg batch`` adds one ``{"event": "case", "case": "...", "status": ..., "cohort": {...}}``
+  per case (see :mod:`volseg.cohort`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,18 @@
-"""``python -m volseg``: the command line (the Slicer module runs the engine this way)."""
+"""``python -m volseg``: the command line (the Slicer module runs the engine this way).
+
+The signal handlers are installed before anything heavy is imported, so SIGINT/SIGTERM in the
+first second is a clean cancel (exit 130, a JSON error event with ``--progress json``) too.
+"""
 
 import sys
 
-from volseg.cli import main
+from volseg import signals
 
-sys.exit(main())
+signals.install()
+try:
+    from volseg.cli import main
+
+    code = signals.report_cancelled(sys.argv[1:]) if signals.pending() else main()
+except KeyboardInterrupt:
+    code = signals.report_cancelled(sys.argv[1:])
+sys.exit(code)

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from volseg.checkpoint_files import checkpoint_kind
-from volseg.errors import CheckpointError
+from volseg.checkpoint_limits import check_checkpoint_file
+from volseg.errors import CheckpointError, ResourceError
+from volseg.limits import check_allocation, require_regular_file
 
 #: Keys under which training frameworks nest the weights, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
@@ -85,11 +87,10 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         )
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+def _is_torchscript(names: list[str] | None) -> bool:
+    """Whether zip member ``names`` (None: not a zip) are those of a TorchScript archive."""
+    if names is None:
         return False
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
     return any(n.endswith("constants.pkl") for n in names) or any("/code/" in n for n in names)
 
 
@@ -110,6 +111,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, sha256: str
         raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path given with --checkpoint or in the card")
     if path.is_dir():
         path = _resolve_folder(path)
+    require_regular_file(path, "checkpoint", CheckpointError)
     if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty",
                               hint="the download is incomplete; download it again")
@@ -118,11 +120,14 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, sha256: str
         verify_sha256(path, sha256)
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
-    if _is_torchscript(path):
+    names = check_checkpoint_file(path, trust_code=trust_pickle)  # regular file, sound archive, no bomb
+    if _is_torchscript(names):
         try:
             module = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path} looks like TorchScript but cannot be loaded: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # RuntimeError, and assorted errors for damaged archives
+            text = " ".join(str(exc).strip().splitlines()[:1])[:200] or type(exc).__name__
+            raise CheckpointError(f"{path} looks like TorchScript but cannot be loaded: {text}",
+                                  hint="the file may be damaged; download it again") from None
         return Checkpoint(path, "torchscript", module=module.eval())
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, torch.nn.Module):
@@ -134,10 +139,12 @@ def _read_safetensors(path: Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_allocation(path.stat().st_size, f"loading checkpoint {path}")  # tensors are copied out of the map
     try:
         sd = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(f"cannot read safetensors file {path}: {text}") from None
     ckpt = unwrap(sd, path)
     ckpt.format = "safetensors"
     return ckpt
@@ -146,12 +153,18 @@ def _read_safetensors(path: Path) -> Checkpoint:
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except MemoryError:  # a legacy (non-zip) file declares each storage's size before its bytes
+        raise ResourceError(
+            f"loading checkpoint {path} needs more memory than is available (its tensors, as declared)",
+            hint="if the file is much smaller than that, it is damaged: download it again; else free memory",
+        ) from None
     except pickle.UnpicklingError as exc:
         if not _looks_like_torch_file(path):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint",
                                   hint="expected a .pt/.pth/.ckpt/.bin file written by torch.save, or .safetensors") from None
         if trust_pickle:
-            raise CheckpointError(f"cannot unpickle {path}: {exc}") from None
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise CheckpointError(f"cannot unpickle {path}: {text}") from None
         first = _blocked_object(str(exc))
         raise CheckpointError(
             f"{path} stores Python objects that only a full unpickle can rebuild, and a full unpickle can run "
@@ -180,7 +193,11 @@ def _header_kind(path: Path) -> str | None:
     """
     with open(path, "rb") as f:
         head = f.read(4)
-    if head.startswith(b"PK") or zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError:
+        is_zip = False
+    if head.startswith(b"PK") or is_zip:
         return "zip archive"
     if head[:1] == b"\x80":
         return "pickle"

@@ -11,7 +11,8 @@
     volseg serve            # warm worker: JSON requests on stdin, JSON events on stdout
 
 Errors are one message (and a hint) with a non-zero exit code: 2 for bad input, 3 for missing
-resources (memory, device), 130 for a cancelled run. Nothing is written when a run fails.
+resources (memory, device, disk space or inodes), 130 for a cancelled run (SIGINT/SIGTERM at any
+moment, see :mod:`volseg.signals`). Nothing is written when a run fails.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import json
 import math
 import os
 import queue
-import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from volseg import __version__
+from volseg import __version__, signals
 from volseg.errors import Cancelled, InputError, VolSegError, error_from_exception
 from volseg.help_texts import CARDS_DIR_HELP, DEVICE_HELP, PROGRESS_HELP, SEGMENT_EXAMPLES, SERVE_DESCRIPTION
 
@@ -184,27 +184,10 @@ def request_from_args(args: argparse.Namespace):
                           trust_pickle=args.trust_pickle, overrides=overrides)
 
 
-class _CancelOnSignal:
-    """Turns SIGINT/SIGTERM into a cancel request the pipeline honours between windows."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> threading.Event:
-        # SIGBREAK is what CTRL_BREAK_EVENT (the Slicer module's cancel on Windows) delivers.
-        for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self.event
-
-    def _handle(self, signum, frame) -> None:
-        if self.event.is_set():  # second signal: stop now (atomic writes still leave nothing behind)
-            raise KeyboardInterrupt
-        self.event.set()
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _CancelOnSignal():  # noqa: N802 - kept as the name every command uses
+    """SIGINT/SIGTERM (SIGBREAK on Windows) cancel the run at once: see :mod:`volseg.signals`.
+    Yields the event the pipeline also checks between windows."""
+    return signals.installed()
 
 
 def _run_reported(reporter, fn) -> int:
@@ -221,6 +204,8 @@ def _run_reported(reporter, fn) -> int:
         if os.environ.get("VOLSEG_DEBUG"):
             raise
         err = error_from_exception(exc)
+    if signals.pending():  # a signal came during an import; whatever failed since, the run was cancelled
+        err = Cancelled()
     reporter.error(err.message, err.hint, err.exit_code)
     return err.exit_code
 
@@ -513,6 +498,8 @@ def cmd_serve(_: argparse.Namespace, stdin=None, stdout=None) -> int:
             _run_reported(reporter, run)
         finally:
             requests.finished()
+        if signals.cancel_event.is_set():  # SIGINT/SIGTERM stop the worker, not only the request
+            return 130
 
 
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
@@ -520,15 +507,28 @@ COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        return COMMANDS[args.command](args)
+        with signals.installed():
+            args = build_parser().parse_args(argv)
+            if signals.pending():
+                return signals.report_cancelled(words)
+            code = COMMANDS[args.command](args)
+            if code == 0 and signals.pending():  # a signal during an import, not acted on since
+                return signals.report_cancelled(words)
+            return code
     except Exception as exc:  # failures outside a reported run (models, inspect, devices): one message
         if os.environ.get("VOLSEG_DEBUG") and not isinstance(exc, VolSegError):
             raise
         err = error_from_exception(exc)
-    except KeyboardInterrupt as exc:
-        err = error_from_exception(exc)
+    except KeyboardInterrupt:  # a signal before or after a reported run (parsing, imports)
+        return signals.report_cancelled(words)
+    if signals.pending():
+        return signals.report_cancelled(words)
+    if signals.wants_json(words):  # the Slicer module reads one JSON error event, even here
+        print(json.dumps({"event": "error", "message": err.message, "hint": err.hint, "exit_code": err.exit_code}),
+              flush=True)
+        return err.exit_code
     print(f"error: {err.message}", file=sys.stderr)
     if err.hint:
         print(f"  hint: {err.hint}", file=sys.stderr)

@@ -7,6 +7,9 @@ hint saying what to do. The CLI prints these without a traceback and exits with 
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class VolSegError(Exception):
     """A problem with the user's input, reported as one clear message.
@@ -19,6 +22,7 @@ class VolSegError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        message = " ".join(str(message).split())  # one line, whatever a library put in it
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -47,6 +51,12 @@ class OutputError(VolSegError):
     """An output cannot be written (exists already, bad extension, unwritable folder)."""
 
 
+class DiskFullError(OutputError):
+    """The output's file system is out of space, inodes or quota (exit code 3, like memory)."""
+
+    exit_code = 3
+
+
 class ResourceError(VolSegError):
     """Not enough memory, or a device that is not available."""
 
@@ -62,6 +72,26 @@ class Cancelled(VolSegError):
         super().__init__(message, hint)
 
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def output_error(error: OSError, path: str | os.PathLike) -> OutputError:
+    """The one mapping of an operating-system failure while writing ``path`` (the user's path)
+    to a clear error: out of space/inodes/quota is a :class:`DiskFullError` (exit 3), a
+    read-only or forbidden folder and anything else an :class:`OutputError` (exit 2)."""
+    code = error.errno
+    reason = error.strerror or str(error) or type(error).__name__
+    if code in _DISK_FULL:
+        return DiskFullError(f"cannot write {path}: {reason} (no free space or inodes left, or over quota)",
+                             hint="free space on that disk or choose an output folder on another one")
+    if code == errno.EROFS:
+        return OutputError(f"cannot write {path}: the file system is read-only", hint="choose a writable output folder")
+    if code in _NOT_ALLOWED:
+        return OutputError(f"cannot write {path}: permission denied", hint="choose a folder you can write to")
+    return OutputError(f"cannot write {path}: {reason}", hint="check free disk space and permissions of the output folder")
+
+
 def error_from_exception(exc: BaseException) -> VolSegError:
     """The one message a failure is reported with: a :class:`VolSegError` as it is, running out of
     memory as a :class:`ResourceError`, anything else as an internal error (exit code 1)."""
@@ -72,7 +102,7 @@ def error_from_exception(exc: BaseException) -> VolSegError:
     memory_hint = "use a smaller ROI (--roi-size), a smaller volume, or free memory"
     if isinstance(exc, MemoryError):
         return ResourceError("out of memory", hint=memory_hint)
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = " ".join(str(exc).split())[:300]
     if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
         return ResourceError("out of memory: " + text, hint=memory_hint)
     err = VolSegError(f"internal error ({type(exc).__name__}: {text})",

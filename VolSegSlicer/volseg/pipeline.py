@@ -8,10 +8,9 @@ or failed run leaves no output behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -22,20 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from volseg import __version__, models
+from volseg import __version__, models, signals
 from volseg.cards import ModelCard
 from volseg.checkpoints import read_checkpoint
 from volseg.devices import resolve_device
-from volseg.errors import Cancelled, CheckpointError, OutputError, ResourceError
+from volseg.errors import Cancelled, CheckpointError, ResourceError, VolSegError, output_error
 from volseg.inference import InferenceOptions, count_windows, predict_with_fallback
 from volseg.io import (
     check_not_an_input,
     check_segmentation_output,
+    commit_file,
     read_inputs,
     segmentation_outputs,
     write_probabilities,
     write_segmentation,
 )
+from volseg.io.staging import make_stage
+from volseg.limits import available_memory
 from volseg.postprocess import postprocess, to_labelmap
 from volseg.preprocess import invert, preprocess
 from volseg.progress import Reporter
@@ -114,12 +116,7 @@ def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
 
 
 def _available_memory() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
+    return available_memory()
 
 
 def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int = 1,
@@ -154,13 +151,34 @@ def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, pass
         )
 
 
+def _relay(caught: list, reporter: Reporter) -> None:
+    """Report the library warnings caught so far as warning events (one line each), then forget them."""
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            reporter.log(" ".join(str(w.message).split())[:500], "warning")
+    caught.clear()
+
+
 def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event | None = None,
             cache: ModelCache | None = None) -> dict[str, Any]:
-    """Run one segmentation end to end; returns the ``done`` event's payload."""
+    """Run one segmentation end to end; returns the ``done`` event's payload.
+
+    Warnings raised on the way (which DICOM series was used, what a library noticed) are
+    reported as warning events at the next stage, never printed on stderr; other warning
+    categories (deprecations) are silenced.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        return _segment(request, reporter, cancel or threading.Event(), cache, lambda: _relay(caught, reporter))
+
+
+def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event, cache: ModelCache | None,
+             relay) -> dict[str, Any]:
     card, o = request.card, request.overrides
-    cancel = cancel or threading.Event()
+    signals.begin_run()
 
     def checkpoint_stage(name: str, message: str) -> None:
+        relay()
         if cancel.is_set():
             raise Cancelled()
         reporter.stage(name, message)
@@ -173,13 +191,9 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
         reporter.log(f"model {card.id!r} is a demonstration model: not for clinical use", "warning")
 
     checkpoint_stage("read", f"reading {len(request.inputs)} input(s)")
-    with warnings.catch_warnings(record=True) as caught:  # e.g. "several DICOM series; using ..."
-        warnings.simplefilter("always")
-        volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
-                             channel_names=[i.name for i in card.inputs])
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            reporter.log(str(w.message), "warning")
+    volume = read_inputs(list(request.inputs), expected_channels=len(card.inputs),
+                         channel_names=[i.name for i in card.inputs])
+    relay()  # e.g. "several DICOM series; using ..."
     check_segmentation_output(request.output, request.overwrite, reference=volume)  # e.g. .dcm needs DICOM input
     if volume.source is not None and volume.source.dicom_files:
         check_not_an_input(outputs, [], volume.source.dicom_files)
@@ -227,41 +241,75 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     checkpoint_stage("write", f"writing {request.output}")
     provenance = {"model": card.id, "title": card.title, "architecture": card.architecture,
                   "checkpoint": ckpt_path.name, "software": f"volseg {__version__}", "device": where}
-    outputs = write_outputs(request, labelmap, probs, volume, provenance)
+    outputs = write_outputs(request, labelmap, probs, volume, provenance, cancel)
     present = sorted(int(v) for v in np.unique(labelmap) if v)
+    relay()
     result = {"outputs": outputs, "device": str(device), "where": where, "labels_present": present}
     reporter.done(**result)
     return result
 
 
+def _in_user_terms(err: VolSegError, stages: dict[Path, Path]) -> VolSegError:
+    """``err`` with every hidden staging folder in its text replaced by the user's folder."""
+    for folder, user_folder in stages.items():
+        err.message = err.message.replace(str(folder), str(user_folder))
+        if err.hint:
+            err.hint = err.hint.replace(str(folder), str(user_folder))
+    err.args = (err.message,)
+    return err
+
+
 def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Tensor, volume,
-                  provenance: dict[str, Any]) -> dict[str, Any]:
+                  provenance: dict[str, Any], cancel: threading.Event | None = None) -> dict[str, Any]:
     """Write the segmentation (and the probabilities) as one group: every file is first written
     into a hidden staging folder beside its destination and moved into place only when all of
-    them were written, so a failure (a full disk, say) leaves none of them behind."""
-    stages: list[Path] = []
+    them were written, so a failure (a full disk, no inodes, a read-only folder) or a cancel
+    leaves none of them behind. Errors name the user's paths, never the staging folder.
+
+    Once every file is written and no cancel arrived, the files are committed (moved into
+    place without replacing a file that appeared meanwhile, unless ``--overwrite``): from that
+    point a signal no longer cancels the run (:func:`volseg.signals.commit_point`).
+    """
+    stages: dict[Path, Path] = {}
+    committed: list[Path] = []
 
     def staged(path: Path) -> Path:
-        folder = Path(tempfile.mkdtemp(prefix=".volseg-stage-", dir=path.parent))
-        stages.append(folder)
+        try:
+            folder = make_stage(path.parent)
+        except OSError as error:
+            raise output_error(error, path) from None
+        stages[folder] = path.parent
         return folder / path.name
 
     try:
-        seg = write_segmentation(staged(request.output), labelmap, volume, request.card.labels,
-                                 overwrite=False, provenance=provenance)
-        moves = [(p, request.output.parent / p.name) for p in segmentation_outputs(seg)]
-        outputs: dict[str, Any] = {"segmentation": str(request.output), "probabilities": None}
-        if request.probabilities is not None:
-            prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False,
-                                       channel_names=request.card.channel_names())
-            moves.append((prob, request.probabilities))
-            outputs["probabilities"] = str(request.probabilities)
-        for source, target in moves:
-            if target.exists() and not request.overwrite:
-                raise OutputError(f"{target} exists already", hint="pass --overwrite to replace it")
-        for source, target in moves:
-            os.replace(source, target)
-        return outputs
+        try:
+            seg = write_segmentation(staged(request.output), labelmap, volume, request.card.labels,
+                                     overwrite=False, provenance=provenance)
+            moves = [(p, request.output.parent / p.name) for p in segmentation_outputs(seg)]
+            outputs: dict[str, Any] = {"segmentation": str(request.output), "probabilities": None}
+            if request.probabilities is not None:
+                prob = write_probabilities(staged(request.probabilities), probs.numpy(), volume, overwrite=False,
+                                           channel_names=request.card.channel_names())
+                moves.append((prob, request.probabilities))
+                outputs["probabilities"] = str(request.probabilities)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            signals.commit_point()
+            for source, target in moves:
+                existed = target.exists()
+                commit_file(source, target, request.overwrite)
+                if not existed:
+                    committed.append(target)
+            return outputs
+        except OSError as error:
+            raise output_error(error, request.output) from None
+        except VolSegError as err:
+            raise _in_user_terms(err, stages) from None
+    except BaseException:
+        for path in committed:  # a later file could not be committed: take the group back
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
     finally:
         for folder in stages:
             shutil.rmtree(folder, ignore_errors=True)

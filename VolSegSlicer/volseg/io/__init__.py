@@ -19,8 +19,8 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "volseg.io.atomic": ("atomic_output", "atomic_outputs", "check_not_an_input", "check_writable", "full_suffix",
-                         "make_output_folder"),
+    "volseg.io.atomic": ("atomic_output", "atomic_outputs", "check_not_an_input", "check_writable", "commit_file",
+                         "full_suffix", "make_output_folder"),
     "volseg.io.outputs": ("PROBABILITY_SUFFIXES", "SEGMENTATION_SUFFIXES", "VOLUME_SUFFIXES",
                           "check_segmentation_output", "color_table_path", "segmentation_outputs"),
     "volseg.io.readers": ("count_nonfinite", "read_inputs", "read_volume"),

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from volseg.errors import OutputError
+from volseg.errors import OutputError, output_error
 
 #: Multi-part extensions that must stay whole on temporary files.
 COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz", ".tar.gz")
@@ -84,8 +84,7 @@ def _remove_temp(tmp: Path) -> None:
 
 
 def _os_error(error: OSError, path: Path) -> OutputError:
-    reason = error.strerror or str(error) or type(error).__name__
-    return OutputError(f"cannot write {path}: {reason}", hint="check free disk space and permissions of the output folder")
+    return output_error(error, path)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -191,6 +190,17 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     """
     with atomic_outputs([path], overwrite) as (tmp,):
         yield tmp
+
+
+def commit_file(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool) -> None:
+    """Move the finished file ``tmp`` onto ``path`` atomically; without ``overwrite`` never
+    replace a file (not even one that appeared since the up-front check).
+
+    Raises:
+        OutputError: ``path`` exists and ``overwrite`` is False.
+        OSError: the move failed.
+    """
+    _commit(Path(tmp), Path(path), overwrite)
 
 
 def _commit(tmp: Path, path: Path, overwrite: bool) -> None:

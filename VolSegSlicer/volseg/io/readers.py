@@ -7,11 +7,15 @@ overlay their input exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import stat
+import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +23,14 @@ import SimpleITK as sitk
 
 from volseg.errors import InputError
 from volseg.io.atomic import full_suffix
+from volseg.io.dicom_guard import check_element_lengths
+from volseg.io.limits import check_declared_size, check_header_fields, declared_bytes
 from volseg.io.volume import Source, Volume
+from volseg.limits import check_allocation, require_regular_file
 
-logger = logging.getLogger(__name__)
+# ITK prints its warnings (e.g. "WARNING: In ... NiftiImageIO") straight to stderr, which the
+# Slicer panel shows as they are; volseg reports problems itself, as one message.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 #: File extensions read as images, and the format name recorded in ``Source.format``.
 FORMATS = {
@@ -43,13 +52,62 @@ def image_format(path: str | os.PathLike) -> str | None:
 def _itk_error_text(error: Exception) -> str:
     """The useful last line of an ITK exception (they start with C++ source locations)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if "ERROR" in line or "error" in line.lower()]
-    return (useful[-1] if useful else lines[-1] if lines else repr(error))[:300]
+    lines = [line for line in lines if not line.startswith("Exception thrown in SimpleITK")]
+    if not lines:
+        return repr(error)[:300]
+    last = lines[-1]
+    if last.endswith(":") and len(lines) > 1:  # "... Error reading x.nrrd:" then the reason, or nothing
+        last = lines[-2] if not lines[-2].endswith(":") else last
+    last = re.sub(r"itk::ERROR: \w+\(0x[0-9a-f]+\): ", "", last)
+    return " ".join(re.sub(r"^\[\w+\] ", "", last).split())[:300]
 
 
-def _read_itk(path: Path) -> sitk.Image:
+class _WarningHandler(logging.Handler):
+    """Turns a library's log records into :class:`UserWarning` s (the pipeline reports those)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warnings.warn(f"{self.name}: " + " ".join(record.getMessage().split()), UserWarning, stacklevel=2)
+
+
+@contextlib.contextmanager
+def library_messages() -> Iterator[None]:
+    """While reading, nibabel's log messages ("qform_code 999 not valid; setting to 0") become
+    warnings instead of lines printed on stderr."""
+    log = logging.getLogger("nibabel.global")
+    handler = _WarningHandler()
+    handler.name = "nibabel"
+    saved = log.handlers[:], log.propagate
+    log.handlers, log.propagate = [handler], False
     try:
-        return sitk.ReadImage(str(path))
+        yield
+    finally:
+        log.handlers, log.propagate = saved
+
+
+def _image_information(path: Path) -> sitk.ImageFileReader:
+    """An ITK reader on ``path`` that has read the header only (no voxels)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        _raise_read_error(error, path)
+    return reader
+
+
+def _read_checked(path: Path, fmt: str | None) -> sitk.ImageFileReader:
+    """The header of ``path``, refused when it is not a 3D scalar image or when it declares more
+    voxel data than the file holds or memory allows (nothing is allocated for voxels yet)."""
+    check_header_fields(path, fmt)
+    reader = _image_information(path)
+    _check_itk_image(reader, path)
+    check_declared_size(path, fmt, reader)
+    return reader
+
+
+def _read_itk(reader: sitk.ImageFileReader, path: Path) -> sitk.Image:
+    try:
+        return reader.Execute()
     except RuntimeError as error:
         _raise_read_error(error, path)
 
@@ -121,19 +179,14 @@ def _read_nifti(path: Path) -> Volume:
     """
     import nibabel as nib
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        _raise_read_error(error, path)
-    _check_itk_image(reader, path)
+    reader = _read_checked(path, "nifti")
     size = tuple(int(n) for n in reader.GetSize())
     try:
         image = nib.load(str(path), mmap=False)  # no memory map: the file may be replaced later
         array = np.asanyarray(image.dataobj)
     except Exception as error:
-        raise InputError(f"cannot read the voxels of {path}: {str(error)[:300]}",
+        reason = " ".join(str(error).replace(" - could the file be damaged?", "").split())[:300]
+        raise InputError(f"cannot read the voxels of {path}: {reason or type(error).__name__}",
                          hint="the file may be truncated or corrupt; export it again") from None
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -180,7 +233,6 @@ def _dicom_series(folder: Path) -> tuple[list[Path], str]:
             f"ignoring {others}. Put one series per folder to choose another."
         )
         warnings.warn(message, stacklevel=3)
-        logger.warning(message)
     return [Path(f) for f in files[chosen]], chosen
 
 
@@ -194,10 +246,19 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, img: sitk.Image, folder
     for index in range(img.GetSize()[2]):
         if not reader.HasMetaDataKey(index, "0020|0032"):
             return  # no positions to check (ITK then stacked the files at a nominal spacing)
+        text = reader.GetMetaData(index, "0020|0032")
         try:
-            positions.append([float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")])
+            values = [float(v) for v in text.split("\\")]
         except ValueError:
-            return
+            values = []
+        if len(values) != 3 or not all(np.isfinite(values)):
+            name = Path(reader.GetFileNames()[index]).name if index < len(reader.GetFileNames()) else f"slice {index}"
+            raise InputError(
+                f"the DICOM series in {folder} has a damaged slice position: ImagePositionPatient of {name} is "
+                f"{text.strip()[:60]!r}, not three numbers",
+                hint="the series is damaged; export it again from the scanner or PACS",
+            )
+        positions.append(values)
     normal = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
     steps = np.diff(np.asarray(positions) @ normal)
     if steps.size == 0:
@@ -212,13 +273,74 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, img: sitk.Image, folder
         )
 
 
+def _check_folder_entries(folder: Path) -> None:
+    """Refuse a folder holding a device, FIFO or socket (scanning it for DICOM files would block
+    on it or read it for ever) or a DICOM file whose elements claim more bytes than it holds."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as error:
+        raise InputError(f"cannot list the folder {folder}: {error.strerror or error}") from None
+    for entry in entries:
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: GDCM skips what it cannot open
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise InputError(f"{folder} holds {entry.name}, which is not a regular file",
+                             hint="a DICOM series folder holds only the series' files")
+        if stat.S_ISREG(mode):
+            check_element_lengths(Path(entry.path), folder)  # GDCM would allocate what a damaged length says
+
+
+#: Transfer syntaxes whose pixel data is stored as is (implicit/explicit VR, little/big endian).
+_UNCOMPRESSED_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+def _transfer_syntax(path: Path) -> str:
+    """The transfer syntax UID in a DICOM file's meta header (implicit VR little endian, the
+    DICOM default, when it has none)."""
+    try:
+        from pydicom.filereader import read_file_meta_info
+
+        return str(read_file_meta_info(str(path)).get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    except Exception:  # no pydicom, or a meta header pydicom cannot parse: not known to be uncompressed
+        return ""
+
+
+def _check_dicom_files(dicom_files: list[Path], folder: Path) -> None:
+    """Refuse a series whose slices declare more pixel data than their files hold (uncompressed
+    transfer syntaxes), or whose voxels would not fit in memory; only headers are read."""
+    largest = 0
+    for path in dicom_files:
+        require_regular_file(path, "DICOM file")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise InputError(f"cannot read the DICOM series in {folder}: {path.name}: {_itk_error_text(error)}") from None
+        need = declared_bytes(reader)
+        largest = max(largest, need)
+        if _transfer_syntax(path) in _UNCOMPRESSED_SYNTAXES and need > path.stat().st_size:
+            size = "x".join(str(n) for n in reader.GetSize()[:2])
+            raise InputError(
+                f"the DICOM series in {folder} is damaged: {path.name} declares {size} pixels ({need} bytes) "
+                f"but the file holds {path.stat().st_size} bytes",
+                hint="the file is truncated or its Rows/Columns are wrong; export the series again",
+            )
+    voxels = largest * len(dicom_files)
+    check_allocation(voxels * 4, f"reading the DICOM series in {folder} ({len(dicom_files)} slices)")
+
+
 def _read_dicom_folder(folder: Path) -> Volume:
+    _check_folder_entries(folder)
     dicom_files, series_uid = _dicom_series(folder)
     if len(dicom_files) < 2:
         raise InputError(
             f"the DICOM series {series_uid} in {folder} has a single file; a series of 2D slices is needed",
             hint="for an enhanced (multi-frame) DICOM file, convert it to NRRD/NIfTI first (e.g. load it in Slicer and save)",
         )
+    _check_dicom_files(dicom_files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in dicom_files])
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -235,21 +357,61 @@ def _read_dicom_folder(folder: Path) -> Volume:
     return volume_from_itk(img, source)
 
 
+@contextlib.contextmanager
+def library_output() -> Iterator[list[str]]:
+    """Capture what C/C++ libraries print on file descriptor 2 (MetaIO's "Uncompress failed",
+    GDCM and NIfTI library notes) while the block runs; the yielded list holds the lines after it.
+
+    The Slicer panel shows the engine's stderr to the user, so nothing may reach it unasked.
+    """
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2 (embedded interpreters)
+        yield lines
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read(1 << 16).decode("utf-8", errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read one 3D scalar image: NIfTI, NRRD, MHA/MHD file or a DICOM series folder.
+
+    What the image libraries print while reading is captured: after a successful read each
+    line becomes a :class:`UserWarning` (which the pipeline reports as a warning event); after a
+    failure it is dropped, the error says what went wrong.
 
     Returns:
         a :class:`Volume` whose array is (I, J, K) in the file's native numeric dtype.
 
     Raises:
         InputError: missing or unreadable file, a 2D/4D image, a vector image, zero spacing,
-            sheared axes, a folder without DICOM files.
+            sheared axes, a folder without DICOM files, a header that declares more data than
+            the file holds.
+        ResourceError: the voxels would not fit in the memory available.
     """
-    path = Path(path)
+    with library_output() as printed, library_messages():
+        volume = _read_volume(Path(path))
+    for line in list(dict.fromkeys(printed))[:5]:
+        warnings.warn(f"{Path(path).name}: image library: {line[:300]}", UserWarning, stacklevel=2)
+    return volume
+
+
+def _read_volume(path: Path) -> Volume:
     if not path.exists():
         raise InputError(f"input {path} does not exist", hint="check the path")
     if path.is_dir():
         return _read_dicom_folder(path)
+    require_regular_file(path)
     if not os.access(path, os.R_OK):
         raise InputError(f"input {path} is not readable (permission denied)")
     if full_suffix(path).lower() in (".dcm", ".ima"):
@@ -261,7 +423,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         with tempfile.TemporaryDirectory() as folder:
             alias = Path(folder) / ("volume" + suffix.lower())
             alias.symlink_to(path.resolve())
-            volume = read_volume(alias)
+            volume = _read_volume(alias)
         volume.source = Source(paths=[path], format=volume.source.format if volume.source else "unknown")
         return volume
     fmt = image_format(path)
@@ -269,7 +431,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         _check_nrrd_spacings(path)
     if fmt == "nifti":
         return _read_nifti(path)
-    img = _read_itk(path)
+    img = _read_itk(_read_checked(path, fmt), path)
     _check_itk_image(img, path)
     fmt = fmt or (full_suffix(path).lstrip(".").lower() or "unknown")
     return volume_from_itk(img, Source(paths=[path], format=fmt))
@@ -289,6 +451,13 @@ def _check_geometry(volume: Volume, path: Path) -> None:
                          hint="fix the spacing in the file header")
     if not np.all(np.isfinite(volume.origin)) or not np.all(np.isfinite(volume.direction)):
         raise InputError(f"{path}: the origin or direction in the header is not finite")
+    gram = volume.direction.T @ volume.direction
+    if not np.allclose(gram, np.eye(3), atol=1e-4):
+        raise InputError(
+            f"{path}: the voxel axes are sheared or scaled (the direction matrix {np.round(volume.direction, 4).tolist()} "
+            "is not orthonormal)",
+            hint="resample the image onto an orthogonal grid first",
+        )
 
 
 def _channel_label(index: int, channel_names: Sequence[str] | None) -> str:

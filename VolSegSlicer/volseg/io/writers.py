@@ -7,6 +7,7 @@ existing file without ``overwrite=True`` and an interrupted write leaves no part
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from volseg.errors import OutputError
+from volseg.errors import OutputError, output_error
 from volseg.io.atomic import atomic_output, atomic_outputs, full_suffix
 from volseg.io.outputs import (  # noqa: F401  (re-exported: the writers' rules)
     LABELMAP_SUFFIXES,
@@ -51,11 +52,15 @@ def _itk_image(array: np.ndarray, reference: Volume) -> sitk.Image:
     return image
 
 
-def _write_itk(image: sitk.Image, path: Path) -> None:
+def _write_itk(image: sitk.Image, path: Path, shown: Path) -> None:
+    """Write ``image`` to ``path`` (a temporary file); errors name ``shown``, the user's file."""
     try:
         sitk.WriteImage(image, str(path), useCompression=True)
     except RuntimeError as error:
-        raise OutputError(f"cannot write {path}: {str(error).strip().splitlines()[-1][:300]}") from None
+        text = str(error)
+        if "No space left" in text or "quota" in text.lower():
+            raise output_error(OSError(errno.ENOSPC, "No space left on device"), shown) from None
+        raise OutputError(f"cannot write {shown}: {text.strip().splitlines()[-1][:300]}") from None
 
 
 def _checked_labels(labels: np.ndarray, reference: Volume, segments: Sequence[Any]) -> np.ndarray:
@@ -118,7 +123,7 @@ def _write_labelmap(path: Path, labels: np.ndarray, reference: Volume, segments,
     table = color_table_path(path)
     # Both temporary files are written first; neither is committed unless both are complete.
     with atomic_outputs([path, table], overwrite) as (tmp_image, tmp_table):
-        _write_itk(image, tmp_image)
+        _write_itk(image, tmp_image, path)
         write_color_table(tmp_table, segments, overwrite=True)
     return path
 
@@ -287,5 +292,5 @@ def write_volume(path: str | os.PathLike, vol: Volume, *, overwrite: bool = Fals
         array = array.astype(np.uint8)
     image = _itk_image(array, vol)
     with atomic_output(path, overwrite) as tmp:
-        _write_itk(image, tmp)
+        _write_itk(image, tmp, path)
     return path

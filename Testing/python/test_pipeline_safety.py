@@ -98,16 +98,16 @@ def test_label_count_mismatch_is_found_on_the_first_window(tmp_path, ct, unet_ch
     path, cfg = unet_checkpoint
     card = make_card(tmp_path, "five", architecture={"name": "unet", "config": {**cfg, "out_channels": 3}},
                      labels=[{"value": v, "name": f"l{v}"} for v in range(1, 5)])
-    import volseg.inference
+    import volseg.window_predictor
 
     calls = []
-    real = volseg.inference._Predictor.__call__
+    real = volseg.window_predictor.WindowPredictor.__call__
 
     def counting(self, patches):
         calls.append(1)
         return real(self, patches)
 
-    monkeypatch.setattr(volseg.inference._Predictor, "__call__", counting)
+    monkeypatch.setattr(volseg.window_predictor.WindowPredictor, "__call__", counting)
     rc = main(["segment", str(ct), "--model", str(card), "--checkpoint", str(path), "-o", str(tmp_path / "o.nrrd"),
                "--progress", "none", "--roi-size", "8", "8", "8", "--sw-batch-size", "1"])
     assert rc == 2

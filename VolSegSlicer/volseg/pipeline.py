@@ -231,7 +231,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
         options = replace(options, sw_batch_size=1)
     check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips),
                  options.roi_size, options.sw_batch_size)
-    windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap) * (1 + len(options.flips))
+    windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap, options.mode) * (1 + len(options.flips))
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
     probs, where = predict_with_fallback(model, pre.image, options, device, reporter, cancel)
     if not torch.isfinite(probs).all():

@@ -42,6 +42,7 @@ from volseg.io import (
 from volseg.postprocess import postprocess, to_labelmap
 from volseg.preprocess import invert, preprocess
 from volseg.progress import Reporter
+from volseg.streamed_labels import all_finite, invert_to_labelmap
 
 
 @dataclass
@@ -129,13 +130,19 @@ def _available_memory() -> int | None:
 
 
 def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int = 1,
-                    roi_size: Sequence[int] | None = None, sw_batch_size: int = 1) -> int:
+                    roi_size: Sequence[int] | None = None, sw_batch_size: int = 1, streamed: bool = False) -> int:
     """Bytes the CPU needs for one run on a preprocessed grid of ``shape``: the input, the
     blended output and its weight map, the averaged probabilities and the label map (all on the
     grid padded up to the window), plus one batch of windows in and out. The network's own
-    activations are not included: they depend on the architecture."""
+    activations are not included: they depend on the architecture.
+
+    ``streamed``: the estimate for the input grid when the label map is made one class at a time
+    (:func:`volseg.streamed_labels.invert_to_labelmap`): the input, the running maximum, one
+    inverted class with its resampling temporaries, the winner and the label map."""
     padded = [max(s, r) for s, r in zip(shape, roi_size or shape)]
     voxels = int(np.prod(padded))
+    if streamed:
+        return voxels * (4 * in_channels + 4 * 4 + 1 + 2)
     grid = voxels * 4 * (in_channels + 2 * out_channels + (out_channels if passes > 1 else 0) + 1) + voxels * 2
     if roi_size is None:
         return grid
@@ -149,8 +156,8 @@ def _size(n_bytes: int) -> str:
 
 
 def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int,
-                 roi_size: Sequence[int] | None = None, sw_batch_size: int = 1) -> None:
-    need = estimate_memory(shape, in_channels, out_channels, passes, roi_size, sw_batch_size)
+                 roi_size: Sequence[int] | None = None, sw_batch_size: int = 1, streamed: bool = False) -> None:
+    need = estimate_memory(shape, in_channels, out_channels, passes, roi_size, sw_batch_size, streamed)
     free = _available_memory()
     if free is not None and need > 0.9 * free:
         raise ResourceError(
@@ -210,7 +217,8 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     check_segmentation_output(request.output, request.overwrite, reference=volume)  # e.g. .dcm needs DICOM input
     if volume.source is not None and volume.source.dicom_files:
         check_not_an_input(outputs, [], volume.source.dicom_files)
-    check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1)
+    check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1,
+                 streamed=request.probabilities is None)  # the input grid; the network's grid is checked below
 
     checkpoint_stage("load_model", f"loading {card.id}")
     key = (card.id, str(card.path), card.architecture, json.dumps(card.config, sort_keys=True, default=str),
@@ -234,15 +242,19 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap, options.mode) * (1 + len(options.flips))
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
     probs, where = predict_with_fallback(model, pre.image, options, device, reporter, cancel)
-    if not torch.isfinite(probs).all():
+    if not all_finite(probs):
         raise CheckpointError(
             "the network produced NaN or infinite values, so no segmentation was written",
             hint="the checkpoint may be corrupt or not match the card; on a GPU, try --no-amp",
         )
 
     checkpoint_stage("postprocess", "postprocessing")
-    probs = invert(probs, pre)
-    labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
+    if request.probabilities is None:  # only the label map is wanted: map it back one class at a time
+        labelmap = invert_to_labelmap(probs, pre, card.labels, card.activation, card.threshold)
+        probs = None
+    else:
+        probs = invert(probs, pre)
+        labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
     p = card.postprocessing
     labelmap = postprocess(
         labelmap, card.labels, volume.spacing,
@@ -261,7 +273,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     return result
 
 
-def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Tensor, volume,
+def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Tensor | None, volume,
                   provenance: dict[str, Any]) -> dict[str, Any]:
     """Write the segmentation (and the probabilities) as one group: every file is first written
     into a hidden staging folder beside its destination and moved into place only when all of

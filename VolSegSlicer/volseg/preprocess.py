@@ -9,6 +9,7 @@ recorded on the tensor, volseg's through their own ``inverse``.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import warnings
 from collections.abc import Mapping, Sequence
@@ -114,9 +115,14 @@ def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mappin
 
 
 def invert(output: torch.Tensor, pre: Preprocessed) -> torch.Tensor:
-    """Map a network output (C', I', J', K') on the preprocessed grid back to the input grid."""
+    """Map a network output (C', I', J', K') on the preprocessed grid back to the input grid.
+
+    Repeatable: MONAI's inverses consume the operations recorded on the tensor, so each call
+    works on its own copy of them and ``pre`` can be inverted again (one class at a time, say).
+    """
     out = MetaTensor(output.float().cpu())
     out.copy_meta_from(pre.image, copy_attr=True)
+    out.applied_operations = copy.deepcopy(pre.image.applied_operations)
     for t in reversed(pre.transforms):
         if isinstance(t, InvertibleTransform) or hasattr(t, "inverse"):
             out = t.inverse(out)

@@ -33,13 +33,14 @@ def pre():
 
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
-def test_streamed_equals_all_at_once(pre, activation):
+@pytest.mark.parametrize("slab_voxels", [2**23, 26 * 14 * 4])  # one slab; slabs of 4 planes (the last one 2)
+def test_streamed_equals_all_at_once(pre, activation, slab_voxels):
     n = 6
     logits = torch.randn(n, *pre.image.shape[1:], generator=torch.Generator().manual_seed(1)) * 3
     probs = torch.softmax(logits, 0) if activation == "softmax" else torch.sigmoid(logits)
     labels = _labels(n, skip=3)  # channel 3 has no label: it wins voxels but paints 0
     expected = to_labelmap(invert(probs, pre), labels, activation, 0.5)
-    got = invert_to_labelmap(probs, pre, labels, activation, 0.5)
+    got = invert_to_labelmap(probs, pre, labels, activation, 0.5, slab_voxels=slab_voxels)
     assert got.dtype == np.uint16 and got.shape == pre.input_shape
     np.testing.assert_array_equal(got, expected)
     assert len(np.unique(got)) > 3
@@ -56,3 +57,16 @@ def test_all_finite():
     assert all_finite(x)
     x[2, 1, 1, 1] = float("nan")
     assert not all_finite(x)
+
+
+def test_without_resampling_inverts_whole_channels():
+    arr = np.random.default_rng(2).normal(0, 1, size=(1, 12, 10, 8)).astype(np.float32)
+    pre = preprocess(arr, np.eye(4), [{"name": "Orientation", "args": {"axcodes": "LPS"}}])
+    probs = torch.softmax(torch.randn(3, *pre.image.shape[1:], generator=torch.Generator().manual_seed(4)), 0)
+    expected = to_labelmap(invert(probs, pre), _labels(3), "softmax")
+    np.testing.assert_array_equal(invert_to_labelmap(probs, pre, _labels(3), "softmax", slab_voxels=10), expected)
+
+
+def test_invert_is_repeatable(pre):
+    probs = torch.rand(2, *pre.image.shape[1:])
+    torch.testing.assert_close(invert(probs, pre), invert(probs, pre), rtol=0, atol=0)

@@ -120,6 +120,23 @@ def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
     )
 
 
+def choose_network(model: torch.nn.Module, card: ModelCard, options: InferenceOptions, device: torch.device,
+                   windows: int, reporter: Reporter) -> torch.nn.Module:
+    """The network the windows run through: ``model``, or on the CPU an ONNX Runtime / OpenVINO
+    compilation of it checked against it (:func:`volseg.cpu_runtime.select_runtime`); says which and why.
+    ``$VOLSEG_RUNTIME`` overrides the card's ``inference.runtime``."""
+    runtime = os.environ.get("VOLSEG_RUNTIME") or options.runtime
+    if runtime == "torch" or device.type != "cpu" or card.is_torchscript:
+        return model
+    from volseg.cpu_runtime import select_runtime
+
+    shape = (options.sw_batch_size, len(card.inputs), *options.roi_size)
+    network, reason = select_runtime(model, card.architecture, shape, device, windows, runtime,
+                                     select=options.select_output)
+    reporter.log(f"CPU runtime: {reason}")
+    return network
+
+
 def _available_memory() -> int | None:
     try:
         import psutil
@@ -240,8 +257,9 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
     check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips),
                  options.roi_size, options.sw_batch_size)
     windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap, options.mode) * (1 + len(options.flips))
+    network = choose_network(model, card, options, device, windows, reporter)
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
-    probs, where = predict_with_fallback(model, pre.image, options, device, reporter, cancel)
+    probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel)
     if not all_finite(probs):
         raise CheckpointError(
             "the network produced NaN or infinite values, so no segmentation was written",

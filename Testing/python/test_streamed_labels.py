@@ -33,22 +33,25 @@ def pre():
 
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("slab_bytes", [2**29, (24 + 12 * 6) * 26 * 14 * 4])  # one slab; slabs of 4 planes (the last 2)
-def test_streamed_equals_all_at_once(pre, activation, slab_bytes):
+@pytest.mark.parametrize("slab_bytes,group_bytes", [(2**29, 2**29), ((24 + 12 * 6) * 26 * 14 * 4, 2**29),
+                                                     ((24 + 12 * 2) * 26 * 14 * 4, 3 * 4 * 30 * 26 * 14 * 2)])
+def test_streamed_equals_all_at_once(pre, activation, slab_bytes, group_bytes):
+    """One piece; slabs of 4 planes (the last one 2); slabs and groups of 2 classes."""
     n = 6
     logits = torch.randn(n, *pre.image.shape[1:], generator=torch.Generator().manual_seed(1)) * 3
     probs = torch.softmax(logits, 0) if activation == "softmax" else torch.sigmoid(logits)
     labels = _labels(n, skip=3)  # channel 3 has no label: it wins voxels but paints 0
     expected = to_labelmap(invert(probs, pre), labels, activation, 0.5)
-    got = invert_to_labelmap(probs, pre, labels, activation, 0.5, slab_bytes=slab_bytes)
+    got = invert_to_labelmap(probs, pre, labels, activation, 0.5, slab_bytes=slab_bytes, group_bytes=group_bytes)
     assert got.dtype == np.uint16 and got.shape == pre.input_shape
     np.testing.assert_array_equal(got, expected)
     assert len(np.unique(got)) > 3
 
 
-def test_ties_keep_the_first_channel_as_argmax(pre):
+@pytest.mark.parametrize("group_bytes", [2**29, 10])
+def test_ties_keep_the_first_channel_as_argmax(pre, group_bytes):
     probs = torch.full((4, *pre.image.shape[1:]), 0.25)
-    got = invert_to_labelmap(probs, pre, _labels(4), "softmax")
+    got = invert_to_labelmap(probs, pre, _labels(4), "softmax", group_bytes=group_bytes)
     assert not got.any()  # channel 0 (background) wins every tie, as torch.argmax's first maximum
 
 
@@ -64,7 +67,7 @@ def test_without_resampling_inverts_whole_channels():
     pre = preprocess(arr, np.eye(4), [{"name": "Orientation", "args": {"axcodes": "LPS"}}])
     probs = torch.softmax(torch.randn(3, *pre.image.shape[1:], generator=torch.Generator().manual_seed(4)), 0)
     expected = to_labelmap(invert(probs, pre), _labels(3), "softmax")
-    np.testing.assert_array_equal(invert_to_labelmap(probs, pre, _labels(3), "softmax", slab_bytes=10), expected)
+    np.testing.assert_array_equal(invert_to_labelmap(probs, pre, _labels(3), "softmax", group_bytes=10), expected)
 
 
 def test_invert_is_repeatable(pre):

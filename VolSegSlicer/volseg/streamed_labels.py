@@ -3,14 +3,13 @@
 Mapping all class probabilities back to the input grid at once needs ``classes x voxels x 4``
 bytes and more for the resampling (measured: about 210 bytes per input voxel for a 16-class
 card, 43 GB for a 512x512x800 CT). When the probabilities themselves are not wanted, only the
-label map is, and it can be made piecewise:
-
-- When the first preprocessing step is a resampling (``Spacing``), every other step is undone
-  on the network's grid (all classes), then the resampling is undone in slabs of the input grid
-  (all classes of a slab in one call, so the sampling grid is computed once per slab) and each
-  slab's labels are taken at once: the input grid holds only the label map.
-- Otherwise (crops, pads, flips only) the classes are mapped back one at a time, keeping a
-  running maximum and winner: a few bytes per input voxel whatever the number of classes.
+label map is, and it can be made piecewise. The classes are undone in groups (each group's
+share of the network grid at most :data:`GROUP_BYTES`); when the first preprocessing step is a
+resampling (``Spacing``), every other step is undone on the network's grid and the resampling --
+MONAI's resampler needs about 24 + 12 x classes bytes per output voxel (a float64 sampling grid
+and output) -- in slabs of the input grid (:data:`SLAB_BYTES` of temporaries). A running maximum
+and winner (5 bytes per input voxel) carry the argmax from group to group; a sigmoid card's
+labels are painted group by group in card order.
 
 The result equals ``to_labelmap(invert(probs, pre), ...)``: resampling acts on each channel
 separately, and the running comparison keeps the first of equal maxima as ``argmax`` does.
@@ -22,7 +21,6 @@ identical.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -43,18 +41,6 @@ SLAB_BYTES = 512 * 2**20
 def all_finite(probs: torch.Tensor) -> bool:
     """True when no value is NaN or infinite (checked per channel, without a full-size mask)."""
     return all(bool(torch.isfinite(probs[c]).all()) for c in range(probs.shape[0]))
-
-
-def _labels_from(values: torch.Tensor, labels: Sequence[Label], activation: str, threshold: float,
-                 out: np.ndarray) -> None:
-    """Paint ``out`` (a view of the label map) from (C, ...) inverted values, as ``to_labelmap``."""
-    if activation == "softmax":
-        winner = torch.argmax(values, dim=0).numpy()
-        for lab in labels:
-            out[winner == lab.channel] = lab.value
-    else:
-        for lab in labels:
-            out[(values[lab.channel] > threshold).numpy()] = lab.value
 
 
 def _resample_slabs(partial: MetaTensor, slab_bytes: int) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -78,9 +64,35 @@ def _resample_slabs(partial: MetaTensor, slab_bytes: int) -> Iterator[tuple[slic
         yield slab, torch.as_tensor(out).float()
 
 
+#: Largest share of the network grid, in bytes, undone at once (a group of classes, and its copies).
+GROUP_BYTES = 512 * 2**20
+
+
+def _pieces(probs: torch.Tensor, pre: Preprocessed, channels: Sequence[int],
+            slab_bytes: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(slab of the input grid along axis 0, values of ``channels`` there), covering the input grid."""
+    part = probs[list(channels)]
+    if pre.transforms and isinstance(pre.transforms[0], Spacing):
+        yield from _resample_slabs(invert_partial(part, pre, keep_first=1), slab_bytes)
+    else:
+        yield slice(0, pre.input_shape[0]), invert(part, pre)
+
+
+def _groups(channels: Sequence[int], probs: torch.Tensor, pre: Preprocessed, group_bytes: int) -> list[list[int]]:
+    """Consecutive groups of ``channels``, each small enough to undo at once (float32 plus two copies)."""
+    per_channel = 3 * 4 * max(int(np.prod(probs.shape[1:])), int(np.prod(pre.input_shape)))
+    size = max(1, group_bytes // per_channel)
+    return [list(channels[i:i + size]) for i in range(0, len(channels), size)]
+
+
 def invert_to_labelmap(probs: torch.Tensor, pre: Preprocessed, labels: Sequence[Label], activation: str,
-                       threshold: float = 0.5, slab_bytes: int = SLAB_BYTES) -> np.ndarray:
+                       threshold: float = 0.5, slab_bytes: int = SLAB_BYTES,
+                       group_bytes: int = GROUP_BYTES) -> np.ndarray:
     """(C, I', J', K') probabilities on the preprocessed grid -> (I, J, K) uint16 label map on the input grid.
+
+    Classes are undone in groups (``group_bytes``), each group's resampling in slabs
+    (``slab_bytes``); a running maximum and winner (5 bytes per input voxel) carry the argmax
+    across groups.
 
     Args:
         probs: the network's blended probabilities (any float dtype).
@@ -91,30 +103,36 @@ def invert_to_labelmap(probs: torch.Tensor, pre: Preprocessed, labels: Sequence[
             painted where its channel exceeds ``threshold``, in card order, later on top).
         threshold: the sigmoid threshold.
         slab_bytes: resampling temporaries allowed at once (sets the slab thickness).
+        group_bytes: network-grid bytes undone at once (sets the number of classes per group).
 
     Returns:
         The label map, as :func:`volseg.postprocess.to_labelmap` of the inverted probabilities.
     """
     out = np.zeros(pre.input_shape, dtype=np.uint16)
-    if pre.transforms and isinstance(pre.transforms[0], Spacing):
-        partial = invert_partial(probs, pre, keep_first=1)  # all but the resampling, on the network's grid
-        for slab, values in _resample_slabs(partial, slab_bytes):
-            _labels_from(values, labels, activation, threshold, out[slab])
-        return out
-    # no resampling to undo (crops, pads, flips): one class at a time with a running winner
     if activation != "softmax":
-        for lab in labels:
-            _labels_from(invert(probs[lab.channel:lab.channel + 1], pre), [replace(lab, channel=0)], activation,
-                         threshold, out)
+        ordered = list(labels)
+        for group in _groups(range(len(ordered)), probs, pre, group_bytes):  # card order: later labels on top
+            for slab, values in _pieces(probs, pre, [ordered[i].channel for i in group], slab_bytes):
+                view = out[slab]
+                for k, i in enumerate(group):
+                    view[(values[k] > threshold).numpy()] = ordered[i].value
         return out
-    best = invert(probs[0:1], pre)[0]
+    best = torch.empty(pre.input_shape, dtype=torch.float32)
     winner = torch.zeros(pre.input_shape, dtype=torch.uint8 if probs.shape[0] <= 256 else torch.int32)
-    for c in range(1, probs.shape[0]):
-        values = invert(probs[c:c + 1], pre)[0]
-        better = values > best
-        winner[better] = c
-        torch.maximum(best, values, out=best)
-        del values, better
+    first = True
+    for group in _groups(range(probs.shape[0]), probs, pre, group_bytes):
+        for slab, values in _pieces(probs, pre, group, slab_bytes):
+            index = torch.argmax(values, dim=0, keepdim=True)  # the first maximum, as argmax over all classes
+            top = torch.gather(values, 0, index)[0]
+            index = index[0] + group[0]
+            if first:
+                best[slab], winner[slab] = top, index.to(winner.dtype)
+            else:
+                better = top > best[slab]  # strict: an earlier class keeps a tie
+                winner[slab][better] = index[better].to(winner.dtype)
+                torch.maximum(best[slab], top, out=best[slab])
+            del values, index, top
+        first = False
     del best
     w = winner.numpy()
     for lab in labels:

@@ -196,3 +196,22 @@ def test_deform_conv_and_repux_quick_runs(bench, capsys):
     assert br.main(["--quick", "--ks", "5", "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
     assert out.startswith("torch ") and "centre-only, fast path | " in out and "| NO |" not in out
+
+
+def test_memory_bench_tiny(bench, capsys):
+    bm = bench("bench_memory")
+    args = ["--compare-size", "64", "64", "40", "--size", "72", "64", "40", "--threads", str(torch.get_num_threads())]
+    assert bm.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| one class at a time | 64x64x40 |" in out and "identical" in out and "full size (extrapolated)" in out
+
+
+def test_official_bench_tiny_and_its_check(bench, capsys, monkeypatch):
+    bo = bench("bench_official")
+    args = ["--quick", "--arch", "segformer3d", "--runtimes", "torch", "--threads", str(torch.get_num_threads())]
+    assert bo.main(args) == 0
+    assert "| segformer3d: volseg torch |" in capsys.readouterr().out
+    real = bo.predict
+    monkeypatch.setattr(bo, "predict", lambda *a, **k: real(*a, **k) + 0.3)  # a fast but wrong path
+    assert bo.main(args) == 1
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out

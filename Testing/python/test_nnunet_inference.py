@@ -122,3 +122,28 @@ def test_progress_counts_every_window_and_flip(golden):
     c = g["cases"][2]
     predict(net, c["input"], _options(g, True), torch.device("cpu"), Rec())
     assert events[-1] == (6 * 8, 6 * 8)
+
+
+def test_nnunet_card_segments_like_official_predict_3d(golden, tmp_path, capsys):
+    """The command line with a card selecting ``mode: nnunet`` gives the official argmax."""
+    import nibabel as nib
+    from conftest import make_card
+
+    from volseg.cli import main
+    from volseg.io import read_volume
+
+    g, net = golden
+    c = g["cases"][3]  # 11 x 40 x 57 (padded to the window) with mirroring: 6 windows x 8 flips
+    ckpt = tmp_path / "model_final_checkpoint.model"
+    torch.save({"epoch": 1, "state_dict": g["state_dict"]}, ckpt)
+    image = tmp_path / "case_0000.nii.gz"
+    nib.save(nib.Nifti1Image(c["input"][0].numpy(), np.eye(4)), str(image))
+    card = make_card(tmp_path, "mednext-golden", architecture={"name": "mednext", "config": g["config"]},
+                     labels=[{"value": 1, "name": "one"}, {"value": 2, "name": "two"}],
+                     inference={"mode": "nnunet", "roi_size": g["patch_size"], "overlap": 0.5,
+                                "flips": [list(f) for f in ALL_FLIPS]})
+    out = tmp_path / "labels.nii.gz"
+    rc = main(["segment", str(image), "--model", str(card), "--checkpoint", str(ckpt), "-o", str(out),
+               "--progress", "none", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert np.array_equal(read_volume(out).array, c["argmax"].numpy())

@@ -76,10 +76,13 @@ def test_check_above_tolerance_falls_back_to_torch(compiled):
     assert net is model and reason.startswith("PyTorch (onnxruntime: differs from PyTorch")
 
 
-def test_forced_runtime_is_used_and_says_so(compiled):
+def test_forced_runtime_is_used_and_says_so(compiled, monkeypatch):
     model, _, _, folder = compiled
     net, reason = select_runtime(model, "mednext", SHAPE, torch.device("cpu"), runtime="onnxruntime", folder=folder)
     assert isinstance(net, RuntimeNet) and reason.startswith("onnxruntime (checked against PyTorch")
+    monkeypatch.setattr(cpu_runtime, "compile_for_cpu", lambda *a: pytest.fail("compiled again"))
+    again = select_runtime(model, "mednext", SHAPE, torch.device("cpu"), runtime="onnxruntime", folder=folder)
+    assert again == (net, reason)  # the same model object: the loaded network is reused
 
 
 def test_missing_runtime_and_failed_export_fall_back(tmp_path, monkeypatch):

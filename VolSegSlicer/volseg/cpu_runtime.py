@@ -137,6 +137,9 @@ def _openvino(path: Path, threads: int):
 
 
 _LOADERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
+#: The last compiled network (one at a time, like the pipeline's model cache): a second request
+#: with the same model object reuses it instead of hashing the weights and compiling again.
+_LOADED: dict = {}
 
 
 def _check(model: nn.Module, net: RuntimeNet, shape: Sequence[int], select: int = 0) -> float:
@@ -211,6 +214,9 @@ def select_runtime(model: nn.Module, architecture: str, shape: Sequence[int], de
         candidates = (runtime,)
     failures = []
     for name in candidates:
+        key = (id(model), tuple(shape), name, select, str(folder), tolerance)
+        if _LOADED.get("key") == key and _LOADED.get("model") is model:  # serve/batch: same model again
+            return _LOADED["net"], _LOADED["reason"]
         try:
             net, err = compile_for_cpu(model, name, shape, folder, tolerance, select)
         except ImportError:
@@ -218,5 +224,8 @@ def select_runtime(model: nn.Module, architecture: str, shape: Sequence[int], de
         except Exception as exc:  # noqa: BLE001 -- any failure means: use the exact path
             failures.append(f"{name}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         else:
-            return net, f"{name} (checked against PyTorch on one window: relative difference {err:.1e})"
+            reason = f"{name} (checked against PyTorch on one window: relative difference {err:.1e})"
+            _LOADED.clear()
+            _LOADED.update(key=key, model=model, net=net, reason=reason)
+            return net, reason
     return model, "PyTorch (" + "; ".join(failures) + ")"

@@ -153,9 +153,10 @@ def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, p
     grid padded up to the window), plus one batch of windows in and out. The network's own
     activations are not included: they depend on the architecture.
 
-    ``streamed``: the estimate for the input grid when the label map is made one class at a time
-    (:func:`volseg.streamed_labels.invert_to_labelmap`): the input, the running maximum, one
-    inverted class with its resampling temporaries, the winner and the label map."""
+    ``streamed``: the estimate for the input grid when the label map is made piecewise
+    (:func:`volseg.streamed_labels.invert_to_labelmap`): the input, the running maximum and
+    winner, the label map and a margin for one class group's and one slab's temporaries (their
+    absolute size is bounded, about 1 GiB)."""
     padded = [max(s, r) for s, r in zip(shape, roi_size or shape)]
     voxels = int(np.prod(padded))
     if streamed:
@@ -267,7 +268,7 @@ def segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Event
         )
 
     checkpoint_stage("postprocess", "postprocessing")
-    if request.probabilities is None:  # only the label map is wanted: map it back one class at a time
+    if request.probabilities is None:  # only the label map is wanted: map it back piece by piece
         labelmap = invert_to_labelmap(probs, pre, card.labels, card.activation, card.threshold)
         probs = None
     else:

@@ -38,7 +38,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch.utils.flop_counter import FlopCounterMode

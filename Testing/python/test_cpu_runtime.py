@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
 from volseg import cpu_runtime
 from volseg.cpu_runtime import RuntimeNet, compile_for_cpu, select_runtime
 from volseg.inference import InferenceOptions, predict
@@ -42,7 +41,7 @@ def test_export_is_checked_and_cached(compiled, monkeypatch):
     assert len(list(folder.glob("*.onnx"))) == 1 and len(list(folder.glob("*.onnxruntime.json"))) == 1
     monkeypatch.setattr(cpu_runtime, "export_onnx", lambda *a: pytest.fail("exported again"))
     monkeypatch.setattr(cpu_runtime, "_check", lambda *a: pytest.fail("checked again"))
-    again, err2 = compile_for_cpu(model, "onnxruntime", SHAPE, folder)  # same weights: from the cache
+    _, err2 = compile_for_cpu(model, "onnxruntime", SHAPE, folder)  # same weights: from the cache
     assert err2 == err
     changed = Small().eval()
     with torch.no_grad():

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 import torch
 from monai.inferers import sliding_window_inference
-
 from volseg import models
 from volseg.inference import InferenceOptions, count_windows, predict
-from volseg.nnunet_inference import ALL_FLIPS, _nnunet_order, nnunet_gaussian, nnunet_steps
+from volseg.nnunet_inference import (
+    ALL_FLIPS,
+    _nnunet_order,
+    nnunet_gaussian,
+    nnunet_steps,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +132,10 @@ def test_nnunet_card_segments_like_official_predict_3d(golden, tmp_path, capsys)
     """The command line with a card selecting ``mode: nnunet`` gives the official argmax."""
     import nibabel as nib
     from conftest import make_card
-
     from volseg.cli import main
     from volseg.io import read_volume
 
-    g, net = golden
+    g, _ = golden
     c = g["cases"][3]  # 11 x 40 x 57 (padded to the window) with mirroring: 6 windows x 8 flips
     ckpt = tmp_path / "model_final_checkpoint.model"
     torch.save({"epoch": 1, "state_dict": g["state_dict"]}, ckpt)

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from monai.inferers import sliding_window_inference
-
 from volseg import cards, models
 from volseg.inference import predict
 from volseg.nnunet_inference import ALL_FLIPS

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from volseg.cards import Label
 from volseg.postprocess import to_labelmap
 from volseg.preprocess import invert, preprocess

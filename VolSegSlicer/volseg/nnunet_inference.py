@@ -73,7 +73,7 @@ def nnunet_steps(image_size: Sequence[int], patch_size: Sequence[int], step_size
             steps.append([0])
             continue
         actual = (size - patch) / (n - 1)
-        steps.append([int(round(actual * j)) for j in range(n)])  # round() is half-to-even, as numpy's
+        steps.append([round(actual * j) for j in range(n)])  # round() is half-to-even, as numpy's
     return steps
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import SpatialResample, Spacing
+from monai.transforms import Spacing, SpatialResample
 from monai.utils import TraceKeys, get_torch_dtype_from_string
 
 from volseg.cards import Label

@@ -126,7 +126,7 @@ def bench_arch(arch: str, args, device, peaks) -> list[dict]:
             else:
                 t0 = time.perf_counter()
                 try:
-                    net, err = compile_for_cpu(model, runtime, (options.sw_batch_size, in_ch, *roi))
+                    net, err = compile_for_cpu(model, runtime, (1, in_ch, *roi))
                 except Exception as exc:  # noqa: BLE001 -- the table says what failed
                     print(f"  {runtime}: not usable ({str(exc).splitlines()[0][:200]})")
                     continue

@@ -49,14 +49,16 @@ def test_export_is_checked_and_cached(compiled, monkeypatch):
     assert cpu_runtime._fingerprint(changed, SHAPE) != cpu_runtime._fingerprint(model, SHAPE)
 
 
-def test_runtime_net_pads_a_short_batch(compiled):
+def test_runtime_net_runs_any_batch_window_by_window(compiled):
     model, net, _, _ = compiled
-    x = torch.randn(1, 1, 16, 16, 16)
-    with torch.no_grad():
-        ref = model(x)[0]
-    torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
+    assert net.shape == (1, 1, 16, 16, 16)  # one export for every window batch size
+    for n in (1, 3):
+        x = torch.randn(n, 1, 16, 16, 16)
+        with torch.no_grad():
+            ref = model(x)[0]
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="compiled for"):
-        net(torch.randn(3, 1, 16, 16, 16))
+        net(torch.randn(1, 1, 16, 16, 8))
 
 
 def test_sliding_window_through_the_runtime_matches_torch(compiled):

@@ -98,9 +98,10 @@ def export_onnx(model: nn.Module, shape: Sequence[int], path: Path, select: int 
 
 
 class RuntimeNet(nn.Module):
-    """A compiled network for one fixed window shape; called like the PyTorch module it replaces.
+    """A compiled network for one window shape (batch 1); called like the PyTorch module it replaces.
 
-    A smaller batch (the last windows) is padded with zeros to the compiled batch and cut back.
+    A batch of windows runs window by window: nothing is padded or recompiled when the last
+    batch of a sliding window is smaller, and one export serves every window batch size.
     """
 
     def __init__(self, run, shape: Sequence[int], name: str) -> None:
@@ -108,13 +109,12 @@ class RuntimeNet(nn.Module):
         self._run, self.shape, self.runtime = run, tuple(shape), name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if tuple(x.shape[1:]) != self.shape[1:] or n > self.shape[0]:
-            raise RuntimeError(f"{self.runtime} network was compiled for {list(self.shape)}, got {list(x.shape)}")
+        if tuple(x.shape[1:]) != self.shape[1:]:
+            raise RuntimeError(f"{self.runtime} network was compiled for windows of {list(self.shape[1:])}, "
+                               f"got {list(x.shape[1:])}")
         arr = x.detach().float().cpu().numpy()
-        if n < self.shape[0]:
-            arr = np.concatenate([arr, np.zeros((self.shape[0] - n, *arr.shape[1:]), np.float32)])
-        return torch.from_numpy(np.ascontiguousarray(self._run(np.ascontiguousarray(arr))[:n]))
+        outs = [np.array(self._run(np.ascontiguousarray(arr[i:i + 1]))) for i in range(arr.shape[0])]
+        return torch.from_numpy(np.concatenate(outs))
 
 
 def _onnxruntime(path: Path, threads: int):
@@ -158,12 +158,15 @@ def compile_for_cpu(model: nn.Module, runtime: str, shape: Sequence[int], folder
                     tolerance: float = TOLERANCE, select: int = 0) -> tuple[RuntimeNet, float]:
     """Export (or reuse the cached export), load into ``runtime`` and check; returns the net and its error.
 
+    ``shape`` is a window batch (B, C, X, Y, Z); the export is made for one window (B = 1).
+
     Raises:
         ImportError: the runtime is not installed.
         ValueError: the check exceeded ``tolerance``.
         Exception: whatever the export or the runtime raised.
     """
     loader = _LOADERS[runtime]
+    shape = (1, *tuple(shape)[1:])  # exported for one window; RuntimeNet runs a batch window by window
     folder = folder or cache_dir()
     key = _fingerprint(model, shape, select)
     onnx_path = folder / f"{key}.onnx"

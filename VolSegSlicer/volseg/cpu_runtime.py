@@ -1,8 +1,8 @@
 """Run the network's windows in a CPU inference runtime (ONNX Runtime, OpenVINO), checked against PyTorch.
 
 On the CPU, eager PyTorch leaves much of the machine unused for these 3D networks (measured on
-2 cores: MedNeXt-S 64^3 2.5-2.6x faster in ONNX Runtime / OpenVINO, 3D UX-Net 96^3 1.9x faster in
-OpenVINO).
+2 cores against the official recipes, ``bench/bench_official.py``: MedNeXt-B 5.1x and
+SegFormer3D 6.1x faster in OpenVINO, 3D UX-Net 1.13x).
 This module exports the network once per checkpoint, window shape and batch to ONNX
 (``torch.onnx.export(dynamo=True)``, opset 18), caches the file by a hash of the weights and the
 settings, loads it into a runtime and **checks it** on one window against PyTorch before using
@@ -37,8 +37,9 @@ __all__ = ["MIN_VOXELS", "PREFERRED", "RuntimeNet", "cache_dir", "select_runtime
 
 #: Runtimes tried per architecture, best first. OpenVINO first: it was the faster of the two in
 #: 5 of the 6 CPU measurements (the issue's probe: MedNeXt-S 64^3 ONNX Runtime 2.63x vs OpenVINO
-#: 2.54x, UX-Net 64^3 1.12x vs 1.60x, 96^3 1.38x vs 1.87x; bench_official.py on 2 loaded cores:
-#: MedNeXt-B 1.9x vs 3.0x, SegFormer3D 0.9x vs 1.9x). RepUX-Net is left out on purpose: its exact
+#: 2.54x, UX-Net 64^3 1.12x vs 1.60x, 96^3 1.38x vs 1.87x; bench_official.py on 2 shared cores,
+#: against the official recipe: MedNeXt-B 2.3x vs 5.1x, SegFormer3D 2.6x vs 6.1x, UX-Net 0.84x
+#: vs 1.13x). RepUX-Net is left out on purpose: its exact
 #: centre-only fast path (a data-dependent branch) does not export, and it beats a runtime running
 #: the full 21^3 kernels. DeformUX-Net's gather-based deformable convolution is not tried either.
 PREFERRED: dict[str, tuple[str, ...]] = {

@@ -116,3 +116,32 @@ def test_auto_keeps_small_jobs_gpus_and_unknown_architectures_in_torch(tmp_path,
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("VOLSEG_CACHE_DIR", str(tmp_path))
     assert cpu_runtime.cache_dir() == tmp_path / "runtime"
+
+
+def test_pipeline_chooses_the_network_and_logs_why(monkeypatch):
+    from dataclasses import replace
+
+    from volseg import cards, pipeline
+
+    card = cards.card_from_arguments("mednext", 2)
+    options = replace(card.inference, roi_size=(16, 16, 16), sw_batch_size=3, runtime="openvino")
+    seen, logs = [], []
+
+    class Rep:
+        def log(self, message, level="info"):
+            logs.append(message)
+
+    def fake(model, arch, shape, device, windows, runtime, select=0):
+        seen.append((arch, shape, windows, runtime, select))
+        return "compiled", "openvino (checked)"
+
+    monkeypatch.setattr(cpu_runtime, "select_runtime", fake)
+    monkeypatch.delenv("VOLSEG_RUNTIME", raising=False)
+    model = Small()
+    assert pipeline.choose_network(model, card, options, torch.device("cpu"), 40, Rep()) == "compiled"
+    assert seen == [("mednext", (3, 1, 16, 16, 16), 40, "openvino", 0)] and logs == ["CPU runtime: openvino (checked)"]
+    monkeypatch.setenv("VOLSEG_RUNTIME", "torch")  # the environment overrides the card
+    assert pipeline.choose_network(model, card, options, torch.device("cpu"), 40, Rep()) is model
+    monkeypatch.delenv("VOLSEG_RUNTIME")
+    assert pipeline.choose_network(model, card, options, torch.device("cuda"), 40, Rep()) is model
+    assert len(seen) == 1

@@ -2,7 +2,7 @@
 
 On the CPU, eager PyTorch leaves much of the machine unused for these 3D networks (measured on
 2 cores against the official recipes, ``bench/bench_official.py``: MedNeXt-B 5.1x and
-SegFormer3D 6.1x faster in OpenVINO, 3D UX-Net 1.13x).
+SegFormer3D 6.1x faster in OpenVINO at 64^3, 3D UX-Net 2.4x at its 96^3 window but 1.13x at 64^3).
 This module exports the network once per checkpoint, window shape and batch to ONNX
 (``torch.onnx.export(dynamo=True)``, opset 18), caches the file by a hash of the weights and the
 settings, loads it into a runtime and **checks it** on one window against PyTorch before using

@@ -238,3 +238,22 @@ def test_startup_bench_tiny(bench, tmp_path):
     assert bs.check(replace(version, exit_code=2), 0, "volseg 0.1.0", False)[1].startswith("FAIL: exit code")
     assert bs.check(version, 0, "usage: ...", False)[1].startswith("FAIL: output lacks")
     assert bs.check(version, 0, "volseg 0.1.0", torch_imported=True) == (False, "FAIL: imported torch")
+
+
+def test_memory_bench_tiny(bench, capsys):
+    bm = bench("bench_memory")
+    args = ["--compare-size", "64", "64", "40", "--size", "72", "64", "40", "--threads", str(torch.get_num_threads())]
+    assert bm.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| one class at a time | 64x64x40 |" in out and "identical" in out and "full size (extrapolated)" in out
+
+
+def test_official_bench_tiny_and_its_check(bench, capsys, monkeypatch):
+    bo = bench("bench_official")
+    args = ["--quick", "--arch", "segformer3d", "--runtimes", "torch", "--threads", str(torch.get_num_threads())]
+    assert bo.main(args) == 0
+    assert "| segformer3d: volseg torch |" in capsys.readouterr().out
+    real = bo.predict
+    monkeypatch.setattr(bo, "predict", lambda *a, **k: real(*a, **k) + 0.3)  # a fast but wrong path
+    assert bo.main(args) == 1
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out

@@ -208,7 +208,7 @@ def test_template_card_builds_published_variant(repo_root: Path) -> None:
     assert models.get("mednext").describe_variant(config_from_state_dict(net.state_dict())).startswith(
         "MedNeXt-B kernel 3, 3 classes")
     inf = card.inference
-    assert (inf.mode, inf.sigma_scale, inf.overlap, inf.activation_per_window) == ("gaussian", 0.125, 0.5, True)
+    assert (inf.mode, inf.sigma_scale, inf.overlap, inf.activation_per_window) == ("nnunet", 0.125, 0.5, True)
     assert len(inf.flips) == 7 and inf.roi_size == (128, 128, 128)
     # nnU-Net recipe on a small anisotropic CT-like volume: 1 mm spline, clip + z-score, (z, y, x) order
     arr = np.random.default_rng(0).normal(0, 200, size=(1, 20, 18, 6)).astype(np.float32)

@@ -238,6 +238,7 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
             sw_batch_size=int(inf.get("sw_batch_size", 1)),
             flips=tuple(tuple(f) for f in inf.get("flips", [])),
             amp=bool(inf.get("amp", True)),
+            runtime=inf.get("runtime", "auto"),
             activation=activation,
             activation_per_window=bool(inf.get("activation_per_window", False)),
             padding_mode=inf.get("padding_mode", "constant"),

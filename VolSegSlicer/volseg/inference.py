@@ -1,4 +1,9 @@
-"""Sliding-window inference with progress, cancellation, test-time flips and OOM fallback."""
+"""Sliding-window inference with progress, cancellation, test-time flips and OOM fallback.
+
+Two ways of tiling and blending: MONAI's ``sliding_window_inference`` (the default, what the
+UX-Net, RepUX-Net, DeformUX-Net and SegFormer3D test scripts run) and nnU-Net's
+(``mode="nnunet"``, what MedNeXt checkpoints are evaluated with; :mod:`volseg.nnunet_inference`).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,20 @@ from dataclasses import replace
 import torch
 from monai.inferers import sliding_window_inference
 
-from volseg.errors import Cancelled, CheckpointError, InputError, ResourceError
+from volseg.errors import ResourceError
+from volseg.nnunet_inference import count_windows_nnunet, predict_nnunet
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
+from volseg.window_predictor import WindowPredictor, activate
 
 __all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback"]
 
 
-def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """Number of windows MONAI's ``sliding_window_inference`` runs for one pass."""
+def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float, mode: str = "constant") -> int:
+    """Number of windows one pass runs: MONAI's ``sliding_window_inference``, or nnU-Net's tiling
+    when ``mode`` is ``"nnunet"``."""
+    if mode == "nnunet":
+        return count_windows_nnunet(image_size, roi_size, overlap)
     total = 1
     for size, roi in zip(image_size, roi_size):
         size = max(size, roi)  # MONAI pads small images up to the window
@@ -27,68 +37,6 @@ def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
         interval = int(roi * (1 - overlap)) or 1
         total *= math.ceil((size - roi) / interval) + 1
     return total
-
-
-def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "softmax":
-        return torch.softmax(x, dim=1)
-    if activation == "sigmoid":
-        return torch.sigmoid(x)
-    return x
-
-
-class _Predictor:
-    """Wraps the network for MONAI: selects the output, counts windows, honours cancellation."""
-
-    def __init__(self, model: torch.nn.Module, options: InferenceOptions, total: int,
-                 reporter: Reporter | None, cancel: threading.Event | None) -> None:
-        self.model, self.options, self.total = model, options, total
-        self.reporter, self.cancel = reporter, cancel
-        self.done = 0
-
-    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled()
-        try:
-            out = self.model(patches)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, ValueError) as exc:
-            raise InputError(
-                f"the network failed on a window of {list(patches.shape[2:])} with {patches.shape[1]} input "
-                f"channel(s): {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-                hint="the window size (--roi-size) may not suit this network (many need multiples of 16 or 32), "
-                "or the number of inputs in the card does not match the checkpoint",
-            ) from None
-        if isinstance(out, list | tuple):
-            out = out[self.options.select_output]
-        if not isinstance(out, torch.Tensor):
-            raise InputError(f"the network returned {type(out).__name__}, not a tensor",
-                             hint="volseg needs a network that returns logits (B, C, ...) or a list of them")
-        if self.done == 0:
-            self._check_first(out, patches)
-        out = out.float()
-        if self.options.activation_per_window:
-            out = activate(out, self.options.activation)
-        self.done += patches.shape[0]
-        if self.reporter is not None:
-            self.reporter.progress(min(self.done, self.total), self.total)
-        return out
-
-    def _check_first(self, out: torch.Tensor, patches: torch.Tensor) -> None:
-        """Catch a mismatched window size or label count on the first window, not after the last."""
-        if tuple(out.shape[2:]) != tuple(patches.shape[2:]):
-            raise InputError(
-                f"the network turned a window of {list(patches.shape[2:])} into {list(out.shape[2:])}",
-                hint="choose a window size (--roi-size) the network maps onto itself, usually a multiple of 16 or 32",
-            )
-        expected = self.options.out_channels
-        if expected is not None and out.shape[1] != expected:
-            raise CheckpointError(
-                f"the network returns {out.shape[1]} channels but the card (or --num-labels) describes {expected}",
-                hint="the card's labels (or output.channels), or --num-labels, do not match the checkpoint; "
-                "check the label count",
-            )
 
 
 def _one_pass(model, image, options, predictor, device, sw_device, flip_axes):
@@ -110,11 +58,15 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
     """Run the network over a (C, I, J, K) image; return (C_out, I, J, K) float32 on the CPU.
 
     The result holds probabilities (softmax or sigmoid per ``options.activation``), averaged
-    over the identity pass and each test-time flip in ``options.flips``.
+    over the identity pass and each test-time flip in ``options.flips``. With
+    ``options.mode == "nnunet"`` the tiling, weighting and mirroring are nnU-Net's
+    (:func:`volseg.nnunet_inference.predict_nnunet`).
     """
+    if options.mode == "nnunet":
+        return predict_nnunet(model, image, options, device, reporter, cancel, stitch_device)
     passes = [()] + [tuple(f) for f in options.flips]
     total = count_windows(image.shape[1:], options.roi_size, options.overlap) * len(passes)
-    predictor = _Predictor(model, options, total, reporter, cancel)
+    predictor = WindowPredictor(model, options, total, reporter, cancel)
     stitch = stitch_device or device
     plain = image.as_tensor() if hasattr(image, "as_tensor") else image  # drop MetaTensor bookkeeping
     batch = plain[None].to(stitch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import threading
 import warnings
@@ -48,6 +49,7 @@ from volseg.request import (  # noqa: F401  (part of this module's API since bef
     check_request,
     checkpoint_for,
 )
+from volseg.streamed_labels import all_finite, invert_to_labelmap
 
 
 class ModelCache:
@@ -115,18 +117,42 @@ def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
     )
 
 
+def choose_network(model: torch.nn.Module, card: ModelCard, options: InferenceOptions, device: torch.device,
+                   windows: int, reporter: Reporter) -> torch.nn.Module:
+    """The network the windows run through: ``model``, or on the CPU an ONNX Runtime / OpenVINO
+    compilation of it checked against it (:func:`volseg.cpu_runtime.select_runtime`); says which and why.
+    ``$VOLSEG_RUNTIME`` overrides the card's ``inference.runtime``."""
+    runtime = os.environ.get("VOLSEG_RUNTIME") or options.runtime
+    if runtime == "torch" or device.type != "cpu" or card.is_torchscript:
+        return model
+    from volseg.cpu_runtime import select_runtime
+
+    shape = (options.sw_batch_size, len(card.inputs), *options.roi_size)
+    network, reason = select_runtime(model, card.architecture, shape, device, windows, runtime,
+                                     select=options.select_output)
+    reporter.log(f"CPU runtime: {reason}")
+    return network
+
+
 def _available_memory() -> int | None:
     return available_memory()
 
 
 def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int = 1,
-                    roi_size: Sequence[int] | None = None, sw_batch_size: int = 1) -> int:
+                    roi_size: Sequence[int] | None = None, sw_batch_size: int = 1, streamed: bool = False) -> int:
     """Bytes the CPU needs for one run on a preprocessed grid of ``shape``: the input, the
     blended output and its weight map, the averaged probabilities and the label map (all on the
     grid padded up to the window), plus one batch of windows in and out. The network's own
-    activations are not included: they depend on the architecture."""
+    activations are not included: they depend on the architecture.
+
+    ``streamed``: the estimate for the input grid when the label map is made piecewise
+    (:func:`volseg.streamed_labels.invert_to_labelmap`): the input, the running maximum and
+    winner, the label map and a margin for one class group's and one slab's temporaries (their
+    absolute size is bounded, about 1 GiB)."""
     padded = [max(s, r) for s, r in zip(shape, roi_size or shape)]
     voxels = int(np.prod(padded))
+    if streamed:
+        return voxels * (4 * in_channels + 4 * 4 + 1 + 2)
     grid = voxels * 4 * (in_channels + 2 * out_channels + (out_channels if passes > 1 else 0) + 1) + voxels * 2
     if roi_size is None:
         return grid
@@ -140,8 +166,8 @@ def _size(n_bytes: int) -> str:
 
 
 def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, passes: int,
-                 roi_size: Sequence[int] | None = None, sw_batch_size: int = 1) -> None:
-    need = estimate_memory(shape, in_channels, out_channels, passes, roi_size, sw_batch_size)
+                 roi_size: Sequence[int] | None = None, sw_batch_size: int = 1, streamed: bool = False) -> None:
+    need = estimate_memory(shape, in_channels, out_channels, passes, roi_size, sw_batch_size, streamed)
     free = _available_memory()
     if free is not None and need > 0.9 * free:
         raise ResourceError(
@@ -197,7 +223,8 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     check_segmentation_output(request.output, request.overwrite, reference=volume)  # e.g. .dcm needs DICOM input
     if volume.source is not None and volume.source.dicom_files:
         check_not_an_input(outputs, [], volume.source.dicom_files)
-    check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1)
+    check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1,
+                 streamed=request.probabilities is None)  # the input grid; the network's grid is checked below
 
     checkpoint_stage("load_model", f"loading {card.id}")
     key = (card.id, str(card.path), card.architecture, json.dumps(card.config, sort_keys=True, default=str),
@@ -218,18 +245,23 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
         options = replace(options, sw_batch_size=1)
     check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips),
                  options.roi_size, options.sw_batch_size)
-    windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap) * (1 + len(options.flips))
+    windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap, options.mode) * (1 + len(options.flips))
+    network = choose_network(model, card, options, device, windows, reporter)
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
-    probs, where = predict_with_fallback(model, pre.image, options, device, reporter, cancel)
-    if not torch.isfinite(probs).all():
+    probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel)
+    if not all_finite(probs):
         raise CheckpointError(
             "the network produced NaN or infinite values, so no segmentation was written",
             hint="the checkpoint may be corrupt or not match the card; on a GPU, try --no-amp",
         )
 
     checkpoint_stage("postprocess", "postprocessing")
-    probs = invert(probs, pre)
-    labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
+    if request.probabilities is None:  # only the label map is wanted: map it back piece by piece
+        labelmap = invert_to_labelmap(probs, pre, card.labels, card.activation, card.threshold)
+        probs = None
+    else:
+        probs = invert(probs, pre)
+        labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
     p = card.postprocessing
     labelmap = postprocess(
         labelmap, card.labels, volume.spacing,
@@ -259,7 +291,7 @@ def _in_user_terms(err: VolSegError, stages: dict[Path, Path]) -> VolSegError:
     return err
 
 
-def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Tensor, volume,
+def write_outputs(request: SegmentRequest, labelmap: np.ndarray, probs: torch.Tensor | None, volume,
                   provenance: dict[str, Any], cancel: threading.Event | None = None) -> dict[str, Any]:
     """Write the segmentation (and the probabilities) as one group: every file is first written
     into a hidden staging folder beside its destination and moved into place only when all of

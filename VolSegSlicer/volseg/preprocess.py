@@ -9,6 +9,7 @@ recorded on the tensor, volseg's through their own ``inverse``.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import warnings
 from collections.abc import Mapping, Sequence
@@ -113,14 +114,25 @@ def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mappin
     return Preprocessed(image.float(), transforms, tuple(array.shape[1:]))
 
 
-def invert(output: torch.Tensor, pre: Preprocessed) -> torch.Tensor:
-    """Map a network output (C', I', J', K') on the preprocessed grid back to the input grid."""
+def invert_partial(output: torch.Tensor, pre: Preprocessed, keep_first: int = 0) -> MetaTensor:
+    """Undo every preprocessing step but the first ``keep_first`` (newest first) on a copy of the
+    recorded operations; the result still carries the kept steps' records."""
     out = MetaTensor(output.float().cpu())
     out.copy_meta_from(pre.image, copy_attr=True)
-    for t in reversed(pre.transforms):
+    out.applied_operations = copy.deepcopy(pre.image.applied_operations)
+    for t in reversed(pre.transforms[keep_first:]):
         if isinstance(t, InvertibleTransform) or hasattr(t, "inverse"):
             out = t.inverse(out)
-    result = torch.as_tensor(out).float()
+    return out
+
+
+def invert(output: torch.Tensor, pre: Preprocessed) -> torch.Tensor:
+    """Map a network output (C', I', J', K') on the preprocessed grid back to the input grid.
+
+    Repeatable: MONAI's inverses consume the operations recorded on the tensor, so each call
+    works on its own copy of them and ``pre`` can be inverted again (one class at a time, say).
+    """
+    result = torch.as_tensor(invert_partial(output, pre)).float()
     if tuple(result.shape[1:]) != pre.input_shape:
         raise RuntimeError(f"inverting the preprocessing gave shape {tuple(result.shape[1:])}, expected {pre.input_shape}")
     return result

@@ -25,7 +25,7 @@ MAX_EXPANDED = 20_000_000
 #: Deepest nesting of containers and reduced objects.
 MAX_DEPTH = 200
 #: Most objects on the unpickler's stack at once (pickle writes containers in batches of 1,000).
-MAX_STACK = 100_000
+MAX_STACK = 50_000
 #: Most opcodes in one pickle.
 MAX_OPCODES = 50_000_000
 #: Longest walk of one file's pickles, in seconds.

@@ -194,6 +194,18 @@ def test_deep_nesting_is_refused():
         scan_pickle(b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b".")
 
 
+def test_legacy_checkpoint_declaring_more_tensor_data_than_it_holds_is_refused(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"a": torch.zeros(1000), "view": torch.zeros(1000)[:10]}, path, _use_new_zipfile_serialization=False)
+    assert sorted(read_checkpoint(path).state_dict) == ["a", "view"]
+    data = bytearray(path.read_bytes())
+    at = data.find(b"M\xe8\x03")  # BININT2 1000: the storage's element count
+    data[at + 1:at + 3] = b"\xff\xff"  # 65535 floats (and 1000 for the view): 260 KiB in an 8 KiB file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"declares 266,140 bytes of tensor data but the file holds"):
+        read_checkpoint(path)
+
+
 def test_real_checkpoints_pass_the_scan(golden_dir):
     for path in sorted(golden_dir.glob("*.pt")):
         assert read_checkpoint(path).state_dict  # nothing refused

@@ -122,7 +122,11 @@ def check_checkpoint_file(path: Path, trust_code: bool = False) -> list[str] | N
         with open(path, "rb") as f:
             if f.read(1) == b"\x80":
                 f.seek(0)
-                scan_pickle(f, max_pickles=LEGACY_PICKLES)
+                declared = scan_pickle(f, max_pickles=LEGACY_PICKLES)
+                size = os.fstat(f.fileno()).st_size
+                if declared > size:  # torch allocates each storage at its declared size, then reads it
+                    raise _damaged(path, f"it declares {declared:,} bytes of tensor data but the file holds "
+                                         f"{size:,} bytes (truncated, or a damaged storage size)")
     except PickleBombError as error:
         raise _bomb(path, error) from None
     except PickleFormatError as error:

@@ -25,7 +25,7 @@ MAX_EXPANDED = 20_000_000
 #: Deepest nesting of containers and reduced objects.
 MAX_DEPTH = 200
 #: Most objects on the unpickler's stack at once (pickle writes containers in batches of 1,000).
-MAX_STACK = 100_000
+MAX_STACK = 50_000
 #: Most opcodes in one pickle.
 MAX_OPCODES = 50_000_000
 #: Longest walk of one file's pickles, in seconds.
@@ -68,13 +68,33 @@ class _BoundedReader:
         return self.stream.tell()
 
 
+_UNKNOWN = object()
+#: Opcodes whose argument is the (int or str) value they push.
+_SCALARS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
+                      "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
+_TUPLES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"})
+#: Bytes per element of torch's typed storages (legacy format); others count 1 byte per element.
+_ELEMENT_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1,
+                  "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16}
+
+
 class _Node:
-    """One object on the modelled stack: expanded size and nesting depth."""
+    """One object on the modelled stack: expanded size, nesting depth and, for small scalars
+    and tuples of them (torch's storage references), the value."""
 
-    __slots__ = ("size", "depth")
+    __slots__ = ("size", "depth", "value")
 
-    def __init__(self, size: int = 1, depth: int = 0) -> None:
-        self.size, self.depth = size, depth
+    def __init__(self, size: int = 1, depth: int = 0, value=_UNKNOWN) -> None:
+        self.size, self.depth, self.value = size, depth, value
+
+
+def _storage_bytes(pid) -> tuple[str, int] | None:
+    """(key, bytes) of a torch storage reference ``('storage', type, key, location, numel, ...)``."""
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int)):
+        return None
+    kind = pid[1][1].rsplit(".", 1)[-1] if isinstance(pid[1], tuple) and len(pid[1]) == 2 else ""
+    per = _ELEMENT_BYTES.get(kind.removesuffix("Storage"), 1)
+    return str(pid[2]), max(0, pid[4]) * per
 
 
 def _pop_to_mark(stack: list) -> list[_Node] | None:
@@ -104,8 +124,9 @@ def _malformed(stream, why: str) -> PickleFormatError:
     return PickleFormatError(f"its pickle is truncated or malformed near byte {stream.tell()} ({why})")
 
 
-def _walk(stream: _BoundedReader, deadline: float) -> bool:
+def _walk(stream: _BoundedReader, deadline: float, storages: dict[str, int]) -> bool:
     """Walk one pickle; True when it ended with STOP, False when the stream had nothing left.
+    The torch storages it references are added to ``storages`` (key -> declared bytes).
 
     Raises:
         PickleBombError: see :func:`scan_pickle`.
@@ -162,6 +183,20 @@ def _walk(stream: _BoundedReader, deadline: float) -> bool:
                 node = container
             else:
                 node = _combine(popped) if popped else _Node()
+                if name in _SCALARS:
+                    node.value = arg
+                elif name == "NONE":
+                    node.value = None
+                elif name == "GLOBAL" and isinstance(arg, str):
+                    node.value = ("global", arg.replace(" ", "."))
+                elif name == "STACK_GLOBAL" and all(isinstance(p.value, str) for p in popped):
+                    node.value = ("global", f"{popped[1].value}.{popped[0].value}")
+                elif name in _TUPLES and len(popped) <= 8 and all(p.value is not _UNKNOWN for p in popped):
+                    node.value = tuple(p.value for p in reversed(popped))
+                elif name == "BINPERSID" and popped:
+                    storage = _storage_bytes(popped[0].value)
+                    if storage is not None:
+                        storages[storage[0]] = max(storages.get(storage[0], 0), storage[1])
             _check(node)
             stack.extend([node] * len(after))
             if len(stack) > MAX_STACK:
@@ -173,8 +208,12 @@ def _walk(stream: _BoundedReader, deadline: float) -> bool:
     raise _malformed(stream, "it ends before STOP")
 
 
-def scan_pickle(data: bytes | BinaryIO, max_pickles: int = 1, seconds: float = MAX_SECONDS) -> None:
+def scan_pickle(data: bytes | BinaryIO, max_pickles: int = 1, seconds: float = MAX_SECONDS) -> int:
     """Walk up to ``max_pickles`` consecutive pickles in ``data`` and refuse a pickle bomb.
+
+    Returns:
+        the bytes of tensor data the pickles declare through torch storage references (torch's
+        legacy format allocates each storage at its declared size before reading it).
 
     Args:
         data: the pickle bytes, or a binary file positioned at the first pickle.
@@ -189,6 +228,8 @@ def scan_pickle(data: bytes | BinaryIO, max_pickles: int = 1, seconds: float = M
     """
     stream = _BoundedReader(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
     deadline = time.monotonic() + seconds
+    storages: dict[str, int] = {}
     for _ in range(max_pickles):
-        if not _walk(stream, deadline):
-            return
+        if not _walk(stream, deadline, storages):
+            break
+    return sum(storages.values())

@@ -47,3 +47,22 @@ def engine_result(tmp_path, demo, volume, values) -> Path:
         labels[10 + 5 * n: 14 + 5 * n, 50:60, 5:8] = value
     nrrd.write(str(path), labels, header)
     return path
+
+
+def surface_segmentation(context, name: str, centre, radius: float):
+    """A segmentation holding one sphere stored as a closed surface (as an imported STL or RT
+    structure set is), with "Closed surface" as its source representation."""
+    import slicer
+    import vtk
+
+    node = context.add_node("vtkMRMLSegmentationNode", name)
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*centre)
+    sphere.SetRadius(radius)
+    sphere.Update()
+    segment = slicer.vtkSegment()
+    segment.SetName("implant")
+    segment.AddRepresentation("Closed surface", sphere.GetOutput())
+    node.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    node.GetSegmentation().AddSegment(segment)
+    return node

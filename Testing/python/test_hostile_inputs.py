@@ -223,32 +223,20 @@ def test_damaged_central_directory_is_one_clear_refusal(tmp_path, threshold_torc
     assert "\n" not in info.value.message
 
 
-class LoopsWhileLoading(torch.nn.Module):
-    """TorchScript whose ``__setstate__`` (run by torch.jit.load) never returns."""
+def _loops_while_loading():
+    """The fuzz generator's TorchScript whose ``__setstate__`` (run by torch.jit.load) never returns."""
+    import importlib.util
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.x = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[int, bool]:
-        return (self.x, self.training)
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[int, bool]) -> None:
-        i = 0
-        while i >= 0:
-            i = i + 1 if i < 10 else 5
-        self.x = state[0]
-        self.training = state[1]
+    spec = importlib.util.spec_from_file_location("fuzz_cases", Path(__file__).resolve().parents[2] / "bench" /
+                                                  "fuzz_cases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._loops_while_loading_class()()
 
 
 def test_torchscript_running_its_own_code_at_load_is_refused(tmp_path):
     path = tmp_path / "loops.pt"
-    torch.jit.save(torch.jit.script(LoopsWhileLoading()), str(path))
+    torch.jit.save(torch.jit.script(_loops_while_loading()), str(path))
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="__setstate__") as info:
         read_checkpoint(path)  # torch.jit.load would hang here, holding the interpreter lock

@@ -21,7 +21,7 @@ if str(REPO_ROOT / "VolSegSlicer") not in sys.path:
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the [test] extra: pip install -e '.[test]'")
 
-from slicer_scene import engine_result, load_ct  # noqa: E402
+from slicer_scene import engine_result, load_ct, surface_segmentation  # noqa: E402
 from VolSegSlicerLib import export as export_module  # noqa: E402
 from VolSegSlicerLib import testing  # noqa: E402
 from VolSegSlicerLib.dicom import export_dicom_seg  # noqa: E402
@@ -133,19 +133,8 @@ def test_replace_keeps_the_users_copies_names_colours_and_display(context, demo,
 
 
 def test_replace_refuses_a_surface_segmentation_and_keeps_the_node_model(context, demo, tmp_path) -> None:
-    import vtk
-
     volume = load_ct(context)
-    surfaces = context.add_node("vtkMRMLSegmentationNode", "from STL")
-    sphere = vtk.vtkSphereSource()
-    sphere.SetCenter(0, 0, -200)
-    sphere.SetRadius(30)
-    sphere.Update()
-    segment = slicer.vtkSegment()
-    segment.SetName("implant")
-    segment.AddRepresentation("Closed surface", sphere.GetOutput())
-    surfaces.GetSegmentation().SetSourceRepresentationName("Closed surface")
-    surfaces.GetSegmentation().AddSegment(segment)
+    surfaces = surface_segmentation(context, "from STL", (0, 0, -200), 30)
     before = testing.scene_snapshot(context)
     with pytest.raises(ResultError, match="Closed surface"):
         import_result(context, str(engine_result(tmp_path, demo, volume, [1])), demo, volume, surfaces, True)
@@ -209,22 +198,13 @@ def test_a_truncated_write_is_an_error_and_leaves_nothing(context, demo, tmp_pat
 
 def test_a_surface_segmentation_exports_as_a_real_seg_nrrd(context, tmp_path) -> None:
     import slicerio
-    import vtk
 
     volume = load_ct(context)
-    node = context.add_node("vtkMRMLSegmentationNode", "from STL")
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    sphere = vtk.vtkSphereSource()
     bounds = [0.0] * 6
     volume.GetRASBounds(bounds)
-    sphere.SetCenter((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2)
-    sphere.SetRadius(40)
-    sphere.Update()
-    segment = slicer.vtkSegment()
-    segment.SetName("implant")
-    segment.AddRepresentation("Closed surface", sphere.GetOutput())
-    node.GetSegmentation().SetSourceRepresentationName("Closed surface")
-    node.GetSegmentation().AddSegment(segment)
+    centre = ((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2)
+    node = surface_segmentation(context, "from STL", centre, 40)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     path = export_segmentation_file(context, node, tmp_path / "implant.seg.nrrd")
     read = slicerio.read_segmentation(str(path))
     assert [s["name"] for s in read["segments"]] == ["implant"] and read["voxels"].sum() > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -27,8 +29,12 @@ SHAPE = (2, 1, 16, 16, 16)
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    if os.environ.get("CI") or os.environ.get("VOLSEG_REQUIRE_ONNX"):  # .ci/run installs the onnx extra
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    else:  # elsewhere the optional runtime may be absent: skipped, visibly
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
     folder = tmp_path_factory.mktemp("runtime-cache")
     model = Small().eval()
     net, err = compile_for_cpu(model, "onnxruntime", SHAPE, folder)

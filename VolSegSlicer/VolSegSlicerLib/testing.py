@@ -67,24 +67,31 @@ def segment_mask(context: MRMLContext, segmentation_node: Any, segment_id: str, 
         return volume_array(labelmap) > 0
 
 
-def set_segment_voxels(segmentation_node: Any, segment_id: str, volume: Any, mask: np.ndarray, mode: int) -> None:
-    """Apply ``mask`` (K, J, I on ``volume``'s grid) to a segment as an editor effect does:
-    ``mode`` is ``MODE_MERGE_MAX`` (paint), ``MODE_MERGE_MIN`` (erase where 0) or ``MODE_REPLACE``."""
+def oriented_mask(mask: np.ndarray, volume: Any) -> Any:
+    """``mask`` (K, J, I on ``volume``'s grid) as a ``vtkOrientedImageData`` in ``volume``'s
+    local coordinates, the form Segment Editor's effects hand to the segmentation."""
     import slicer
+    import vtk
     from vtk.util import numpy_support
 
     image = slicer.vtkOrientedImageData()
     k, j, i = mask.shape
     image.SetDimensions(i, j, k)
-    import vtk
-
     matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(matrix)
     image.SetImageToWorldMatrix(matrix)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.astype(np.uint8).ravel(), deep=True))
-    extent = image.GetExtent()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode, extent):
+    return image
+
+
+def set_segment_voxels(segmentation_node: Any, segment_id: str, volume: Any, mask: np.ndarray, mode: int) -> None:
+    """Apply ``mask`` to one segment with ``SetBinaryLabelmapToSegment`` (``MODE_REPLACE``...),
+    leaving the other segments alone."""
+    import slicer
+
+    image = oriented_mask(mask, volume)
+    if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, segmentation_node, segment_id, mode, image.GetExtent()):
         raise AssertionError(f"editing segment {segment_id} failed")
 
 
@@ -102,34 +109,40 @@ class Edits:
 
 
 def correct_like_segment_editor(context: MRMLContext, segmentation_node: Any, volume: Any) -> Edits:
-    """Paint a sphere into "right lung" (taking its voxels from the other segments, Segment
-    Editor's default "overwrite other segments"), erase a slab of "tissue", and add a user
-    segment "my lesion" (a box; the one already there is reused). Each edit replaces the segment's voxels with
-    ``SetBinaryLabelmapToSegment(..., MODE_REPLACE)``."""
+    """Correct a result with Segment Editor's own logic (``vtkSlicerSegmentEditorLogic``, what
+    its Paint, Erase and Add effects call), with the editor's default settings (painting takes
+    voxels from the other segments): paint a sphere into "right lung", erase a slab of "tissue",
+    and add a user segment "my lesion" (a box; the one already there is reused)."""
     import slicer
 
-    replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    editor = slicer.vtkSlicerSegmentEditorLogic
     segmentation = segmentation_node.GetSegmentation()
     lung, tissue = (segmentation.GetSegmentIdBySegmentName(name) for name in ("right lung", "tissue"))
-    masks = all_masks(context, segmentation_node, volume)
     shape = volume_array(volume).shape
     kk, jj, ii = np.indices(shape)
     spacing = volume.GetSpacing()
     centre = (shape[0] // 2, shape[1] // 2, shape[2] // 3)
     sphere = ((kk - centre[0]) * spacing[2]) ** 2 + ((jj - centre[1]) * spacing[1]) ** 2 + \
         ((ii - centre[2]) * spacing[0]) ** 2 <= 20.0 ** 2
-    for segment_id, mask in masks.items():
-        if segment_id != lung and (mask & sphere).any():
-            set_segment_voxels(segmentation_node, segment_id, volume, mask & ~sphere, replace)
-    set_segment_voxels(segmentation_node, lung, volume, masks[lung] | sphere, replace)
     slab = np.zeros(shape, bool)
     slab[shape[0] // 2 - 2: shape[0] // 2 + 2] = True
-    set_segment_voxels(segmentation_node, tissue, volume, masks[tissue] & ~sphere & ~slab, replace)
-    user = segmentation.GetSegmentIdBySegmentName("my lesion") or \
-        segmentation.AddEmptySegment("", "my lesion", [0.1, 0.2, 0.9])
     box = np.zeros(shape, bool)
     box[3:8, 100:110, 60:70] = True
-    set_segment_voxels(segmentation_node, user, volume, box, replace)
+    with context.temporary_additions():  # the editor's parameter node goes when the edits are done
+        logic = editor()
+        logic.SetMRMLScene(context.scene)
+        logic.SetSegmentEditorNode(context.add_node("vtkMRMLSegmentEditorNode", "VolSegSlicer test editor",
+                                                    hidden=True))
+        logic.SetSegmentationNode(segmentation_node)
+        logic.SetSourceVolumeNode(volume)
+        user = segmentation.GetSegmentIdBySegmentName("my lesion") or \
+            segmentation.AddEmptySegment("", "my lesion", [0.1, 0.2, 0.9])
+        for segment_id, mask, mode in ((lung, sphere, editor.ModificationModeAdd),
+                                       (tissue, slab, editor.ModificationModeRemove),
+                                       (user, box, editor.ModificationModeSet)):
+            logic.SetCurrentSegmentID(segment_id)
+            logic.ModifySegmentByLabelmap(segmentation_node, segment_id, oriented_mask(mask, volume), mode,
+                                          False, False)
     edits = Edits(lung, sphere, tissue, slab, user, box)
     edits.masks_after = all_masks(context, segmentation_node, volume)
     return edits
@@ -279,6 +292,9 @@ def run_user_chain(tc: Any, context: MRMLContext, segment: Any, export_labelmap:
     edits = correct_like_segment_editor(context, node, volume)
     tc.assertTrue(edits.masks_after[edits.painted_segment][edits.sphere].all(), "painting did not take")
     tc.assertFalse(edits.masks_after[edits.erased_segment][edits.slab].any(), "erasing did not take")
+    tc.assertFalse(any(mask[edits.sphere].any() for segment_id, mask in edits.masks_after.items()
+                       if segment_id != edits.painted_segment), "painting left the sphere in other segments")
+    tc.assertTrue(edits.masks_after[edits.user_segment][edits.user_mask].all(), "the user's segment is missing")
 
     second = segment()
     tc.assertEqual(second.monitor.outcome, "done", second.monitor.error)

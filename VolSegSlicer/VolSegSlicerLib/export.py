@@ -220,21 +220,30 @@ def export_labelmap(context: MRMLContext, segmentation_node: Any, path: str | os
         _harden(labelmap, (reference or segmentation_node).GetTransformNodeID())
         with _committed([path, table], overwrite) as (labelmap_tmp, table_tmp):
             _write_verified(lambda: write_volume_file(labelmap, labelmap_tmp, compress=True),
-                            lambda: np.array_equal(_read_labels(labelmap_tmp), voxels), path)
+                            lambda: np.array_equal(read_labelmap_file(labelmap_tmp)[0], voxels), path)
             write_color_table(table_tmp, _legend(labels, model), overwrite=True)
     return [path, table]
 
 
-def _read_labels(path: Path) -> np.ndarray:
-    """A written label map read back by a reader other than the one that wrote it (pynrrd,
-    nibabel), as (K, J, I): these refuse a truncated file instead of filling it with zeros."""
+def read_labelmap_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A label map file as a (K, J, I) array and its IJK-to-RAS matrix, read by pynrrd (NRRD) or
+    nibabel (NIfTI), not by the Slicer writer that made it: these refuse a truncated file
+    instead of filling it with zeros, and check an export independently."""
+    path = Path(path)
     if path.name.lower().endswith(".nrrd"):
         import nrrd
 
-        return np.asarray(nrrd.read(str(path))[0]).transpose(2, 1, 0)
+        data, header = nrrd.read(str(path))
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(header["space directions"], float).T
+        affine[:3, 3] = header["space origin"]
+        if header.get("space") in ("left-posterior-superior", "LPS"):
+            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        return np.asarray(data).transpose(2, 1, 0), affine
     import nibabel
 
-    return np.asarray(nibabel.load(str(path)).dataobj).transpose(2, 1, 0)
+    image = nibabel.load(str(path))
+    return np.asarray(image.dataobj).transpose(2, 1, 0), image.affine  # (I, J, K) -> (K, J, I)
 
 
 def export_segmentation_file(context: MRMLContext, segmentation_node: Any, path: str | os.PathLike,

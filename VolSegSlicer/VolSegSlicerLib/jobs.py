@@ -40,13 +40,17 @@ class SegmentationJob:
         self.outputPath = ""
         self.model: dict = {}
         self.inputVolumes: list = []
-        self.inputVolume = None
         self.checkpoint = ""
         self.outputSegmentation = None
         self.replace = False
         #: Set when the run had to be stopped for a reason of the scene's (e.g. its input was
         #: removed): the run ends as an error with this message, nothing imported.
         self.abandonReason = ""
+
+    @property
+    def inputVolume(self):
+        """The first input volume: the result takes its grid, transform and study."""
+        return self.inputVolumes[0] if self.inputVolumes else None
 
     #: Seconds the warm worker gets to answer a cancel request before it is killed.
     WARM_CANCEL_GRACE_S = 10.0

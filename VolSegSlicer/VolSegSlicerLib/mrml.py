@@ -147,6 +147,11 @@ def ijk_to_ras(volume_node: Any) -> np.ndarray:
 
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
+    return matrix_array(matrix)
+
+
+def matrix_array(matrix: Any) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4x4 numpy array."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 

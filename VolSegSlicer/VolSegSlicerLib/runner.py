@@ -219,7 +219,6 @@ class EngineRunner:
             raise
         job.tempDir, job.outputPath, job.model = temp_dir, output_path, model
         job.inputVolumes = list(input_volumes)
-        job.inputVolume = input_volumes[0]
         job.checkpoint = settings.checkpointPath
         job.outputSegmentation = settings.outputSegmentation
         job.replace = settings.replaceOutput

@@ -14,11 +14,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from VolSegSlicerLib.catalog import segment_rows
+from VolSegSlicerLib.export import read_labelmap_file
 from VolSegSlicerLib.mrml import (
     TAG_LABEL_VALUE,
     TAG_MODEL_ID,
     MRMLContext,
     ijk_to_ras,
+    matrix_array,
     reference_volume,
     segment_tag,
     string_array,
@@ -51,7 +53,7 @@ def world_matrix(node: Any) -> np.ndarray:
     transform = node.GetParentTransformNode()
     if transform is not None:
         transform.GetMatrixTransformToWorld(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return matrix_array(matrix)
 
 
 def segment_mask(context: MRMLContext, segmentation_node: Any, segment_id: str, volume: Any) -> np.ndarray:
@@ -214,25 +216,6 @@ def check_labelmap_export(tc: Any, written: Sequence[Any], model: dict, volume: 
         tc.assertTrue(np.all(labels[edits.user_mask] == user_value), "the user's segment is missing")
         tc.assertEqual(table[user_value]["Name"], "my lesion")
     return labels
-
-
-def read_labelmap_file(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A label map file as a (K, J, I) array and its IJK-to-RAS matrix: NIfTI read by nibabel,
-    NRRD by pynrrd (independent of Slicer's own readers)."""
-    if path.lower().endswith(".nrrd"):
-        import nrrd
-
-        data, header = nrrd.read(path)
-        affine = np.eye(4)
-        affine[:3, :3] = np.asarray(header["space directions"], float).T
-        affine[:3, 3] = header["space origin"]
-        if header.get("space") in ("left-posterior-superior", "LPS"):
-            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-        return np.asarray(data).transpose(2, 1, 0), affine
-    import nibabel
-
-    image = nibabel.load(path)
-    return np.asarray(image.dataobj).transpose(2, 1, 0), image.affine  # (I, J, K) -> (K, J, I)
 
 
 def check_seg_nrrd_export(tc: Any, path: str, model: dict, edits: Edits, volume: Any) -> None:

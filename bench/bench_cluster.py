@@ -3,7 +3,7 @@
     python bench/bench_cluster.py [--quick] [--cases N] [--size I J K] [--cpus N] [--threads N]
 
 The same synthetic cohort (``--cases`` CT-like volumes of ``--size``, a small TorchScript
-network of three 3D convolutions, 64^3 windows) runs through :func:`volseg.batch.run_batch`
+network of three 3D convolutions, 64^3 windows) runs through :func:`volseg.cohort.batch.run_batch`
 three ways, in interleaved rounds (plain, 1 worker, 2 workers; plain, ...), each call a whole
 cohort into a fresh output folder:
 
@@ -116,9 +116,9 @@ def labels(out: Path) -> dict[str, np.ndarray]:
 
 def run_cohort(row: str, cohort: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """One whole cohort through ``run_batch`` the way ``row`` says; wall time and manifest rows."""
-    from volseg.batch import run_batch
-    from volseg.cluster import ClusterSettings
-    from volseg.manifest import MANIFEST_NAME, read_rows
+    from volseg.cohort.batch import run_batch
+    from volseg.cohort.cluster import ClusterSettings
+    from volseg.cohort.manifest import MANIFEST_NAME, read_rows
 
     out = Path(tempfile.mkdtemp(prefix="out-", dir=scratch))
     cluster = None if row == ROWS[0] else ClusterSettings("local", workers=1 if row == ROWS[1] else 2, retries=0)
@@ -198,10 +198,10 @@ def run(n_cases: int, size: tuple[int, int, int], cpus: int, repeats: int, warmu
     try:
         cohort = make_cohort(scratch / "cohort", n_cases, size)
         if any(r != ROWS[0] for r in rows):
-            import volseg.cluster
+            import volseg.cohort.cluster
 
             if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
-                volseg.cluster.start_local(num_cpus=cpus)
+                volseg.cohort.cluster.start_local(num_cpus=cpus)
         for _ in range(warmup):
             for row in rows:
                 run_cohort(row, cohort, scratch)

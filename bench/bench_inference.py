@@ -1,9 +1,9 @@
-"""Benchmark sliding-window inference settings through ``volseg.inference.predict``.
+"""Benchmark sliding-window inference settings through ``volseg.inference.sliding_window.predict``.
 
     python bench/bench_inference.py [--quick] [--model segformer3d|unet] [--size I J K] [--threads N]
 
 A small network (tiny SegFormer3D, or a small MONAI UNet) runs over slicerio's chest CT
-(CTChest4.nrrd, 128x128x34, intensities scaled by volseg.preprocess) or a synthetic volume of
+(CTChest4.nrrd, 128x128x34, intensities scaled by volseg.preprocessing.card_steps) or a synthetic volume of
 ``--size``. The baseline is a model card's default (sw_batch_size 1, overlap 0.5, constant
 blending, no flips); each other row changes one setting. Columns: windows run (counted at the
 network, checked against ``count_windows``), median time, peak memory, their ratios to the
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import Column
 from volseg import models
-from volseg.inference import InferenceOptions, count_windows, predict
+from volseg.inference.sliding_window import InferenceOptions, count_windows, predict
 
 #: Tiny configurations (a few hundred thousand parameters) so a CPU run stays short.
 TINY = {
@@ -79,7 +79,7 @@ def load_image(size: tuple[int, int, int] | None) -> tuple[torch.Tensor, str]:
         return image, f"synthetic smooth volume {tuple(size)}"
     import slicerio
     from volseg.io import read_volume
-    from volseg.preprocess import preprocess
+    from volseg.preprocessing.card_steps import preprocess
 
     path = Path(slicerio.__file__).parent / "data" / "CTChest4.nrrd"
     volume = read_volume(path)

@@ -4,7 +4,7 @@
 
 A synthetic CT (int16 HU, body ellipse with organs and noise, 0.8 x 0.8 x 1.0 mm) goes through
 the ``uxnet-amos`` card's engine path: its preprocessing (1.5 x 1.5 x 2 mm, RAS, [-125, 275] ->
-[0, 1], crop to foreground), ``volseg.inference.predict`` with the card's window settings (96^3,
+[0, 1], crop to foreground), ``volseg.inference.sliding_window.predict`` with the card's window settings (96^3,
 overlap 0.5, window batch 4) and the label map on the input grid. The network is a stand-in
 with the card's 16 output channels (a 1x1x1 convolution and a sine, microseconds per window),
 so what is measured is the engine's own buffers: the image, the blended probabilities, the
@@ -16,7 +16,7 @@ Rows:
 
 - ``all classes`` (baseline): ``to_labelmap(invert(probs))``, the path used when the
   probabilities are also written: every class mapped back to the input grid at once.
-- ``one class at a time``: ``volseg.streamed_labels.invert_to_labelmap``, the path of a run
+- ``one class at a time``: ``volseg.postprocessing.to_input_grid.invert_to_labelmap``, the path of a run
   without ``--probabilities``.
 
 Both at ``--compare-size`` (interleaved, same process; label maps must be identical), then the
@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import Column
 from volseg.cards import load_card
-from volseg.inference import predict
-from volseg.postprocess import to_labelmap
-from volseg.preprocess import invert, preprocess
-from volseg.streamed_labels import invert_to_labelmap
+from volseg.inference.sliding_window import predict
+from volseg.postprocessing.labels import to_labelmap
+from volseg.preprocessing.card_steps import invert, preprocess
+from volseg.postprocessing.to_input_grid import invert_to_labelmap
 
 CARD = "uxnet-amos"
 SPACING = (0.8, 0.8, 1.0)

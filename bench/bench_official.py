@@ -11,8 +11,8 @@ SegFormer3D (``segformer3d-brats``) with their published configurations (random 
   (window batch 4, overlap 0.5, constant blending) then the activation for UX-Net and
   SegFormer3D (their ``test_seg.py``), nnU-Net's ``predict_3D`` for MedNeXt (volseg's
   re-implementation, equal to the official program's output to 4.5e-7 on its golden file).
-- ``volseg <runtime>``: ``volseg.inference.predict`` with the card's settings through the network
-  compiled for that runtime by ``volseg.cpu_runtime`` (exported once, cached, checked against
+- ``volseg <runtime>``: ``volseg.inference.sliding_window.predict`` with the card's settings through the network
+  compiled for that runtime by ``volseg.inference.cpu_runtime`` (exported once, cached, checked against
   PyTorch on one window; the one-off conversion time is reported separately). ``auto`` marks the
   runtime that ``runtime="auto"`` picks.
 - On CUDA (``--device cuda``): ``volseg cuda amp`` (the default, autocast fp16) and ``volseg cuda
@@ -47,8 +47,8 @@ import common
 from common import Column
 from volseg import models
 from volseg.cards import load_card
-from volseg.cpu_runtime import PREFERRED, compile_for_cpu
-from volseg.inference import count_windows, predict
+from volseg.inference.cpu_runtime import PREFERRED, compile_for_cpu
+from volseg.inference.sliding_window import count_windows, predict
 
 CARDS = {"uxnet": "uxnet-amos", "mednext": "mednext-nnunet-kits19-template", "segformer3d": "segformer3d-brats"}
 TINY = {

@@ -4,7 +4,7 @@
     python bench/fuzz_run.py --seed 0 --only 1234 --keep /tmp/case   # reproduce one case
 
 The cases come from ``fuzz_cases.make_case`` (seeded: the same seed and index give the same
-files). Each runs through ``volseg.cli.main`` - the entry point of ``volseg segment`` - with
+files). Each runs through ``volseg.cli.main.main`` - the entry point of ``volseg segment`` - with
 ``--progress json`` in a warm worker process (torch imported once) whose address space is
 capped at its size after warm-up plus ``--memory-cap-mib`` (``RLIMIT_AS``); the parent kills
 and restarts a worker that takes longer than ``--timeout`` seconds on a case.
@@ -172,7 +172,7 @@ def worker(conn, memory_cap: int, torch_threads: int) -> None:
     import torch
 
     torch.set_num_threads(torch_threads)
-    from volseg.cli import main
+    from volseg.cli.main import main
 
     base = Path(tempfile.mkdtemp(prefix="volseg-fuzz-"))
     try:

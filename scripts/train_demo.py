@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 
 from volseg import models
 from volseg.cards import load_card
-from volseg.checkpoints import sha256sum
+from volseg.checkpoints.reading import sha256sum
 from volseg.io import read_inputs
-from volseg.preprocess import preprocess
+from volseg.preprocessing.card_steps import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ROOT / "Resources" / "ModelCards" / "demo.json"

@@ -89,7 +89,7 @@ def install_pause(point: str) -> None:
 if __name__ == "__main__":
     try:
         install_pause(os.environ["VOLSEG_TEST_PAUSE"])
-        from volseg.cli import main
+        from volseg.cli.main import main
 
         code = main(sys.argv[1:])
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from volseg.cli import main
+from volseg.cli.main import main
 from volseg.io import read_volume
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

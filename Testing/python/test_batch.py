@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import make_card
-from volseg.cli import main
+from volseg.cli.main import main
 
 
 def write_case(path, value=800.0, shape=(20, 16, 12)):
@@ -79,9 +79,9 @@ def test_multi_input_case_folders_use_name_hints(tmp_path, threshold_torchscript
 
 
 def test_unexpected_error_in_one_case_does_not_stop_the_others(tmp_path, threshold_torchscript, capsys, monkeypatch):
-    import volseg.case_runner
+    import volseg.cohort.case_runner
 
-    real = volseg.case_runner.segment
+    real = volseg.cohort.case_runner.segment
 
     def flaky(request, *a, **k):
         if request.inputs[0].name.startswith("b"):
@@ -90,7 +90,7 @@ def test_unexpected_error_in_one_case_does_not_stop_the_others(tmp_path, thresho
             raise MemoryError()
         return real(request, *a, **k)
 
-    monkeypatch.setattr(volseg.case_runner, "segment", flaky)
+    monkeypatch.setattr(volseg.cohort.case_runner, "segment", flaky)
     cases = [write_case(tmp_path / f"{n}.nrrd") for n in ("a", "b", "c", "d")]
     card = make_card(tmp_path, "thr", preprocessing=SCALE)
     out = tmp_path / "o"
@@ -124,7 +124,7 @@ def test_folder_of_volumes_is_one_case_per_file_for_single_input_models(tmp_path
 
 def test_find_cases_orders_folder_volumes_and_refuses_an_empty_folder(tmp_path):
     import pytest
-    from volseg.batch import find_cases
+    from volseg.cohort.batch import find_cases
     from volseg.cards import load_card
     from volseg.errors import InputError
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import ThresholdNet, make_card
 from test_batch import SCALE, write_case
-from volseg.cli import main
-from volseg.manifest import MANIFEST_NAME, Manifest, read_rows
+from volseg.cli.main import main
+from volseg.cohort.manifest import MANIFEST_NAME, Manifest, read_rows
 
 
 @pytest.fixture
@@ -96,8 +96,8 @@ def test_a_result_changed_by_hand_is_never_replaced_without_overwrite(cohort, ca
 
 
 def test_cancel_in_a_plain_batch(cohort, threshold_torchscript):
-    from volseg.batch import run_batch
-    from volseg.cli import build_parser, request_from_args
+    from volseg.cohort.batch import run_batch
+    from volseg.cli.main import build_parser, request_from_args
     from volseg.errors import Cancelled
     from volseg.progress import JsonReporter
 
@@ -167,7 +167,7 @@ def test_cluster_options_are_checked_before_anything_runs(cohort, capsys, extra,
 
 
 def test_pool_shape():
-    from volseg.cluster import pool_shape
+    from volseg.cohort.cluster import pool_shape
     from volseg.errors import InputError, ResourceError
 
     gpu_nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 4}, {"CPU": 32, "GPU": 4}]
@@ -186,7 +186,7 @@ def test_pool_shape():
 
 
 def test_partial_outputs_of_a_dead_worker_are_removed_and_no_others(tmp_path):
-    from volseg.case_runner import Job, discard_partial_outputs
+    from volseg.cohort.case_runner import Job, discard_partial_outputs
 
     ours = tmp_path / ".volseg-stage-abc"
     ours.mkdir()
@@ -204,7 +204,7 @@ def test_partial_outputs_of_a_dead_worker_are_removed_and_no_others(tmp_path):
 
 
 def test_cohort_bar_line():
-    from volseg.cohort import bar_line
+    from volseg.cohort.progress import bar_line
 
     line = bar_line({"done": 9, "failed": 1, "skipped": 2, "total": 24, "cases_per_min": 4.25, "eta_s": 169.0},
                     width=12)
@@ -222,14 +222,14 @@ def test_text_progress_shows_the_cohort(cohort, capsys):
 
 
 def test_cases_left_when_the_cluster_fails_say_why(cohort, monkeypatch, capsys):
-    import volseg.cluster
+    import volseg.cohort.cluster
     from volseg.errors import ResourceError
 
     def unreachable(*args, **kwargs):
         raise ResourceError("cannot join the Ray cluster at ray://nowhere:10001: refused")
 
-    monkeypatch.setattr(volseg.cluster, "require_ray", lambda: None)
-    monkeypatch.setattr(volseg.cluster, "run_on_cluster", unreachable)
+    monkeypatch.setattr(volseg.cohort.cluster, "require_ray", lambda: None)
+    monkeypatch.setattr(volseg.cohort.cluster, "run_on_cluster", unreachable)
     assert cohort["run"]("--cluster", "ray://nowhere:10001", progress="none") == 3
     assert "cannot join the Ray cluster" in capsys.readouterr().err
     rows, _ = read_rows(cohort["out"] / MANIFEST_NAME)

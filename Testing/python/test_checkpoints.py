@@ -10,7 +10,7 @@ from monai.networks.nets import UNet
 from safetensors.torch import save_file
 
 from volseg import models
-from volseg.checkpoints import describe, read_checkpoint, sha256sum, unwrap
+from volseg.checkpoints.reading import describe, read_checkpoint, sha256sum, unwrap
 from volseg.errors import CheckpointError
 
 CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
@@ -57,7 +57,7 @@ def test_wrapped_checkpoints_unwrap_to_the_same_weights(name, unet_sd, tmp_path)
 
 def test_genuine_model_prefix_is_kept(unet_sd):
     """MONAI UNet's own keys start with "model.": a plain file must not lose that prefix."""
-    from volseg.checkpoints import unwrap as unwrap_
+    from volseg.checkpoints.reading import unwrap as unwrap_
 
     assert set(unwrap_(dict(unet_sd)).state_dict) == set(unet_sd)
     assert [m.name for m in models.match(unet_sd)] == ["unet"]
@@ -182,7 +182,7 @@ def test_a_file_that_is_no_checkpoint_is_said_so_before_any_checksum(tmp_path, u
 
 
 def test_checkpoint_kind_from_the_first_bytes(tmp_path, unet_sd):
-    from volseg.checkpoint_files import checkpoint_kind
+    from volseg.checkpoints.sniffing import checkpoint_kind
 
     torch.save(unet_sd, tmp_path / "zip.pt")
     torch.save(unet_sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)

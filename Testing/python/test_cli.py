@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import make_card
-from volseg.cli import main
+from volseg.cli.main import main
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
@@ -267,7 +267,7 @@ def test_volume_too_large_for_memory_is_refused_up_front(small_ct, threshold_car
 def test_models_are_listed_before_torch_is_installed():
     """The Slicer panel lists models before PyTorch is installed: reading cards must not need torch."""
     code = ("import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
-            "from volseg.cli import main; sys.exit(main(['models', '--json']))")
+            "from volseg.cli.main import main; sys.exit(main(['models', '--json']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "demo" in {c["id"] for c in json.loads(r.stdout)["models"]}
@@ -354,7 +354,7 @@ def test_serve_cancel_stops_only_the_request_it_names(small_ct, threshold_card, 
     import threading
 
     import volseg.pipeline
-    from volseg.cli import cmd_serve
+    from volseg.cli.main import cmd_serve
     from volseg.errors import Cancelled
 
     started, ran = {}, []
@@ -401,7 +401,7 @@ def test_serve_cancel_stops_only_the_request_it_names(small_ct, threshold_card, 
 
 def test_cancel_line_of_the_slicer_module_is_understood():
     """The module sends cancel_request_line(id); the worker must read it as a cancel of that id."""
-    from volseg.cli import _EOF, _ServeQueue
+    from volseg.cli.main import _EOF, _ServeQueue
     from VolSegSlicerLib.command import cancel_request_line
 
     q = _ServeQueue()
@@ -431,12 +431,12 @@ def test_non_finite_numbers_are_refused(small_ct, threshold_card, threshold_torc
 
 
 def test_listing_commands_report_a_bug_in_one_line(monkeypatch, capsys):
-    import volseg.cli
+    import volseg.cli.main
 
     def broken(args):
         raise KeyError("oops")
 
-    monkeypatch.setitem(volseg.cli.COMMANDS, "devices", broken)
+    monkeypatch.setitem(volseg.cli.main.COMMANDS, "devices", broken)
     assert main(["devices"]) == 1
     err = capsys.readouterr().err
     assert "internal error (KeyError" in err and "VOLSEG_DEBUG" in err

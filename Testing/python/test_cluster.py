@@ -23,9 +23,9 @@ if importlib.util.find_spec("ray") is None:
     pytest.skip("Ray is not installed (pip install -e '.[cluster]'); the --cluster tests need it",
                 allow_module_level=True)
 
-from volseg import cluster
-from volseg.cli import main
-from volseg.manifest import MANIFEST_NAME, read_rows
+from volseg.cohort import cluster
+from volseg.cli.main import main
+from volseg.cohort.manifest import MANIFEST_NAME, read_rows
 
 TESTS_DIR = Path(__file__).resolve().parent
 SHAPES = [(20, 16, 12), (16, 16, 16), (24, 16, 12), (20, 20, 12), (16, 24, 12), (20, 16, 16)]
@@ -133,12 +133,12 @@ def test_two_actors_give_the_plain_batch_results_and_a_killed_worker_is_retried(
 
 def test_an_invisible_input_and_a_case_that_keeps_killing_its_worker_fail_alone(
         ray_local, cohort, threshold_torchscript, faults, monkeypatch, capsys, tmp_path):
-    import volseg.batch
-    from volseg.batch import Case
+    import volseg.cohort.batch
+    from volseg.cohort.batch import Case
 
-    real = volseg.batch.find_cases
+    real = volseg.cohort.batch.find_cases
     ghost = tmp_path / "elsewhere" / "ghost.nii.gz"  # a path the workers do not see
-    monkeypatch.setattr(volseg.batch, "find_cases", lambda paths, card: [*real(paths, card)[:2], Case("ghost", [ghost])])
+    monkeypatch.setattr(volseg.cohort.batch, "find_cases", lambda paths, card: [*real(paths, card)[:2], Case("ghost", [ghost])])
     for n in (1, 2):  # c1 kills its worker twice: with --retries 1 that is all its tries
         (faults / f"kill-c1.seg.nrrd.{n}").write_text("")
     out = tmp_path / "o"
@@ -160,8 +160,8 @@ def test_an_invisible_input_and_a_case_that_keeps_killing_its_worker_fail_alone(
 
 
 def test_cancel_keeps_finished_cases_and_records_the_rest(ray_local, cohort, threshold_torchscript, tmp_path):
-    from volseg.batch import run_batch
-    from volseg.cli import build_parser, request_from_args
+    from volseg.cohort.batch import run_batch
+    from volseg.cli.main import build_parser, request_from_args
     from volseg.errors import Cancelled
     from volseg.progress import JsonReporter
 
@@ -196,7 +196,7 @@ def test_the_command_line_starts_and_stops_its_own_loopback_instance(cohort, thr
 
     out = tmp_path / "o"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([cluster.ENGINE_ROOT, os.environ.get("PYTHONPATH", "")])}
-    script = ("import sys; from volseg.cli import main; rc = main(sys.argv[1:]); "
+    script = ("import sys; from volseg.cli.main import main; rc = main(sys.argv[1:]); "
               "import ray; print('NODE', ray.util.get_node_ip_address() if ray.is_initialized() else 'stopped'); "
               "sys.exit(rc)")
     one_case = cohort["cases"] / "c0.nii.gz"

@@ -175,7 +175,7 @@ def test_every_engine_and_module_python_file_is_installed(module: dict) -> None:
     listed = set(module["MODULE_PYTHON_SCRIPTS"])
     on_disk = {p.relative_to(MODULE_DIR).as_posix() for folder in ("volseg", "VolSegSlicerLib")
                for p in (MODULE_DIR / folder).rglob("*.py") if "__pycache__" not in p.parts}
-    assert {"volseg/__init__.py", "volseg/__main__.py", "volseg/cli.py", "VolSegSlicerLib/process.py"} <= on_disk
+    assert {"volseg/__init__.py", "volseg/__main__.py", "volseg/cli/main.py", "VolSegSlicerLib/process.py"} <= on_disk
     forgotten = sorted(on_disk - listed)
     assert not forgotten, f"Python files that the extension would not install: {forgotten}"
     schema_files = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "volseg" / "schema").glob("*.json")}
@@ -256,7 +256,7 @@ def test_configure_succeeds_and_registers_the_self_test(configured: Path) -> Non
 
 def test_build_layout_holds_module_engine_and_resources(configured: Path) -> None:
     module_dir = configured / SCRIPTED_LIB_DIR
-    for name in ("VolSegSlicer.py", "VolSegSlicerLib/process.py", "volseg/cli.py", "volseg/__main__.py",
+    for name in ("VolSegSlicer.py", "VolSegSlicerLib/process.py", "volseg/cli/main.py", "volseg/__main__.py",
                  "volseg/schema/model_card.schema.json", "Resources/UI/VolSegSlicer.ui",
                  "Resources/Icons/VolSegSlicer.png", "Resources/requirements.txt", "Resources/ModelCards/demo.json"):
         assert (module_dir / name).is_file(), name

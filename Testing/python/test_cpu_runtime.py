@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 from torch import nn
-from volseg import cpu_runtime
-from volseg.cpu_runtime import RuntimeNet, compile_for_cpu, select_runtime
-from volseg.inference import InferenceOptions, predict
+from volseg.inference import cpu_runtime
+from volseg.inference.cpu_runtime import RuntimeNet, compile_for_cpu, select_runtime
+from volseg.inference.sliding_window import InferenceOptions, predict
 
 
 class Small(nn.Module):

@@ -15,11 +15,11 @@ from dataclasses import replace
 import pytest
 import torch
 from volseg import models
-from volseg.devices import resolve_device
+from volseg.inference.devices import resolve_device
 from volseg.errors import ResourceError
-from volseg.inference import InferenceOptions, predict, predict_with_fallback
+from volseg.inference.sliding_window import InferenceOptions, predict, predict_with_fallback
 from volseg.models.deform_conv import deform_conv3d
-from volseg.nnunet_inference import ALL_FLIPS
+from volseg.inference.nnunet import ALL_FLIPS
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU here (bench/gpu_check.sh runs these on one)")
@@ -71,7 +71,7 @@ def test_amp_agrees_with_fp32_per_architecture(golden_dir, name, in_channels, ac
 
 _OOM_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from volseg.inference import InferenceOptions, predict_with_fallback
+    from volseg.inference.sliding_window import InferenceOptions, predict_with_fallback
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(256 * 2**20 / total, 0)   # a 256 MiB GPU
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 64, 3, padding=1), torch.nn.Conv3d(64, 2, 1)).eval()

@@ -11,9 +11,9 @@ import pytest
 import slicerio
 from PIL import Image
 from volseg.cards import load_card
-from volseg.checkpoints import sha256sum
-from volseg.cli import main
-from volseg.demo import fresh_folder
+from volseg.checkpoints.reading import sha256sum
+from volseg.cli.main import main
+from volseg.demo.run import fresh_folder
 
 
 NOTICE_RED = (170, 0, 0)
@@ -81,7 +81,7 @@ def test_demo_writes_a_picture(demo_run):
 
 
 def test_picture_outlines_big_labels_and_letters_every_side(tmp_path, monkeypatch):
-    from volseg import demo_picture
+    from volseg.demo import picture as demo_picture
 
     ct = np.full((40, 40, 10), 0.0)
     labels = np.zeros((40, 40, 10), np.uint8)
@@ -113,7 +113,7 @@ def test_fresh_folder_numbers_existing_names(tmp_path):
 
 
 def test_to_lps_axes_undoes_any_storage_order():
-    from volseg.demo import to_lps_axes
+    from volseg.demo.run import to_lps_axes
 
     a = np.arange(24).reshape(2, 3, 4)
     lps = np.eye(3)

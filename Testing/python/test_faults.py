@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import make_card
-from volseg.cli import main
+from volseg.cli.main import main
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and file-system faults")
 

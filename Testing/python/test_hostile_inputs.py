@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from volseg.checkpoints import read_checkpoint
-from volseg.cli import main
+from volseg.checkpoints.reading import read_checkpoint
+from volseg.cli.main import main
 from volseg.errors import CheckpointError, InputError
 from volseg.io import read_inputs
-from volseg.pickle_scan import PickleBombError, scan_pickle
+from volseg.checkpoints.pickle_scan import PickleBombError, scan_pickle
 
 
 @pytest.fixture

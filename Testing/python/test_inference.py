@@ -9,7 +9,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from volseg.errors import Cancelled, ResourceError
-from volseg.inference import InferenceOptions, count_windows, predict, predict_with_fallback
+from volseg.inference.sliding_window import InferenceOptions, count_windows, predict, predict_with_fallback
 
 
 class Recorder:

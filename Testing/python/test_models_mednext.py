@@ -198,7 +198,8 @@ def test_noncubic_input(golden_dir: Path) -> None:
 
 
 def test_template_card_builds_published_variant(repo_root: Path) -> None:
-    from volseg import cards, preprocess
+    from volseg import cards
+    from volseg.preprocessing import card_steps as preprocess
 
     card = cards.load_card(repo_root / "Resources" / "ModelCards" / "mednext-nnunet-kits19-template.json")
     assert card.architecture == "mednext" and card.activation == "softmax" and card.out_channels == 3
@@ -222,7 +223,7 @@ def test_template_card_builds_published_variant(repo_root: Path) -> None:
 
 def test_nnunet_model_checkpoint_and_missing_dummy_tensor(golden_dir: Path, tmp_path: Path) -> None:
     """An nnU-Net v1 ``.model`` file (weights under 'state_dict'), also without ``dummy_tensor``."""
-    from volseg.checkpoints import read_checkpoint
+    from volseg.checkpoints.reading import read_checkpoint
 
     g = _load(golden_dir / "mednext_small_k5.pt")
     path = tmp_path / "model_final_checkpoint.model"

@@ -165,7 +165,7 @@ def _card_raw(repo_root: Path) -> dict:
 
 def test_card_is_valid_and_paints_msd_labels(repo_root: Path) -> None:
     from volseg import cards
-    from volseg.postprocess import to_labelmap
+    from volseg.postprocessing.labels import to_labelmap
 
     card = cards.load_card(repo_root / "Resources" / "ModelCards" / CARD)
     assert card.architecture == "segformer3d" and card.activation == "sigmoid" and card.threshold == 0.5
@@ -195,7 +195,7 @@ def test_card_name_hints_pick_one_input(repo_root: Path, name: str, expected: st
 
 def test_card_preprocessing_reproduces_official_pipeline(repo_root: Path) -> None:
     """Card steps on a 240x240x155 BraTS-shaped volume == the official script's arrays, and invert back."""
-    from volseg import preprocess
+    from volseg.preprocessing import card_steps as preprocess
 
     rng = np.random.default_rng(0)
     raw = (rng.random((1, 240, 240, 155)) * 1000).astype(np.float32)

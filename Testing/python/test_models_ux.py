@@ -563,7 +563,7 @@ def test_flare_card_preprocessing_runs_on_a_real_ct_and_inverts(repo_root, ct_pa
     import numpy as np
 
     from volseg.io.readers import read_volume
-    from volseg.preprocess import invert, preprocess
+    from volseg.preprocessing.card_steps import invert, preprocess
 
     volume = read_volume(ct_path)
     array = volume.array if volume.array.ndim == 4 else volume.array[None]

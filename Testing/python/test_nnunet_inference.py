@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 from volseg import models
-from volseg.inference import InferenceOptions, count_windows, predict
-from volseg.nnunet_inference import (
+from volseg.inference.sliding_window import InferenceOptions, count_windows, predict
+from volseg.inference.nnunet import (
     ALL_FLIPS,
     _nnunet_order,
     nnunet_gaussian,
@@ -132,7 +132,7 @@ def test_nnunet_card_segments_like_official_predict_3d(golden, tmp_path, capsys)
     """The command line with a card selecting ``mode: nnunet`` gives the official argmax."""
     import nibabel as nib
     from conftest import make_card
-    from volseg.cli import main
+    from volseg.cli.main import main
     from volseg.io import read_volume
 
     g, _ = golden

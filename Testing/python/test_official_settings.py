@@ -5,7 +5,7 @@ DeformUX-Net ``test_seg.py`` run MONAI ``sliding_window_inference(roi 96^3, sw_b
 overlap 0.5, mode constant)`` and take the softmax of the blended logits; SegFormer3D runs the
 same call with a 128^3 ROI and a sigmoid; MedNeXt is evaluated by nnU-Net v1's ``predict_3D``
 (patch 128^3, step 0.5, Gaussian, softmax per window, mirroring over all axes). For every
-architecture a tiny golden network is then run through :func:`volseg.inference.predict` with
+architecture a tiny golden network is then run through :func:`volseg.inference.sliding_window.predict` with
 the card's settings (ROI scaled down to the tiny network) and compared with the official recipe
 called directly, on an image large enough for overlapping windows. The MedNeXt/nnU-Net recipe is
 checked against the official program's own output in ``test_nnunet_inference.py``.
@@ -21,8 +21,8 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 from volseg import cards, models
-from volseg.inference import predict
-from volseg.nnunet_inference import ALL_FLIPS
+from volseg.inference.sliding_window import predict
+from volseg.inference.nnunet import ALL_FLIPS
 
 MONAI_RECIPE = {"mode": "constant", "overlap": 0.5, "sw_batch_size": 4, "flips": set(), "activation_per_window": False}
 OFFICIAL = {  # architecture -> (ROI, activation, settings), from each official test script

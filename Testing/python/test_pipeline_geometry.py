@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import make_card
 
-from volseg.cli import main
+from volseg.cli.main import main
 from volseg.io import read_volume
 
 SHAPE = (40, 36, 24)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_card
 from monai.networks.nets import UNet
 
-from volseg.cli import main
+from volseg.cli.main import main
 
 SCALE = {"name": "ScaleIntensityRange", "args": {"a_min": -1000, "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True}}
 
@@ -141,16 +141,16 @@ def test_num_labels_hint_for_a_sigmoid_family():
 def test_torchscript_label_count_mismatch_is_found_on_the_first_window(tmp_path, ct, threshold_torchscript, capsys,
                                                                        monkeypatch):
     card = make_card(tmp_path, "three", labels=[{"value": v, "name": f"l{v}"} for v in (1, 2)])  # 3 channels
-    import volseg.window_predictor
+    import volseg.inference.window_predictor
 
     calls = []
-    real = volseg.window_predictor.WindowPredictor.__call__
+    real = volseg.inference.window_predictor.WindowPredictor.__call__
 
     def counting(self, patches):
         calls.append(1)
         return real(self, patches)
 
-    monkeypatch.setattr(volseg.window_predictor.WindowPredictor, "__call__", counting)
+    monkeypatch.setattr(volseg.inference.window_predictor.WindowPredictor, "__call__", counting)
     assert run(ct, card, threshold_torchscript, tmp_path / "o.nrrd", "--roi-size", "8", "8", "8",
                "--sw-batch-size", "1") == 2
     assert "returns 2 channels but the card (or --num-labels) describes 3" in capsys.readouterr().err

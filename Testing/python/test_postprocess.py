@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from volseg.cards import Label
-from volseg.postprocess import fill_holes, keep_largest_component, postprocess, remove_small_islands, to_labelmap
+from volseg.postprocessing.labels import fill_holes, keep_largest_component, postprocess, remove_small_islands, to_labelmap
 
 A = Label(1, "a", (255, 0, 0), 1)
 B = Label(2, "b", (0, 255, 0), 2)

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from volseg.cli import build_parser
+from volseg.cli.main import build_parser
 
 HEAVY = ("torch", "monai", "SimpleITK", "nibabel", "scipy")
 
@@ -25,7 +25,7 @@ HEAVY = ("torch", "monai", "SimpleITK", "nibabel", "scipy")
 #: and prints one JSON line per run: exit code, stderr, stdout size and the heavy modules loaded.
 PROBE = textwrap.dedent("""
     import contextlib, io, json, sys
-    from volseg.cli import main
+    from volseg.cli.main import main
     for argv in json.loads(sys.argv[1]):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -149,8 +149,8 @@ def test_help_pages_say_what_users_asked_for(capsys):
 
 def test_engine_modules_for_the_fast_path_do_not_import_heavy_packages():
     """The modules the argument checks use import nothing heavy at module level."""
-    code = ("import sys, volseg.request, volseg.cards, volseg.io.outputs, volseg.checkpoint_files, "
-            "volseg.models.builtin, volseg.progress, volseg.cli; "
+    code = ("import sys, volseg.request, volseg.cards, volseg.io.outputs, volseg.checkpoints.sniffing, "
+            "volseg.models.builtin, volseg.progress, volseg.cli.main; "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
@@ -192,7 +192,7 @@ def test_models_and_refusals_work_before_torch_is_installed(tmp_path):
     """The Slicer panel lists the models before the PyTorch extension has installed torch."""
     code = ("import sys\n"
             "for name in ('torch', 'monai', 'SimpleITK'): sys.modules[name] = None  # import fails, as if absent\n"
-            "from volseg.cli import main\n"
+            "from volseg.cli.main import main\n"
             "assert main(['models', '--json']) == 0\n"
             f"assert main(['segment', {str(tmp_path / 'missing.nrrd')!r}, '--model', 'demo', '-o', 'x.seg.nrrd',"
             " '--progress', 'none']) == 2\n")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from volseg.cards import Label
-from volseg.postprocess import to_labelmap
-from volseg.preprocess import invert, preprocess
-from volseg.streamed_labels import all_finite, invert_to_labelmap
+from volseg.postprocessing.labels import to_labelmap
+from volseg.preprocessing.card_steps import invert, preprocess
+from volseg.postprocessing.to_input_grid import all_finite, invert_to_labelmap
 
 STEPS = [  # resampling, reorientation, intensity and a crop: every kind of inverse
     {"name": "Spacing", "args": {"pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"}},

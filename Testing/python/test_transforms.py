@@ -1,4 +1,4 @@
-"""volseg.transforms: PerSliceMinMax, ClipZScore, SwapSpatialAxes (+ MONAI's z-score equivalence)."""
+"""volseg.preprocessing.transforms: PerSliceMinMax, ClipZScore, SwapSpatialAxes (+ MONAI's z-score equivalence)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity
 
-from volseg import preprocess
-from volseg.transforms import ClipZScore, PerSliceMinMax, SwapSpatialAxes
+from volseg.preprocessing import card_steps as preprocess
+from volseg.preprocessing.transforms import ClipZScore, PerSliceMinMax, SwapSpatialAxes
 
 
 def _meta(array: np.ndarray, affine: np.ndarray | None = None) -> MetaTensor:
@@ -119,7 +119,7 @@ def test_swap_spatial_axes_inverse_on_network_output(volume: np.ndarray) -> None
 
 
 def test_card_names_resolve_to_volseg_transforms_and_invert() -> None:
-    """Through volseg.preprocess, as a card uses them: Orientation + crop + swap, then back."""
+    """Through volseg.preprocessing.card_steps, as a card uses them: Orientation + crop + swap, then back."""
     steps = [{"name": "PerSliceMinMax", "args": {"axis": -1}},
              {"name": "Orientation", "args": {"axcodes": "RAS"}},
              {"name": "CenterSpatialCrop", "args": {"roi_size": [8, 8, 4]}},

@@ -10,7 +10,7 @@ from volseg import signals
 
 signals.install()
 try:
-    from volseg.cli import main
+    from volseg.cli.main import main
 
     code = signals.report_cancelled(sys.argv[1:]) if signals.pending() else main()
 except KeyboardInterrupt:

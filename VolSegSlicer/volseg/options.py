@@ -14,14 +14,14 @@ class InferenceOptions:
     """Sliding-window settings, in MONAI ``sliding_window_inference`` terms.
 
     ``mode`` is MONAI's blending (``"constant"``, ``"gaussian"``) or ``"nnunet"``: nnU-Net v1's
-    tiling, Gaussian, padding and per-window mirroring (:mod:`volseg.nnunet_inference`), where
+    tiling, Gaussian, padding and per-window mirroring (:mod:`volseg.inference.nnunet`), where
     ``overlap`` is ``1 - step_size`` and the activation is always applied per window.
 
     ``activation`` is applied after blending (or to every window with
     ``activation_per_window``, as nnU-Net does); ``flips`` lists the spatial axes of each extra
     test-time pass; ``select_output`` picks one output of a network that returns a list;
     ``out_channels``, when given, is checked against the first window's output; ``runtime``
-    picks the CPU inference runtime (:mod:`volseg.cpu_runtime`; ``"auto"`` converts only large
+    picks the CPU inference runtime (:mod:`volseg.inference.cpu_runtime`; ``"auto"`` converts only large
     jobs of architectures known to gain, always checked against PyTorch, else PyTorch).
     """
 
@@ -37,4 +37,4 @@ class InferenceOptions:
     padding_mode: str = "constant"
     select_output: int = 0
     out_channels: int | None = None  # checked on the first window, so a mismatch fails early
-    runtime: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only; volseg.cpu_runtime)
+    runtime: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only; volseg.inference.cpu_runtime)

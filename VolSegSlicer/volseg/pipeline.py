@@ -24,10 +24,10 @@ import torch
 
 from volseg import __version__, models, signals
 from volseg.cards import ModelCard
-from volseg.checkpoints import read_checkpoint
-from volseg.devices import resolve_device
+from volseg.checkpoints.reading import read_checkpoint
+from volseg.inference.devices import resolve_device
 from volseg.errors import Cancelled, CheckpointError, ResourceError, VolSegError, output_error
-from volseg.inference import InferenceOptions, count_windows, predict_with_fallback
+from volseg.inference.sliding_window import InferenceOptions, count_windows, predict_with_fallback
 from volseg.io import (
     check_not_an_input,
     check_segmentation_output,
@@ -38,9 +38,9 @@ from volseg.io import (
     write_segmentation,
 )
 from volseg.io.staging import make_stage
-from volseg.limits import available_memory
-from volseg.postprocess import postprocess, to_labelmap
-from volseg.preprocess import invert, preprocess
+from volseg.memory import available_memory
+from volseg.postprocessing.labels import postprocess, to_labelmap
+from volseg.preprocessing.card_steps import invert, preprocess
 from volseg.progress import Reporter
 from volseg.request import (  # noqa: F401  (part of this module's API since before volseg.request)
     Overrides,
@@ -49,7 +49,7 @@ from volseg.request import (  # noqa: F401  (part of this module's API since bef
     check_request,
     checkpoint_for,
 )
-from volseg.streamed_labels import all_finite, invert_to_labelmap
+from volseg.postprocessing.to_input_grid import all_finite, invert_to_labelmap
 
 
 class ModelCache:
@@ -120,12 +120,12 @@ def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
 def choose_network(model: torch.nn.Module, card: ModelCard, options: InferenceOptions, device: torch.device,
                    windows: int, reporter: Reporter) -> torch.nn.Module:
     """The network the windows run through: ``model``, or on the CPU an ONNX Runtime / OpenVINO
-    compilation of it checked against it (:func:`volseg.cpu_runtime.select_runtime`); says which and why.
+    compilation of it checked against it (:func:`volseg.inference.cpu_runtime.select_runtime`); says which and why.
     ``$VOLSEG_RUNTIME`` overrides the card's ``inference.runtime``."""
     runtime = os.environ.get("VOLSEG_RUNTIME") or options.runtime
     if runtime == "torch" or device.type != "cpu" or card.is_torchscript:
         return model
-    from volseg.cpu_runtime import select_runtime
+    from volseg.inference.cpu_runtime import select_runtime
 
     shape = (options.sw_batch_size, len(card.inputs), *options.roi_size)
     network, reason = select_runtime(model, card.architecture, shape, device, windows, runtime,
@@ -146,7 +146,7 @@ def estimate_memory(shape: Sequence[int], in_channels: int, out_channels: int, p
     activations are not included: they depend on the architecture.
 
     ``streamed``: the estimate for the input grid when the label map is made piecewise
-    (:func:`volseg.streamed_labels.invert_to_labelmap`): the input, the running maximum and
+    (:func:`volseg.postprocessing.to_input_grid.invert_to_labelmap`): the input, the running maximum and
     winner, the label map and a margin for one class group's and one slab's temporaries (their
     absolute size is bounded, about 1 GiB)."""
     padded = [max(s, r) for s, r in zip(shape, roi_size or shape)]

@@ -12,7 +12,7 @@ The JSON protocol (one object per line on stdout, everything else on stderr):
   and MONAI, choosing the device), so ``elapsed_s`` = ``startup_s`` + the stages.
 - ``{"event": "error", "message": "...", "hint": "..." | null, "exit_code": 2}``
 - ``volseg batch`` adds one ``{"event": "case", "case": "...", "status": ..., "cohort": {...}}``
-  per case (see :mod:`volseg.cohort`).
+  per case (see :mod:`volseg.cohort.progress`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from volseg.cards import ModelCard
-from volseg.checkpoint_files import checkpoint_kind
+from volseg.checkpoints.sniffing import checkpoint_kind
 from volseg.errors import CheckpointError, InputError, OutputError
 from volseg.io.atomic import check_not_an_input, check_writable, full_suffix
 from volseg.io.outputs import (
@@ -104,7 +104,7 @@ def check_probabilities_output(request: SegmentRequest) -> None:
 
 def check_device_name(spec: str | None) -> None:
     """Refuse a device name that can never work (``gpu``, ``cuda:x``); whether the device is
-    there is checked later, with torch (:func:`volseg.devices.resolve_device`)."""
+    there is checked later, with torch (:func:`volseg.inference.devices.resolve_device`)."""
     if not _DEVICE_NAME.match((spec or "auto").lower()):
         raise InputError(f"unknown device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps")
 

@@ -13,7 +13,7 @@ with the bytes that can really be there *before* any reader touches the voxels:
 
 It also refuses anything that is not a regular file (a device such as ``/dev/zero``, a FIFO, a
 socket), which a reader would otherwise read for ever. The memory the read needs is compared
-with the memory available (:func:`volseg.limits.check_allocation`).
+with the memory available (:func:`volseg.memory.check_allocation`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from volseg.errors import InputError
-from volseg.limits import check_allocation, require_regular_file
+from volseg.memory import check_allocation, require_regular_file
 
 #: The largest expansion of a deflate stream (RFC 1951: a 258-byte match in about 2 bits).
 DEFLATE_MAX_RATIO = 1032

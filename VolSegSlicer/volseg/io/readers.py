@@ -26,7 +26,7 @@ from volseg.io.atomic import full_suffix
 from volseg.io.dicom_guard import check_element_lengths
 from volseg.io.limits import check_declared_size, check_header_fields, declared_bytes
 from volseg.io.volume import Source, Volume
-from volseg.limits import check_allocation, require_regular_file
+from volseg.memory import check_allocation, require_regular_file
 
 # ITK prints its warnings (e.g. "WARNING: In ... NiftiImageIO") straight to stderr, which the
 # Slicer panel shows as they are; volseg reports problems itself, as one message.

@@ -1,5 +1,5 @@
 """Bounds a checkpoint must pass before torch reads it: a regular file, a sound zip archive whose
-members fit in the file and in memory, and pickles without bombs (:mod:`volseg.pickle_scan`).
+members fit in the file and in memory, and pickles without bombs (:mod:`volseg.checkpoints.pickle_scan`).
 
 Each refusal is a :class:`~volseg.errors.CheckpointError` (or a
 :class:`~volseg.errors.ResourceError` for memory) naming the user's file.
@@ -12,8 +12,8 @@ import zipfile
 from pathlib import Path
 
 from volseg.errors import CheckpointError, VolSegError
-from volseg.limits import check_allocation, require_regular_file
-from volseg.pickle_scan import PickleBombError, PickleFormatError, scan_pickle
+from volseg.memory import check_allocation, require_regular_file
+from volseg.checkpoints.pickle_scan import PickleBombError, PickleFormatError, scan_pickle
 
 #: Largest pickle member walked (torch's data.pkl holds structure only; tensors lie beside it).
 MAX_PICKLE_BYTES = 256 * 2**20

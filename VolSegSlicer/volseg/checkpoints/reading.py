@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from volseg.checkpoint_files import checkpoint_kind
-from volseg.checkpoint_limits import check_checkpoint_file
+from volseg.checkpoints.sniffing import checkpoint_kind
+from volseg.checkpoints.limits import check_checkpoint_file
 from volseg.errors import CheckpointError, ResourceError
-from volseg.limits import check_allocation, require_regular_file
+from volseg.memory import check_allocation, require_regular_file
 
 #: Keys under which training frameworks nest the weights, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")

@@ -29,7 +29,7 @@ from monai.transforms import Spacing, SpatialResample
 from monai.utils import TraceKeys, get_torch_dtype_from_string
 
 from volseg.cards import Label
-from volseg.preprocess import Preprocessed, invert, invert_partial
+from volseg.preprocessing.card_steps import Preprocessed, invert, invert_partial
 
 __all__ = ["all_finite", "invert_to_labelmap"]
 
@@ -96,7 +96,7 @@ def invert_to_labelmap(probs: torch.Tensor, pre: Preprocessed, labels: Sequence[
 
     Args:
         probs: the network's blended probabilities (any float dtype).
-        pre: the preprocessing to undo (:func:`volseg.preprocess.preprocess`).
+        pre: the preprocessing to undo (:func:`volseg.preprocessing.card_steps.preprocess`).
         labels: the card's labels (value, channel).
         activation: ``"softmax"`` (each voxel takes the label of its most probable channel;
             channels without a label, such as background, give 0) or ``"sigmoid"`` (each label
@@ -106,7 +106,7 @@ def invert_to_labelmap(probs: torch.Tensor, pre: Preprocessed, labels: Sequence[
         group_bytes: network-grid bytes undone at once (sets the number of classes per group).
 
     Returns:
-        The label map, as :func:`volseg.postprocess.to_labelmap` of the inverted probabilities.
+        The label map, as :func:`volseg.postprocessing.labels.to_labelmap` of the inverted probabilities.
     """
     out = np.zeros(pre.input_shape, dtype=np.uint16)
     if activation != "softmax":

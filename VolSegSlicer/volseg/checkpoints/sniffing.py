@@ -3,7 +3,7 @@
 ``volseg inspect notes.txt`` and ``volseg segment ... --checkpoint notes.txt`` are answered
 from here at once, before PyTorch is imported and before a checksum is computed: a file that is
 not a checkpoint is reported as such, not as a "checksum mismatch". What the file holds is
-read later by :mod:`volseg.checkpoints`.
+read later by :mod:`volseg.checkpoints.reading`.
 """
 
 from __future__ import annotations

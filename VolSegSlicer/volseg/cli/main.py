@@ -30,7 +30,7 @@ from typing import Any
 
 from volseg import __version__, signals
 from volseg.errors import Cancelled, InputError, VolSegError, error_from_exception
-from volseg.help_texts import CARDS_DIR_HELP, DEVICE_HELP, PROGRESS_HELP, SEGMENT_EXAMPLES, SERVE_DESCRIPTION
+from volseg.cli.help_texts import CARDS_DIR_HELP, DEVICE_HELP, PROGRESS_HELP, SEGMENT_EXAMPLES, SERVE_DESCRIPTION
 
 
 def _add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) -> None:
@@ -260,10 +260,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from volseg.checkpoint_files import checkpoint_kind
+    from volseg.checkpoints.sniffing import checkpoint_kind
 
     checkpoint_kind(args.checkpoint)  # not a checkpoint at all: say so before importing torch
-    from volseg.checkpoints import describe, read_checkpoint
+    from volseg.checkpoints.reading import describe, read_checkpoint
 
     info = describe(read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle))
     if args.json:
@@ -282,7 +282,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from volseg.devices import auto_device, list_devices
+    from volseg.inference.devices import auto_device, list_devices
 
     devices = list_devices()
     auto, reason = auto_device()
@@ -306,7 +306,7 @@ def cluster_from_args(args: argparse.Namespace):
         if args.workers is not None:
             raise InputError("--workers is for --cluster runs", hint="add --cluster local (or auto, or ray://HOST:PORT)")
         return None
-    from volseg.cluster import ClusterSettings, check_address, require_ray
+    from volseg.cohort.cluster import ClusterSettings, check_address, require_ray
 
     check_address(args.cluster)
     require_ray()  # before any work: a missing Ray is one message
@@ -320,7 +320,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     summary: dict = {}
 
     def run() -> None:
-        from volseg.checkpoint_files import checkpoint_kind
+        from volseg.checkpoints.sniffing import checkpoint_kind
         from volseg.request import check_device_name, checkpoint_for
 
         template = request_from_args(args)
@@ -330,7 +330,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if missing is not None:
             raise InputError(f"{missing} does not exist")
         checkpoint_kind(checkpoint_for(template.card, template.checkpoint))
-        from volseg.batch import run_batch
+        from volseg.cohort.batch import run_batch
 
         summary.update(run_batch(template, list(args.inputs), args.output, args.format, reporter, cancel, cluster))
         reporter.log(f"batch: {len(summary['done'])} done, {len(summary['skipped'])} skipped, "
@@ -343,7 +343,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 # -- demo / serve ---------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from volseg.demo import run_demo
+    from volseg.demo.run import run_demo
     from volseg.progress import make_reporter
 
     reporter = make_reporter(args.progress)

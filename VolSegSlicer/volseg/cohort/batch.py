@@ -14,14 +14,14 @@ Results go to ``OUT_DIR/<case name><suffix>`` (two cases whose names differ only
 refused, as they would clash on macOS and Windows). A case that fails, for whatever reason, is
 reported as an error event and the others go on; the exit code is then 1.
 
-The output folder keeps a manifest, ``volseg-manifest.jsonl`` (:mod:`volseg.manifest`): one
+The output folder keeps a manifest, ``volseg-manifest.jsonl`` (:mod:`volseg.cohort.manifest`): one
 row per case with its status, result files, timings, device and error. A re-run skips the cases
 already done with the same model card, checkpoint, options and inputs, redoes those whose
 result was made with other settings, and leaves any other existing file alone (reported)
 unless ``--overwrite``. Ctrl-C stops the run after the case being segmented (a second Ctrl-C at
 once); finished cases are kept, the others are recorded as not done.
 
-With ``--cluster`` the cases go to a pool of Ray actors instead (:mod:`volseg.cluster`); Ray is
+With ``--cluster`` the cases go to a pool of Ray actors instead (:mod:`volseg.cohort.cluster`); Ray is
 imported only then.
 """
 
@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from volseg.cards import ModelCard, match_inputs
-from volseg.case_runner import Job, run_case
-from volseg.checkpoints import sha256sum
-from volseg.cohort import CohortProgress
+from volseg.cohort.case_runner import Job, run_case
+from volseg.checkpoints.reading import sha256sum
+from volseg.cohort.progress import CohortProgress
 from volseg.errors import Cancelled, CheckpointError, InputError, error_from_exception
 from volseg.io import full_suffix, make_output_folder, segmentation_outputs
 from volseg.io.readers import image_format
-from volseg.manifest import (
+from volseg.cohort.manifest import (
     SKIPPED,
     Manifest,
     file_records,
@@ -53,7 +53,7 @@ from volseg.progress import Reporter
 from volseg.request import SegmentRequest, checkpoint_for
 
 if TYPE_CHECKING:
-    from volseg.cluster import ClusterSettings
+    from volseg.cohort.cluster import ClusterSettings
 
 
 @dataclass
@@ -144,7 +144,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
               cancel: threading.Event | None = None, cluster: ClusterSettings | None = None) -> dict:
     """Segment every case, here or on a Ray cluster; keep the manifest of ``out_dir``.
 
-    Cases that a re-run may skip (see :mod:`volseg.manifest`) are skipped. Returns a summary
+    Cases that a re-run may skip (see :mod:`volseg.cohort.manifest`) are skipped. Returns a summary
     ``{"done": [...], "skipped": [...], "failed": [...], "not_done": [...], "manifest": path}``.
 
     Raises:
@@ -204,7 +204,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
                 _run_here(template, jobs, reporter, finish, cancel)
             else:
                 # Ray is imported only here, when asked for
-                from volseg.cluster import run_on_cluster
+                from volseg.cohort.cluster import run_on_cluster
 
                 def log(message: str, level: str) -> None:
                     progress.break_line()

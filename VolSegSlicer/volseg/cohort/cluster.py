@@ -3,7 +3,7 @@
 Ray (``pip install "volseg[cluster]"``) is imported only here, and this module only when
 ``--cluster`` is given. Each actor (:class:`CaseWorker`) holds the model warm on its own device
 -- one GPU per actor where the cluster has GPUs, else CPU actors with a fixed number of threads
-each -- and segments one case at a time with :func:`volseg.case_runner.run_case`, the function
+each -- and segments one case at a time with :func:`volseg.cohort.case_runner.run_case`, the function
 the plain batch runs. Inputs and results are paths on a file system every node sees; a worker
 that cannot see a path fails that case with a clear message.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from volseg import __version__
-from volseg.case_runner import Job, discard_partial_outputs, node_name, run_case
+from volseg.cohort.case_runner import Job, discard_partial_outputs, node_name, run_case
 from volseg.errors import Cancelled, InputError, ResourceError
 from volseg.pipeline import ModelCache, SegmentRequest
 

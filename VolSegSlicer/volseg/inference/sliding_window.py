@@ -2,7 +2,7 @@
 
 Two ways of tiling and blending: MONAI's ``sliding_window_inference`` (the default, what the
 UX-Net, RepUX-Net, DeformUX-Net and SegFormer3D test scripts run) and nnU-Net's
-(``mode="nnunet"``, what MedNeXt checkpoints are evaluated with; :mod:`volseg.nnunet_inference`).
+(``mode="nnunet"``, what MedNeXt checkpoints are evaluated with; :mod:`volseg.inference.nnunet`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from volseg.errors import ResourceError
-from volseg.nnunet_inference import count_windows_nnunet, predict_nnunet
+from volseg.inference.nnunet import count_windows_nnunet, predict_nnunet
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
-from volseg.window_predictor import WindowPredictor, activate
+from volseg.inference.window_predictor import WindowPredictor, activate
 
 __all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback"]
 
@@ -60,7 +60,7 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
     The result holds probabilities (softmax or sigmoid per ``options.activation``), averaged
     over the identity pass and each test-time flip in ``options.flips``. With
     ``options.mode == "nnunet"`` the tiling, weighting and mirroring are nnU-Net's
-    (:func:`volseg.nnunet_inference.predict_nnunet`).
+    (:func:`volseg.inference.nnunet.predict_nnunet`).
     """
     if options.mode == "nnunet":
         return predict_nnunet(model, image, options, device, reporter, cancel, stitch_device)

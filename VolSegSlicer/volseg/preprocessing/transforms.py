@@ -1,6 +1,6 @@
 """volseg's own preprocessing transforms, for pipelines MONAI has no array transform for.
 
-Model cards name transforms; ``volseg.preprocess`` looks a name up here first, then in
+Model cards name transforms; ``volseg.preprocessing.card_steps`` looks a name up here first, then in
 ``monai.transforms``. Every transform takes a channel-first (C, I, J, K) tensor -- normally a
 MONAI ``MetaTensor`` whose affine maps voxel indices to RAS -- and returns the same type with
 its metadata kept. Spatial transforms also provide ``inverse(data)``, which maps a network

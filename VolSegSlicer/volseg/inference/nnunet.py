@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
-from volseg.window_predictor import WindowPredictor
+from volseg.inference.window_predictor import WindowPredictor
 
 __all__ = ["ALL_FLIPS", "count_windows_nnunet", "nnunet_gaussian", "nnunet_steps", "predict_nnunet"]
 

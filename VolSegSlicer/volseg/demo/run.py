@@ -2,7 +2,7 @@
 
 It segments the chest CT that slicerio ships (CTChest4.nrrd) with the demonstration model
 (card ``demo``), writes ``CTChest4-demo.seg.nrrd`` and a PNG with a few slices, the labels
-overlaid, a colour key and a not-for-clinical-use notice (:mod:`volseg.demo_picture`), in a new
+overlaid, a colour key and a not-for-clinical-use notice (:mod:`volseg.demo.picture`), in a new
 folder (``volseg-demo``, or ``volseg-demo-2``... so nothing is overwritten). The final ``done``
 event names both files.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from volseg.cards import load_card
-from volseg.demo_picture import KeyEntry, lps_spacing, overview_png, to_lps_axes
+from volseg.demo.picture import KeyEntry, lps_spacing, overview_png, to_lps_axes
 from volseg.errors import InputError
 from volseg.io import check_writable, make_output_folder, read_volume
 from volseg.progress import Reporter

@@ -3,7 +3,7 @@
 :func:`run_case` segments one case and returns what happened as a plain dict (an *outcome*)
 that travels between processes; the failure of a case is an outcome, never an exception, so
 one bad case cannot stop a cohort. The same function runs in the plain batch and in each Ray
-actor (``volseg.cluster``), so both give the same results and the same messages.
+actor (``volseg.cohort.cluster``), so both give the same results and the same messages.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from volseg.errors import (
     error_from_exception,
 )
 from volseg.io import full_suffix, segmentation_outputs
-from volseg.manifest import file_records
+from volseg.cohort.manifest import file_records
 from volseg.pipeline import ModelCache, SegmentRequest, segment
 from volseg.progress import Reporter
 

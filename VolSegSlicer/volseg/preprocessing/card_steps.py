@@ -1,6 +1,6 @@
 """Preprocessing from a model card, and its inversion onto the input grid.
 
-A card lists transforms by name (``volseg.transforms`` first, then ``monai.transforms``) with
+A card lists transforms by name (``volseg.preprocessing.transforms`` first, then ``monai.transforms``) with
 their keyword arguments. They run in order on a MONAI ``MetaTensor`` of shape (C, I, J, K)
 whose affine maps voxel indices to RAS millimetres. Spatial transforms are inverted afterwards
 on the network output, newest first: MONAI's invertible transforms through the operations they
@@ -23,7 +23,7 @@ from monai.transforms import InvertibleTransform, Transform
 
 from volseg.errors import InputError, ModelCardError
 
-_SEARCH_MODULES = ("volseg.transforms", "monai.transforms")
+_SEARCH_MODULES = ("volseg.preprocessing.transforms", "monai.transforms")
 #: Only transforms that change the image may come from a card: spatial, intensity and crop/pad
 #: transforms. Cards are data users download; transforms that read or write files (SaveImage,
 #: LoadImage) or run arbitrary callables (Lambda) are refused, as pickled code in checkpoints is.
@@ -35,7 +35,7 @@ _ALLOWED_MONAI_MODULES = (
 
 
 def _allowed(cls: type) -> bool:
-    return cls.__module__.startswith("volseg.transforms") or cls.__module__ in _ALLOWED_MONAI_MODULES
+    return cls.__module__.startswith("volseg.preprocessing.transforms") or cls.__module__ in _ALLOWED_MONAI_MODULES
 
 
 def resolve_transform(name: str) -> type:

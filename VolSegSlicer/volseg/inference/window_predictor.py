@@ -1,6 +1,6 @@
 """The network as the sliding-window loops see it: one batch of windows in, checked float32 out.
 
-Shared by MONAI's blending (:mod:`volseg.inference`) and nnU-Net's (:mod:`volseg.nnunet_inference`):
+Shared by MONAI's blending (:mod:`volseg.inference.sliding_window`) and nnU-Net's (:mod:`volseg.inference.nnunet`):
 it selects the output of a network that returns a list, applies the activation per window when
 asked, reports progress, honours cancellation and turns a network failure into a clear error.
 """

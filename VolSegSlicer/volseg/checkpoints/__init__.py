@@ -1,0 +1,1 @@
+"""Reading published checkpoint formats safely: sniffing, limits, a pickle scan, loading."""

@@ -1,0 +1,1 @@
+"""The ``volseg`` command line: argument parsing, help texts, one function per command."""

@@ -1,0 +1,1 @@
+"""``volseg demo``: the whole path on bundled data, and its picture."""

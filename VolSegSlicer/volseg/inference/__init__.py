@@ -1,0 +1,1 @@
+"""The network over a volume: sliding windows, nnU-Net mode, CPU runtimes, device choice."""

@@ -1,0 +1,1 @@
+"""The way in: a model card's preprocessing steps and volseg's own transforms."""

@@ -97,7 +97,8 @@ def test_a_result_changed_by_hand_is_never_replaced_without_overwrite(cohort, ca
 
 def test_cancel_in_a_plain_batch(cohort, threshold_torchscript):
     from volseg.cohort.batch import run_batch
-    from volseg.cli.main import build_parser, request_from_args
+    from volseg.cli.parser import build_parser
+    from volseg.cli.segment import request_from_args
     from volseg.errors import Cancelled
     from volseg.progress import JsonReporter
 

@@ -354,7 +354,7 @@ def test_serve_cancel_stops_only_the_request_it_names(small_ct, threshold_card, 
     import threading
 
     import volseg.pipeline
-    from volseg.cli.main import cmd_serve
+    from volseg.cli.serve import cmd_serve
     from volseg.errors import Cancelled
 
     started, ran = {}, []
@@ -401,7 +401,7 @@ def test_serve_cancel_stops_only_the_request_it_names(small_ct, threshold_card, 
 
 def test_cancel_line_of_the_slicer_module_is_understood():
     """The module sends cancel_request_line(id); the worker must read it as a cancel of that id."""
-    from volseg.cli.main import _EOF, _ServeQueue
+    from volseg.cli.serve import _EOF, _ServeQueue
     from VolSegSlicerLib.command import cancel_request_line
 
     q = _ServeQueue()

@@ -161,7 +161,8 @@ def test_an_invisible_input_and_a_case_that_keeps_killing_its_worker_fail_alone(
 
 def test_cancel_keeps_finished_cases_and_records_the_rest(ray_local, cohort, threshold_torchscript, tmp_path):
     from volseg.cohort.batch import run_batch
-    from volseg.cli.main import build_parser, request_from_args
+    from volseg.cli.parser import build_parser
+    from volseg.cli.segment import request_from_args
     from volseg.errors import Cancelled
     from volseg.progress import JsonReporter
 

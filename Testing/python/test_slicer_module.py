@@ -321,7 +321,7 @@ def test_segment_args_use_the_card_settings_by_default() -> None:
 
 
 def test_segment_args_are_understood_by_the_engine_cli() -> None:
-    from volseg.cli.main import build_parser
+    from volseg.cli.parser import build_parser
 
     opts = SegmentOptions(model="demo", inputs=["a.nrrd", "b.nrrd"], output="o.nrrd", checkpoint="w.pt",
                           device="cuda:1", use_model_settings=False, overlap=0.625, roi_size=(96, 96, 64),

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from volseg.cli.main import build_parser
+from volseg.cli.parser import build_parser
 
 HEAVY = ("torch", "monai", "SimpleITK", "nibabel", "scipy")
 

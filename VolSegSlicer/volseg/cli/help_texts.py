@@ -1,7 +1,7 @@
 """The longer help texts of the ``volseg`` command line (``volseg COMMAND --help``).
 
-Kept apart from :mod:`volseg.cli.main` so the parser reads as a list of options. The serve protocol
-written here is what :func:`volseg.cli.main.cmd_serve` implements; ``Testing/python/test_startup.py``
+Kept apart from :mod:`volseg.cli.parser` so the parser reads as a list of options. The serve protocol
+written here is what :func:`volseg.cli.serve.cmd_serve` implements; ``Testing/python/test_startup.py``
 checks that the help pages carry these texts.
 """
 

@@ -1,0 +1,75 @@
+"""``volseg models``, ``volseg inspect`` and ``volseg devices``: what there is to run, and on what."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from volseg.cards import list_cards
+
+    if args.architectures:
+        from volseg import models
+
+        archs = models.all_architectures()
+        if args.json:
+            print(json.dumps({"architectures": [{"name": a.name, "summary": a.summary} for a in archs]}, indent=1))
+        else:
+            for a in archs:
+                print(f"{a.name:14s} {a.summary}")
+        return 0
+    cards, problems = list_cards(args.cards_dir)
+    for p in problems:
+        print(f"warning: skipped invalid card {p}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"models": [c.summary() for c in cards], "problems": problems}, indent=1))
+        return 0
+    for c in cards:
+        inputs = ", ".join(i.name for i in c.inputs)
+        labels = ", ".join(lab.name for lab in c.labels)
+        print(f"{c.id}\n  {c.title}\n  architecture {c.architecture}; inputs: {inputs}\n  labels: {labels}")
+        where = c.raw.get("checkpoint", {}).get("published_at")
+        if c.checkpoint_path:
+            print(f"  checkpoint: {c.checkpoint_path}")
+        else:
+            print(f"  weights: {where or 'the card names none; pass --checkpoint'}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from volseg.checkpoints.sniffing import checkpoint_kind
+
+    checkpoint_kind(args.checkpoint)  # not a checkpoint at all: say so before importing torch
+    from volseg.checkpoints.reading import describe, read_checkpoint
+
+    info = describe(read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle))
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"{info['path']}\n  format: {info['format']}" + (f" (weights under {'/'.join(info['wrapper'])})" if info["wrapper"] else ""))
+    if info["stripped_prefixes"]:
+        print(f"  stripped key prefixes: {' '.join(info['stripped_prefixes'])}")
+    print(f"  {info['n_keys']} tensors, {info['n_params']:,} parameters")
+    if not info["matches"]:
+        print("  fits no registered architecture exactly; first keys: " + ", ".join(info.get("first_keys", [])))
+        return 0
+    for m in info["matches"]:
+        print(f"  fits {m['architecture']}: {m['variant']}\n    config {json.dumps(m['config'])}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from volseg.inference.devices import auto_device, list_devices
+
+    devices = list_devices()
+    auto, reason = auto_device()
+    if args.json:
+        print(json.dumps({"devices": [d.as_dict() for d in devices], "auto": auto, "reason": reason}))
+        return 0
+    for d in devices:
+        mem = f", {d.free_memory_mb} of {d.total_memory_mb} MiB free" if d.total_memory_mb else ""
+        print(f"{d.id:8s} {d.name}{mem}")
+    print(f"auto -> {auto} ({reason})")
+    return 0

@@ -20,6 +20,17 @@ def cmd_models(args: argparse.Namespace) -> int:
             for a in archs:
                 print(f"{a.name:14s} {a.summary}")
         return 0
+    if getattr(args, "server", None):  # the models a volseg server offers
+        from volseg.server.client import client_from_args
+
+        answer = client_from_args(args).models()
+        if args.json:
+            print(json.dumps(answer, indent=1))
+        else:
+            for m in answer["models"]:
+                present = "checkpoint present" if m["checkpoint"]["present"] else "no checkpoint"
+                print(f"{m['id']}\n  {m['title']}\n  architecture {m['architecture']}; {present}")
+        return 0
     cards, problems = list_cards(args.cards_dir)
     for p in problems:
         print(f"warning: skipped invalid card {p}", file=sys.stderr)

@@ -9,6 +9,7 @@
     volseg demo [-o FOLDER]
     volseg batch cases/*.nii.gz --model uxnet-flare --checkpoint best_metric_model.pth -o results/
     volseg serve            # warm worker: JSON requests on stdin, JSON events on stdout
+    volseg server [--host H --tls-cert C --tls-key K]   # HTTP(S) server for other machines
 
 Errors are one message (and a hint) with a non-zero exit code: 2 for bad input, 3 for missing
 resources (memory, device, disk space or inodes), 130 for a cancelled run (SIGINT/SIGTERM at any
@@ -29,10 +30,11 @@ from volseg.cli.demo import cmd_demo
 from volseg.cli.parser import build_parser
 from volseg.cli.segment import cmd_segment
 from volseg.cli.serve import cmd_serve
+from volseg.cli.server import cmd_server
 from volseg.errors import VolSegError, error_from_exception
 
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
-            "demo": cmd_demo, "serve": cmd_serve}
+            "demo": cmd_demo, "serve": cmd_serve, "server": cmd_server}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

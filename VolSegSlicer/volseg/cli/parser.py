@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from volseg import __version__
+from volseg.cli.server import add_remote_options, add_server_parser
 from volseg.cli.help_texts import CARDS_DIR_HELP, DEVICE_HELP, PROGRESS_HELP, SEGMENT_EXAMPLES, SERVE_DESCRIPTION
 
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=SEGMENT_EXAMPLES)
     add_segment_options(seg)
     seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help=PROGRESS_HELP)
+    add_remote_options(seg)
 
     mod = sub.add_parser("models", help="list the model cards")
     mod.add_argument("--json", action="store_true",
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(what the Slicer panel reads)")
     mod.add_argument("--cards-dir", action="append", default=[], metavar="FOLDER", help=CARDS_DIR_HELP)
     mod.add_argument("--architectures", action="store_true", help="list the registered architectures instead")
+    add_remote_options(mod)
 
     ins = sub.add_parser("inspect", help="what a checkpoint holds and which architecture it fits")
     ins.add_argument("checkpoint", type=Path, help="weights file (.pt/.pth/.bin/.ckpt/.model/.safetensors) or folder")
@@ -121,4 +124,5 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="warm worker: one JSON request per stdin line, JSON events on stdout",
                    formatter_class=raw, description=SERVE_DESCRIPTION)
+    add_server_parser(sub)
     return parser

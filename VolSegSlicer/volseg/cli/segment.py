@@ -52,6 +52,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.progress)
 
     def run() -> None:
+        if getattr(args, "server", None):  # run on a volseg server (volseg.server.client)
+            from volseg.server.client import segment_remote
+
+            segment_remote(args, reporter, cancel)
+            return
         request = request_from_args(args)
         check_request(request)  # refuse bad arguments before importing torch and MONAI (seconds)
         from volseg.pipeline import segment

@@ -36,6 +36,8 @@ STAGE_TITLES: dict[str, str] = {
     "infer": "Running the network",
     "postprocess": "Cleaning up the result",
     "write": "Writing the result",
+    "upload": "Sending the image to the server",
+    "download": "Fetching the result from the server",
 }
 
 EVENT_KINDS = ("stage", "progress", "log", "done", "error")

@@ -27,6 +27,7 @@ from VolSegSlicerLib.devices import device_choices, fallback_choices
 from VolSegSlicerLib.jobs import EngineQuery, SegmentationJob
 from VolSegSlicerLib.mrml import MRMLContext, node_in_scene, write_volume_file
 from VolSegSlicerLib.process import EngineProcess, python_executable
+from VolSegSlicerLib.remote import ServerTarget, check_remote_settings
 from VolSegSlicerLib.results import import_result
 from VolSegSlicerLib.settings import RunSettings, segment_options
 
@@ -57,15 +58,26 @@ class EngineRunner:
         self.models: list[dict] = []
         self.warm_worker: Optional[EngineProcess] = None
         self._request_counter = 0
+        #: The server for runs with ``runOn == "server"`` (VolSegSlicerLib.remote; the panel sets it
+        #: from the application settings).
+        self.server: Optional[ServerTarget] = None
 
     # ------------------------------------------------------------------ processes
-    def start_engine(self, args: Sequence[str], stdin_pipe: bool = False) -> EngineProcess:
-        """Start ``python -m volseg ARGS`` in the background."""
+    def start_engine(self, args: Sequence[str], stdin_pipe: bool = False,
+                     extra_env: Optional[dict] = None) -> EngineProcess:
+        """Start ``python -m volseg ARGS`` in the background (``extra_env``: e.g. the server token,
+        which is never on the command line, so never in the log)."""
         argv = engine_command(python_executable(), args)
         log.info("VolSegSlicer: %s", " ".join(argv))
         base = self.base_environment() if self.base_environment else None
-        return EngineProcess(argv, env=engine_environment(self.module_dir, base), cwd=self.temp_root,
-                             stdin_pipe=stdin_pipe).start()
+        env = {**engine_environment(self.module_dir, base), **(extra_env or {})}
+        return EngineProcess(argv, env=env, cwd=self.temp_root, stdin_pipe=stdin_pipe).start()
+
+    def _remote(self) -> ServerTarget:
+        if self.server is None:
+            raise ValueError("Run on is 'server' but no server is set: give its address and token.")
+        self.server.check()
+        return self.server
 
     def _track(self, job: Any) -> None:
         self.jobs.append(job)
@@ -148,15 +160,20 @@ class EngineRunner:
             job.monitor.outcome, job.monitor.error = "error", f"importing the result failed: {exc}"
 
     # ------------------------------------------------------------------ queries
-    def query_models(self, cards_dir: str, callback: Callable) -> EngineQuery:
-        """Run ``volseg models --json`` in the background; then ``callback(models or None, error)``."""
-        args = ["models", "--json"] + (["--cards-dir", cards_dir] if cards_dir else [])
+    def query_models(self, cards_dir: str, callback: Callable, on_server: bool = False) -> EngineQuery:
+        """Run ``volseg models --json`` in the background (``on_server``: the models of
+        :attr:`server`); then ``callback(models or None, error)``."""
+        args = ["models", "--json"] + (["--cards-dir", cards_dir] if cards_dir and not on_server else [])
+        extra_env = None
+        if on_server:
+            args += self._remote().arguments()
+            extra_env = self.server.environment()
 
         def parse(text: str) -> list[dict]:
             self.models = parse_models_json(text)
             return self.models
 
-        query = EngineQuery(self.start_engine(args), parse, callback)
+        query = EngineQuery(self.start_engine(args, extra_env=extra_env), parse, callback)
         self._track(query)
         return query
 
@@ -196,6 +213,10 @@ class EngineRunner:
             if image is None or 0 in image.GetDimensions():
                 raise ValueError(f"'{volume.GetName()}' has no image data; load or select another volume.")
         settings = RunSettings.of(settings)
+        remote = settings.runOn == "server"
+        if remote:
+            check_remote_settings(settings)
+            target = self._remote()
         temp_dir = tempfile.mkdtemp(prefix="VolSegSlicer-", dir=self.temp_root)
         try:
             input_paths = []
@@ -204,7 +225,12 @@ class EngineRunner:
                 write_volume_file(volume, input_paths[-1])
             output_path = os.path.join(temp_dir, "segmentation.nrrd")
             options = segment_options(model, input_paths, output_path, settings, cards_dir)
-            if settings.keepWarm:
+            if remote:  # `volseg segment --server`: uploads, relays the server's events, writes here
+                options.model, options.cards_dir, options.device = model["id"], "", "auto"
+                options.extra = target.arguments()
+                job = SegmentationJob(self.start_engine(segment_args(options), extra_env=target.environment()),
+                                      onEvent=on_event, onFinished=on_finished)
+            elif settings.keepWarm:
                 worker = self.ensure_warm_worker()
                 self._request_counter += 1
                 request = f"slicer-{self._request_counter}"

@@ -37,6 +37,9 @@ class RunSettings:
     keepWarm: bool = False
     replaceOutput: bool = False
     outputSegmentation: Any = None
+    #: "computer" or "server" (the server's URL and token are in the application settings:
+    #: VolSegSlicerLib.remote, never in the scene)
+    runOn: str = "computer"
 
     @classmethod
     def of(cls, parameters: Any) -> "RunSettings":

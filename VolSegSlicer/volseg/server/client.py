@@ -287,7 +287,8 @@ def segment_remote(args, reporter, cancel: threading.Event) -> dict:
         pass
     server = done.get("server", {})
     where = f"on {server.get('host', info.get('host'))}: {done.get('where') or server.get('device')}"
-    result = {"outputs": {"segmentation": str(output), "probabilities": None}, "device": done.get("device"),
+    host = server.get("host", info.get("host"))
+    result = {"outputs": {"segmentation": str(output), "probabilities": None}, "device": f"{host}: {done.get('device')}",
               "where": where, "labels_present": done.get("labels_present", []), "server": server,
               "remote_timings": done.get("timings", {})}
     reporter.done(**result)

@@ -111,7 +111,8 @@ class Job:
     def public(self, position: int | None = None) -> dict:
         """What the client sees of the job (no server paths)."""
         return {"id": self.id, "state": self.state, "model": self.model, "events": len(self.events),
-                "queue_position": position, "created": self.created, "ended": self.ended}
+                "queue_position": position, "created": self.created, "queued": self.queued_at,
+                "started": self.started_at, "ended": self.ended}
 
     def result_files(self) -> list[str]:
         """Names of the result files (the segmentation and, for a label map, its colour table)."""

@@ -157,8 +157,8 @@ def header_voxels(head: bytes, suffix: str, complete: bool, limits: ServerLimits
     elif suffix == ".mha":
         voxels = _mha_voxels(head, complete)
     elif suffix in (".nii", ".nii.gz"):
-        need = 540
-        data = _gunzip_head(head, need) if suffix == ".nii.gz" else head[:need]
+        data = _gunzip_head(head, 540) if suffix == ".nii.gz" else head[:540]
+        need = 348 if len(data) >= 4 and 348 in struct.unpack("<i", data[:4]) + struct.unpack(">i", data[:4]) else 540
         if len(data) < need and not complete and len(head) < HEADER_LIMIT:
             return None
         voxels = _nifti_voxels(data)

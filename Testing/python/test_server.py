@@ -93,49 +93,6 @@ def events_of(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-# ---------------------------------------------------------------------------------- the remote run
-def test_remote_demo_is_byte_identical_to_a_local_run(server, ct_path, tmp_path) -> None:
-    from volseg.cli.main import main
-
-    for name in ("local.nrrd", "local.seg.nrrd"):
-        assert main(["segment", str(ct_path), "--model", "demo", "-o", str(tmp_path / name), "--device", "cpu",
-                     "--progress", "none"]) == 0
-    for name in ("remote.nrrd", "remote.seg.nrrd"):
-        done = remote_cli(server, "segment", str(ct_path), "--model", "demo", "-o", str(tmp_path / name),
-                          "--progress", "json")
-        assert done.returncode == 0, done.stdout + done.stderr
-        events = events_of(done.stdout)
-        assert events[-1]["event"] == "done" and events[-1]["outputs"]["segmentation"] == str(tmp_path / name)
-        assert events[-1]["device"].startswith("test-box: ") and events[-1]["labels_present"]
-        assert {"upload", "read", "infer", "write", "download"} <= {e.get("stage") for e in events}
-        assert any(e["event"] == "progress" for e in events)
-        assert str(server.state) not in done.stdout  # the server's folders never reach the client
-    assert (tmp_path / "remote.nrrd").read_bytes() == (tmp_path / "local.nrrd").read_bytes()
-    assert (tmp_path / "remote.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
-    undated = [b"".join(line for line in (tmp_path / f"{w}.seg.nrrd").read_bytes().splitlines(True)
-                        if not line.startswith(b"# on ")) for w in ("remote", "local")]  # pynrrd dates its files
-    assert undated[0] == undated[1]
-    assert list((server.state / "jobs").iterdir()) == []  # fetched jobs are removed at once
-
-
-def test_the_client_verifies_tls_and_lists_the_servers_models(server, tmp_path) -> None:
-    plain = subprocess.run([sys.executable, "-m", "volseg", "models", "--json", "--server", server.url,
-                            "--token-file", str(server.token_file)], capture_output=True, text=True, env=engine_env(),
-                           timeout=60)
-    assert plain.returncode == 2 and "certificate" in plain.stderr and "--ca-cert" in plain.stderr
-    listed = remote_cli(server, "models", "--json")
-    assert listed.returncode == 0, listed.stderr
-    models = {m["id"]: m for m in json.loads(listed.stdout)["models"]}
-    assert models["demo"]["checkpoint"]["present"] is True and models["demo"]["card_path"] is None
-    assert str(MODULE_DIR) not in listed.stdout  # no server path in the listing
-
-
-def test_the_token_file_is_private_and_holds_256_bit_tokens(server) -> None:
-    tokens = server.state / "tokens"
-    assert (tokens.stat().st_mode & 0o777) == 0o600
-    assert len(server.token) >= 43  # 32 random bytes, URL-safe base64
-
-
 # ---------------------------------------------------------------------------------- who may use it
 def test_no_wrong_or_revoked_token_is_401_and_nothing_runs(server, ct_path) -> None:
     assert raw(server, "GET", "/v1/health", token=None) == (200, {"status": "ok", "version": pytest.approx(
@@ -313,6 +270,51 @@ def test_header_checks_option_checks_and_the_address_rule(tmp_path) -> None:
     assert refused_start.returncode == 2 and "without TLS" in refused_start.stderr and "Traceback" not in refused_start.stderr
 
 
+# ---------------------------------------------------------------------------------- the remote run
+def test_remote_demo_is_byte_identical_to_a_local_run(server, ct_path, tmp_path) -> None:
+    from volseg.cli.main import main
+
+    earlier_jobs = set((server.state / "jobs").iterdir())
+    assert main(["segment", str(ct_path), "--model", "demo", "-o", str(tmp_path / "local.nrrd"), "--device", "cpu",
+                 "--progress", "none"]) == 0
+    for name in ("remote.nrrd", "remote.seg.nrrd"):
+        done = remote_cli(server, "segment", str(ct_path), "--model", "demo", "-o", str(tmp_path / name),
+                          "--progress", "json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        events = events_of(done.stdout)
+        assert events[-1]["event"] == "done" and events[-1]["outputs"]["segmentation"] == str(tmp_path / name)
+        assert events[-1]["device"].startswith("test-box: ") and events[-1]["labels_present"]
+        assert {"upload", "read", "infer", "write", "download"} <= {e.get("stage") for e in events}
+        assert any(e["event"] == "progress" for e in events)
+        assert str(server.state) not in done.stdout  # the server's folders never reach the client
+    assert (tmp_path / "remote.nrrd").read_bytes() == (tmp_path / "local.nrrd").read_bytes()
+    assert (tmp_path / "remote.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
+    import slicerio
+
+    segments = slicerio.read_segmentation(str(tmp_path / "remote.seg.nrrd"), skip_voxels=True)["segments"]
+    assert {s["name"] for s in segments} <= {lab["name"] for lab in json.loads(
+        (MODULE_DIR.parent / "Resources/ModelCards/demo.json").read_text())["labels"]} and segments
+    assert set((server.state / "jobs").iterdir()) <= earlier_jobs  # fetched jobs are removed at once
+
+
+def test_the_client_verifies_tls_and_lists_the_servers_models(server, tmp_path) -> None:
+    plain = subprocess.run([sys.executable, "-m", "volseg", "models", "--json", "--server", server.url,
+                            "--token-file", str(server.token_file)], capture_output=True, text=True, env=engine_env(),
+                           timeout=60)
+    assert plain.returncode == 2 and "certificate" in plain.stderr and "--ca-cert" in plain.stderr
+    listed = remote_cli(server, "models", "--json")
+    assert listed.returncode == 0, listed.stderr
+    models = {m["id"]: m for m in json.loads(listed.stdout)["models"]}
+    assert models["demo"]["checkpoint"]["present"] is True and models["demo"]["card_path"] is None
+    assert str(MODULE_DIR) not in listed.stdout  # no server path in the listing
+
+
+def test_the_token_file_is_private_and_holds_256_bit_tokens(server) -> None:
+    tokens = server.state / "tokens"
+    assert (tokens.stat().st_mode & 0o777) == 0o600
+    assert len(server.token) >= 43  # 32 random bytes, URL-safe base64
+
+
 # ---------------------------------------------------------------------------------- many clients, cancel
 def test_ten_clients_at_once_all_finish_one_at_a_time_in_queue_order(server, ct_path, tmp_path) -> None:
     results: dict[int, dict] = {}
@@ -376,7 +378,7 @@ def test_cancel_mid_run_stops_the_job_and_removes_its_files(server, ct_path) -> 
     c.delete(job)
 
 
-def test_server_killed_mid_job_the_client_reports_the_loss_and_writes_nothing(ct_path, tmp_path) -> None:
+def test_server_killed_mid_job_the_client_reports_the_loss_and_a_restart_enforces_job_time(ct_path, tmp_path) -> None:
     import psutil
 
     state = tmp_path / "state"
@@ -399,10 +401,23 @@ def test_server_killed_mid_job_the_client_reports_the_loss_and_writes_nothing(ct
         srv.stop(signal.SIGKILL)
         gone, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive  # the engine died with the server: nothing keeps running the lost job
-        restarted = ServerProcess(state, port=srv.port)
+        restarted = ServerProcess(state, "--job-time", "3", port=srv.port)
         try:
             assert list((state / "jobs").iterdir()) == []  # the lost job's files went at the restart
             rest, err = proc.communicate(timeout=90)
+            # the restarted server stops a job that runs longer than --job-time
+            c = ServerClient(restarted.url, restarted.token)
+            job = c.create_job("demo", [".nrrd"], ".nrrd", SLOW)["id"]
+            c.upload(job, 0, ct_path)
+            since, events = 0, []
+            for _ in range(120):
+                answer = c.events(job, since, wait=1.0)
+                since, events = answer["next"], events + answer["events"]
+                if answer["state"] in ("done", "error", "cancelled"):
+                    break
+            assert answer["state"] == "error" and events[-1]["exit_code"] == 3
+            assert "longer than this server allows (3 s)" in events[-1]["message"]
+            assert not job_folder(restarted, job).exists()
         finally:
             restarted.stop()
     finally:

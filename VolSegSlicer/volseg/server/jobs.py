@@ -186,6 +186,7 @@ class DeviceWorker(threading.Thread):
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
+        self._start_engine()  # warm before the first job: it loads PyTorch while the server waits
         while True:
             job = self.board.next_job()
             if job is None:

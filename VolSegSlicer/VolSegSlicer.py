@@ -31,7 +31,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if MODULE_DIR not in sys.path:  # Slicer adds it; keeps `import VolSegSlicerLib` working everywhere
     sys.path.insert(0, MODULE_DIR)
 
-from VolSegSlicerLib import catalog, dicom, export, mrml, panel, resources, results, settings, testing  # noqa: E402
+from VolSegSlicerLib import catalog, dicom, export, mrml, panel, remote, resources, results, settings, testing  # noqa: E402
 from VolSegSlicerLib.devices import DeviceChoices, fallback_choices  # noqa: E402
 from VolSegSlicerLib.jobs import SegmentationJob  # noqa: E402
 from VolSegSlicerLib.process import python_executable  # noqa: E402
@@ -103,6 +103,7 @@ class VolSegSlicerParameterNode:
     modelId: str = ""
     checkpointPath: str = ""
     device: str = "auto"
+    runOn: str = "computer"  # or "server" (its URL and token are in the application settings only)
 
 
 class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -140,6 +141,16 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
         ui.cardsDirPathLineEdit.connect("currentPathChanged(QString)", self.onCardsDirChanged)
         ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        ui.runOnComboBox.addItem(_("This computer"), "computer")
+        ui.runOnComboBox.addItem(_("A server (shared GPU)"), "server")
+        target = remote.load_server_target(settingsValue)
+        ui.serverUrlLineEdit.text, ui.serverTokenLineEdit.text = target.url, target.token
+        ui.serverCaCertPathLineEdit.currentPath = target.caCert
+        self.logic.runner.server = target
+        ui.runOnComboBox.connect("currentIndexChanged(int)", self.onRunOnChanged)
+        ui.serverUrlLineEdit.connect("editingFinished()", self.onServerChanged)
+        ui.serverTokenLineEdit.connect("editingFinished()", self.onServerChanged)
+        ui.serverCaCertPathLineEdit.connect("currentPathChanged(QString)", lambda path: self.onServerChanged())
         for selector in self.inputSelectors:
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUIState)
         ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
@@ -197,9 +208,32 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
             self.updateGUIState()
 
+    def runsOnServer(self) -> bool:
+        return bool(self._parameterNode and self._parameterNode.runOn == "server")
+
     def refreshModels(self) -> None:
         self.ui.modelInfoLabel.text = _("Reading the model cards...")
-        self.logic.runner.query_models(self.ui.cardsDirPathLineEdit.currentPath, self.onModelsReady)
+        try:
+            self.logic.runner.query_models(self.ui.cardsDirPathLineEdit.currentPath, self.onModelsReady,
+                                           on_server=self.runsOnServer())
+        except ValueError as exc:  # Run on = server without an address or token yet
+            self._models = []
+            self.showModels()
+            self.ui.modelInfoLabel.text = str(exc)
+
+    def onRunOnChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.runOn = self.ui.runOnComboBox.itemData(index) or "computer"
+        self.updateGUIState()
+        self.refreshModels()
+
+    def onServerChanged(self) -> None:
+        target = remote.ServerTarget(self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip(),
+                                     self.ui.serverCaCertPathLineEdit.currentPath)
+        remote.save_server_target(setSettingsValue, target)  # application settings, not the scene
+        self.logic.runner.server = target
+        if self.runsOnServer():
+            self.refreshModels()
 
     def onModelsReady(self, models: Optional[list], error: str) -> None:
         self._models = models or []
@@ -301,6 +335,13 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if state.input_visible(i):
                 self.inputLabels[i].text = state.input_titles[i] + ":"
         self.ui.inputWarningLabel.text = state.input_warning
+        onServer = self.runsOnServer()
+        self.ui.runOnComboBox.blockSignals(True)
+        self.ui.runOnComboBox.currentIndex = 1 if onServer else 0
+        self.ui.runOnComboBox.blockSignals(False)
+        self.ui.serverFrame.setVisible(onServer)
+        self.ui.deviceComboBox.enabled = not onServer  # the server picks its device
+        self.ui.checkpointPathLineEdit.enabled = not onServer  # the server uses its own weights
         for name in ("overlapSliderWidget", "roiXSpinBox", "roiYSpinBox", "roiZSpinBox", "swBatchSizeSpinBox",
                      "flipsCheckBox", "ampCheckBox", "keepLargestCheckBox", "fillHolesCheckBox", "minIslandSpinBox"):
             getattr(self.ui, name).enabled = state.advanced_enabled

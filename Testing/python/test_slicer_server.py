@@ -61,9 +61,10 @@ def test_the_user_chain_runs_on_the_server(context, remote_runner, server, demo,
     in_study(context, volume)
     runs = []
 
-    def segment(outputSegmentation=None, replaceOutput=False):
+    def segment(outputSegmentation=None, replaceOutput=False):  # a local checkpoint/device choice does not apply
         job = remote_runner.segment(demo, [volume], RunSettings(runOn="server", outputSegmentation=outputSegmentation,
-                                                                replaceOutput=replaceOutput))
+                                                                replaceOutput=replaceOutput, device="cuda:3",
+                                                                checkpointPath=str(tmp_path / "local-only.pth")))
         remote_runner.wait_for(job, timeout=240)
         runs.append(job)
         return job
@@ -72,7 +73,8 @@ def test_the_user_chain_runs_on_the_server(context, remote_runner, server, demo,
                                   lambda n, p: export_segmentation_file(context, n, p), volume, demo, str(tmp_path))
     assert len(runs) == 3 and model_for_segmentation(node, [demo]) is demo
     assert node.GetAttribute("VolSegSlicer.Device").startswith("test-box: ")  # where it ran
-    assert all("--server" in job.process.argv for job in runs)
+    assert all("--server" in job.process.argv and "--checkpoint" not in job.process.argv for job in runs)
+    assert node.GetAttribute("VolSegSlicer.Checkpoint") in (None, "")
     for job in runs:  # the token never on a command line, in the log or in the scene
         assert server.token not in " ".join(job.process.argv)
     assert server.token not in caplog.text
@@ -110,8 +112,6 @@ def test_the_model_list_comes_from_the_server_and_bad_settings_are_refused(conte
     remote_runner.wait_for(query, timeout=60)
     assert got["error"] == "" and "demo" in [m["id"] for m in got["models"]]
     volume = load_ct(context)
-    with pytest.raises(ValueError, match="checkpoint"):
-        remote_runner.segment(demo, [volume], RunSettings(runOn="server", checkpointPath="/tmp/w.pth"))
     remote_runner.server = ServerTarget("https://gpu-box:8443", "")
     with pytest.raises(ValueError, match="token"):
         remote_runner.segment(demo, [volume], RunSettings(runOn="server"))

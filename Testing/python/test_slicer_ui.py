@@ -46,6 +46,8 @@ CLASSES_BY_SUFFIX = {
     "TextEdit": {"QPlainTextEdit", "QTextEdit"},
     "ProgressBar": {"QProgressBar"},
     "SearchBox": {"ctkSearchBox"},
+    "LineEdit": {"QLineEdit"},
+    "Frame": {"QFrame"},
 }
 
 #: Widget classes that can be bound to a parameter of each Python type (parameterNodeWrapper).

@@ -3,7 +3,9 @@
 The panel's "Run on" is ``computer`` (the engine runs here) or ``server``: the engine still runs
 here as a background process, but as ``volseg segment ... --server URL``, which uploads the
 volumes, relays the server's progress events and writes the result where a local run would, so
-progress, Cancel (the server's job is cancelled too) and the import are the same.
+progress, Cancel (the server's job is cancelled too) and the import are the same. The server
+runs its own model cards with their own weights and picks its device: the panel's checkpoint
+and device choices are for runs on this computer (the panel greys them out).
 
 The token lives only in the application settings (never in the scene, the parameter node or a
 log line): it reaches the engine process in its environment (``VOLSEG_SERVER_TOKEN``), never on
@@ -54,10 +56,3 @@ def save_server_target(set_value: Callable[[str, Any], None], target: ServerTarg
     set_value(SETTINGS_KEYS["url"], target.url)
     set_value(SETTINGS_KEYS["token"], target.token)
     set_value(SETTINGS_KEYS["caCert"], target.caCert)
-
-
-def check_remote_settings(settings: Any) -> None:
-    """Refuse, before anything starts, what a server run cannot do."""
-    if getattr(settings, "checkpointPath", ""):
-        raise ValueError("A checkpoint file of this computer cannot be used on the server; clear the "
-                         "checkpoint field (the server uses its own models' weights).")

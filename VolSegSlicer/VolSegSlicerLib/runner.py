@@ -27,7 +27,7 @@ from VolSegSlicerLib.devices import device_choices, fallback_choices
 from VolSegSlicerLib.jobs import EngineQuery, SegmentationJob
 from VolSegSlicerLib.mrml import MRMLContext, node_in_scene, write_volume_file
 from VolSegSlicerLib.process import EngineProcess, python_executable
-from VolSegSlicerLib.remote import ServerTarget, check_remote_settings
+from VolSegSlicerLib.remote import ServerTarget
 from VolSegSlicerLib.results import import_result
 from VolSegSlicerLib.settings import RunSettings, segment_options
 
@@ -214,9 +214,9 @@ class EngineRunner:
                 raise ValueError(f"'{volume.GetName()}' has no image data; load or select another volume.")
         settings = RunSettings.of(settings)
         remote = settings.runOn == "server"
-        if remote:
-            check_remote_settings(settings)
+        if remote:  # the server's own weights and device: the local checkpoint and device do not apply
             target = self._remote()
+            settings.checkpointPath, settings.device = "", "auto"
         temp_dir = tempfile.mkdtemp(prefix="VolSegSlicer-", dir=self.temp_root)
         try:
             input_paths = []

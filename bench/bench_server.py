@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,8 +66,11 @@ class LocalWorker:
 
     def __init__(self, device: str) -> None:
         self.device, self.n = device, 0
+        from volseg.server.jobs import _die_with_parent
+
         self.proc = subprocess.Popen([sys.executable, "-m", "volseg", "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=engine_env())
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=engine_env(),
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
     def run(self, volume: Path, output: Path) -> Path:
         self.n += 1
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs=3, metavar=("I", "J", "K"), help="synthetic CT of this size")
     parser.add_argument("--clients", type=int, default=4, help="clients at once in the last row (default 4)")
     args, device = common.start(parser, argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still stops both workers
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401

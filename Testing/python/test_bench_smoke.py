@@ -257,3 +257,13 @@ def test_official_bench_tiny_and_its_check(bench, capsys, monkeypatch):
     monkeypatch.setattr(bo, "predict", lambda *a, **k: real(*a, **k) + 0.3)  # a fast but wrong path
     assert bo.main(args) == 1
     assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out
+
+
+def test_server_bench_tiny(bench, capsys):
+    """bench_server: one round, two clients, the demo model over a real local server; its check holds."""
+    pytest.importorskip("fastapi", reason='the server is the [server] extra: pip install "volseg[server]"')
+    pytest.importorskip("uvicorn", reason='the server is the [server] extra: pip install "volseg[server]"')
+    bs = bench("bench_server")
+    assert bs.main(["--quick", "--clients", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| server, 2 clients (per job) |" in out and "identical" in out and "DIFFERS" not in out

@@ -189,7 +189,12 @@ def test_malformed_bodies_unknown_models_and_non_volumes_are_400(server) -> None
     assert raw(server, "PUT", f"/v1/jobs/{job}/inputs/0", b"")[0] == 400
     assert raw(server, "PUT", f"/v1/jobs/{job}/inputs/7", b"NRRD")[0] == 400
     assert list(job_folder(server, job).iterdir()) == []
+    assert raw(server, "POST", f"/v1/jobs/{job}/cancel")[1]["state"] == "cancelled"  # before its upload
+    assert not job_folder(server, job).exists()
+    status, answer = raw(server, "PUT", f"/v1/jobs/{job}/inputs/0", b"NRRD0004\n")
+    assert status == 409 and answer["error"]["message"]
     assert raw(server, "DELETE", f"/v1/jobs/{job}")[0] == 200
+    assert raw(server, "GET", f"/v1/jobs/{job}")[0] == 404
 
 
 def test_path_tricks_never_touch_a_file_outside_the_job_folder(server, tmp_path) -> None:

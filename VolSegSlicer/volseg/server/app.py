@@ -83,6 +83,12 @@ def build_app(board: JobBoard, tokens: TokenStore, cards: CardIndex) -> FastAPI:
         message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
         return JSONResponse(Refusal(exc.status_code, message).body(), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def failed(_: Request, exc: Exception) -> JSONResponse:  # a bug or the server's disk: still one JSON error
+        return JSONResponse(Refusal(500, f"the server failed ({type(exc).__name__})",
+                                    hint="try again; tell the server's administrator if it persists").body(),
+                            status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())[:300]
@@ -197,6 +203,16 @@ def build_app(board: JobBoard, tokens: TokenStore, cards: CardIndex) -> FastAPI:
             if job.state != "uploading":  # cancelled meanwhile
                 raise Refusal(409, "the job was cancelled during the upload")
             os.replace(part, target)
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+            if part.exists():
+                part.unlink()
+            if job.state != "uploading":
+                raise Refusal(409, "the job was cancelled during the upload") from None
+            raise Refusal(507, f"the server could not store the upload ({exc.strerror or type(exc).__name__})",
+                          hint="try again later; the server's disk may be full") from None
         except BaseException:
             if fd is not None:
                 os.close(fd)

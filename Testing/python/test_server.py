@@ -289,7 +289,7 @@ def test_remote_demo_is_byte_identical_to_a_local_run(server, ct_path, tmp_path)
         events = events_of(done.stdout)
         assert events[-1]["event"] == "done" and events[-1]["outputs"]["segmentation"] == str(tmp_path / name)
         assert events[-1]["device"].startswith("test-box: ") and events[-1]["labels_present"]
-        assert {"upload", "read", "infer", "write", "download"} <= {e.get("stage") for e in events}
+        assert {"upload", "queue", "read", "infer", "write", "download"} <= {e.get("stage") for e in events}
         assert any(e["event"] == "progress" for e in events)
         assert str(server.state) not in done.stdout  # the server's folders never reach the client
     assert (tmp_path / "remote.nrrd").read_bytes() == (tmp_path / "local.nrrd").read_bytes()

@@ -37,6 +37,7 @@ STAGE_TITLES: dict[str, str] = {
     "postprocess": "Cleaning up the result",
     "write": "Writing the result",
     "upload": "Sending the image to the server",
+    "queue": "Waiting for the server",
     "download": "Fetching the result from the server",
 }
 

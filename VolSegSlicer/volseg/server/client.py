@@ -258,12 +258,13 @@ def segment_remote(args, reporter, cancel: threading.Event) -> dict:
             err = RemoteError(f"{path.name} ({path.stat().st_size:,} bytes) is larger than the server accepts "
                               f"({most:,} bytes)", hint="compress the volume (.nii.gz or gzip NRRD)")
             raise err
-    reporter.stage("upload", f"uploading {len(inputs)} input(s) to {info.get('host')}")
     job = client.create_job(args.model, suffixes, result_suffix, remote_options(args))
     job_id = job["id"]
     try:
+        reporter.stage("upload", f"uploading {len(inputs)} input(s) to {info.get('host')}")
         for index, path in enumerate(inputs):
             client.upload(job_id, index, path, cancel)
+        reporter.stage("queue", "waiting for the server's device")
         done = _follow(client, job_id, reporter, cancel)
         reporter.stage("download", "downloading the result")
         names = client.files(job_id)

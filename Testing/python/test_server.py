@@ -151,7 +151,7 @@ def _send_head_only(srv, path: str, head: bytes, length: int) -> tuple[int, dict
         conn.close()
 
 
-def test_oversized_uploads_are_413_before_the_body_is_stored(server) -> None:
+def test_oversized_uploads_are_413_before_the_body_is_stored(server, tmp_path) -> None:
     job = new_job(server)
     status, answer = _send_head_only(server, f"/v1/jobs/{job}/inputs/0", b"", 9 * 1024 * 1024)
     assert status == 413 and "larger than this server accepts" in answer["error"]["message"]
@@ -166,6 +166,11 @@ def test_oversized_uploads_are_413_before_the_body_is_stored(server) -> None:
     status, answer = _send_head_only(server, f"/v1/jobs/{gz_job}/inputs/0",
                                      gzip.compress(nii.binaryblock + b"\0\0\0\0"), 4 * 1024 * 1024)
     assert status == 413 and "voxels" in answer["error"]["message"]
+    big = tmp_path / "claims-1e9.nrrd"  # through the client: the refusal's message, not a broken pipe
+    big.write_bytes(header + bytes(6 << 20))
+    with pytest.raises(VolSegError, match="1,000,000,000 voxels") as refused:
+        client(server).upload(job, 0, big)
+    assert refused.value.exit_code == 2
     assert list(job_folder(server, job).iterdir()) == [] and list(job_folder(server, gz_job).iterdir()) == []
     for j in (job, gz_job):
         assert raw(server, "DELETE", f"/v1/jobs/{j}")[0] == 200

@@ -129,7 +129,17 @@ class ServerClient:
             head = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             if isinstance(body, (dict, list)):
                 body, head["Content-Type"] = json.dumps(body).encode(), "application/json"
-            conn.request(method, path, body=body, headers=head)
+            try:
+                conn.request(method, path, body=body, headers=head)
+            except (BrokenPipeError, ConnectionResetError):
+                # the server answered before the whole body was sent (a refused upload): its answer says why
+                try:
+                    response = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    response = None
+                if response is not None and response.status >= 400:
+                    raise self._refusal(response.status, response.read(1 << 16)) from None
+                raise
             response = conn.getresponse()
             if response.status >= 400:
                 raise self._refusal(response.status, response.read(1 << 16))

@@ -204,6 +204,8 @@ def test_malformed_bodies_unknown_models_and_non_volumes_are_400(server) -> None
 
 def test_path_tricks_never_touch_a_file_outside_the_job_folder(server, tmp_path) -> None:
     before = sorted(p.name for p in server.state.iterdir())
+    assert before == ["jobs", "tokens", "worker-auto.log"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in [server.state, *server.state.iterdir()])  # private
     for model in ("../../etc/passwd", "/etc/passwd", str(MODULE_DIR.parent / "Resources/ModelCards/demo.json")):
         status, answer = raw(server, "POST", "/v1/jobs", json.dumps({"model": model, "inputs": [".nrrd"]}).encode())
         assert status == 400 and "no model" in answer["error"]["message"]

@@ -162,10 +162,16 @@ class DeviceWorker(threading.Thread):
         engine_root = str(Path(__file__).resolve().parents[2])  # the folder holding volseg/
         env["PYTHONPATH"] = os.pathsep.join([engine_root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
         env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "volseg", "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1, env=env,
-            cwd=str(self.board.jobs_dir), preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        log_name = "worker-" + "".join(c if c.isalnum() else "-" for c in self.device) + ".log"
+        log_fd = os.open(self.board.state_dir / log_name,  # the engine's stderr, for the administrator
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "volseg", "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log_fd, text=True, encoding="utf-8", errors="replace", bufsize=1, env=env,
+                cwd=str(self.board.jobs_dir), preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        finally:
+            os.close(log_fd)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
 
@@ -238,7 +244,8 @@ class DeviceWorker(threading.Thread):
             if line is None:  # the engine died
                 self.proc = None
                 self._end(job, {"event": "error", "message": "the engine stopped unexpectedly while running the job",
-                                "hint": "try again; if it happens again, the server's log may say why", "exit_code": 1})
+                                "hint": "try again; if it happens again, the server's worker-*.log may say why",
+                                "exit_code": 1})
                 return
             try:
                 event = json.loads(line)
@@ -285,7 +292,8 @@ class JobBoard:
     def __init__(self, state_dir: Path, limits: ServerLimits, devices: list[str], cards_dirs: list[Path],
                  host_name: str) -> None:
         self.limits, self.cards_dirs, self.host_name = limits, list(cards_dirs), host_name
-        self.jobs_dir = Path(state_dir) / "jobs"
+        self.state_dir = Path(state_dir)
+        self.jobs_dir = self.state_dir / "jobs"
         if self.jobs_dir.exists():  # jobs of an earlier run of the server are lost: their files go
             shutil.rmtree(self.jobs_dir, ignore_errors=True)
         self.jobs_dir.mkdir(parents=True, mode=0o700)

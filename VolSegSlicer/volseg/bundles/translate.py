@@ -1,0 +1,375 @@
+"""A MONAI bundle translated into a volseg model card.
+
+Read, in the order a volume takes through the bundle's ``inference`` config:
+
+* ``network_def``: one of MONAI's networks volseg builds (:data:`NETWORKS`), its arguments
+  literal values checked against the constructor; a 2D network, a network of the bundle's own
+  ``scripts/`` or a network needing Python expressions is refused by name.
+* ``preprocessing``: each dictionary transform becomes the card step of its array transform
+  (``Spacingd`` -> ``Spacing``), with the dictionary-only arguments dropped; loading and typing
+  steps are what volseg's reader does already.
+* ``inferer``: ``SlidingWindowInferer``'s window, overlap, batch, blending and padding.
+* ``postprocessing``: ``Activationsd`` (softmax / sigmoid), ``AsDiscreted`` (argmax /
+  threshold) after ``Invertd`` (volseg always maps the probabilities back to the input grid),
+  ``KeepLargestConnectedComponentd`` and ``FillHolesd`` on the input grid; ``SaveImaged`` is
+  volseg's writer.
+
+Anything else is one :class:`~volseg.bundles.source.BundleError` naming the config key and
+what to do. The inputs and labels come from ``metadata.json``
+(:mod:`volseg.bundles.metadata`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from volseg.bundles.config import BundleConfig, Expression, expressions_in
+from volseg.bundles.metadata import (card_id, card_labels, read_format, weights_file, weights_url)
+from volseg.bundles.source import Bundle, BundleError, open_bundle
+
+#: MONAI network classes volseg builds from a bundle -> volseg architecture name.
+NETWORKS = {"UNet": "unet", "SegResNet": "segresnet", "SwinUNETR": "swinunetr", "UNETR": "unetr",
+            "DynUNet": "dynunet"}
+#: Arguments older MONAI releases took and MONAI 1.5+ dropped (they only checked the input size).
+DROPPED_ARGUMENTS = {("SwinUNETR", "img_size")}
+#: Preprocessing steps that volseg's reader does itself (loading, channel-first, float tensor).
+READER_STEPS = {"LoadImaged", "EnsureChannelFirstd", "EnsureTyped", "ToTensord", "AddChanneld", "EnsureChannelFirst",
+                "LoadImage", "EnsureType", "ToTensor"}
+#: Dictionary-only arguments, without meaning for the array transform.
+DICT_ONLY = {"keys", "allow_missing_keys", "meta_keys", "meta_key_postfix", "source_key", "start_coord_key",
+             "end_coord_key", "overwriting", "lazy", "_disabled_", "_desc_", "_requires_"}
+_RESAMPLING = {"Spacing", "Resize", "Zoom", "Affine", "Rotate", "Rotate90", "Flip"}
+_ALSO_OK = {"_target_", "_desc_", "_requires_"}
+
+
+@dataclass
+class Translation:
+    """The card (JSON, as a card file holds it) and what the reader noted on the way."""
+
+    card: dict[str, Any]
+    bundle: Bundle
+    notes: list[str] = field(default_factory=list)
+    code_to_run: list[str] = field(default_factory=list)
+
+
+def _key(key: str) -> str:
+    return key.replace("::", "#")
+
+
+def _short_target(target: Any) -> str:
+    return str(target).rsplit(".", 1)[-1] if isinstance(target, str) else repr(target)
+
+
+class _Reader:
+    def __init__(self, config: BundleConfig) -> None:
+        self.config = config
+        self.source = config.source
+        self.notes: list[str] = []
+
+    def refuse(self, key: str, what: str, hint: str) -> BundleError:
+        return BundleError(f"{self.source}: config key {_key(key)!r} {what}", hint=hint)
+
+    def literal(self, value: Any, key: str) -> Any:
+        """``value`` with no expression left in it, else the message naming the expression's key."""
+        found = expressions_in(value)
+        if found:
+            expr = found[0]
+            text = " ".join(expr.text.split())
+            raise self.refuse(expr.key, f"is Python code ({text[:160]}), needed at {_key(key)!r}",
+                              hint="volseg evaluates no code from a bundle unless you pass --trust-bundle-code "
+                              "(then it evaluates this expression with MONAI's bundle parser); or write the value "
+                              "into a card: `volseg bundle-card BUNDLE -o card.json` after editing a copy of the config")
+        return value
+
+    # -- network ---------------------------------------------------------------------------------
+    def network(self) -> tuple[str, dict[str, Any], str]:
+        """(volseg architecture, constructor arguments, MONAI class name)."""
+        if not self.config.has("network_def"):
+            raise self.refuse("network_def", "is missing", hint="a bundle's inference config defines its network there")
+        net = self.config.resolved("network_def")
+        if not isinstance(net, dict) or "_target_" not in net:
+            raise self.refuse("network_def", "does not name a network (_target_)",
+                              hint="a bundle's inference config defines its network there")
+        target = net["_target_"]
+        name = _short_target(target)
+        module = str(target).rsplit(".", 1)[0] if "." in str(target) else ""
+        if isinstance(target, Expression) or (module and not module.startswith("monai.networks.nets")):
+            own = str(target).startswith("scripts")
+            raise self.refuse(
+                "network_def#_target_",
+                f"is {'the bundle’s own network ' if own else ''}{getattr(target, 'text', target)!r}"
+                + (" (Python code under scripts/)" if own else ", not a MONAI network"),
+                hint="volseg imports nothing from a bundle's scripts/ and builds only MONAI's own networks ("
+                + ", ".join(NETWORKS) + "); export the network to TorchScript with MONAI "
+                "(`python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
+                "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json` in the "
+                "bundle, where you trust its code) and volseg runs models/model.ts")
+        args = {k: v for k, v in net.items() if k not in _ALSO_OK}
+        if name not in NETWORKS:
+            self.literal(args, "network_def")  # a network built from code: say which code first
+            raise self.refuse("network_def#_target_", f"is MONAI's {name}, which volseg does not build from a bundle",
+                              hint="volseg builds " + ", ".join(NETWORKS) + " from bundles; export the network to "
+                              "TorchScript (models/model.ts, `python -m monai.bundle ckpt_export`) and volseg runs that")
+        dims = args.get("spatial_dims", 3)
+        if dims != 3:
+            raise self.refuse("network_def#spatial_dims", f"is {dims!r}: this is a 2D bundle",
+                              hint="volseg segments 3D volumes with 3D networks; run this bundle with MONAI "
+                              "(`python -m monai.bundle run --config_file configs/inference.json`)")
+        args = self.literal(args, "network_def")
+        from monai.networks import nets
+
+        cls = getattr(nets, name)
+        params = inspect.signature(cls.__init__).parameters
+        for arg in list(args):
+            if (name, arg) in DROPPED_ARGUMENTS and arg not in params:
+                del args[arg]
+                self.notes.append(f"network_def#{arg} dropped: MONAI's {name} no longer takes it (it only checked "
+                                  "the input size)")
+            elif arg not in params:
+                raise self.refuse(f"network_def#{arg}", f"is not an argument of MONAI's {name}",
+                                  hint=f"{name} takes: " + ", ".join(p for p in params if p != "self"))
+        return NETWORKS[name], args, name
+
+    # -- preprocessing ---------------------------------------------------------------------------
+    def transforms(self, section: str) -> list[tuple[str, dict[str, Any]]]:
+        """(key, transform config) of each step of a Compose (or a list) under ``section``."""
+        node = self.config.resolved(section) if self.config.has(section) else None
+        if node is None:
+            return []
+        items = node.get("transforms") if isinstance(node, dict) else node
+        key = f"{section}#transforms" if isinstance(node, dict) else section
+        if isinstance(node, dict) and _short_target(node.get("_target_")) != "Compose":
+            items, key = [node], section
+        if isinstance(items, Expression) or not isinstance(items, list):
+            self.literal(items, key)
+            raise self.refuse(key, "is not a list of transforms", hint="expected Compose(transforms=[...])")
+        out = []
+        for n, t in enumerate(items):
+            if not isinstance(t, dict) or "_target_" not in t:
+                raise self.refuse(f"{key}#{n}", "is not a transform (no _target_)", hint="expected {_target_: ..., ...}")
+            if t.get("_disabled_") is True:
+                continue
+            out.append((f"{key}#{n}", t))
+        return out
+
+    def preprocessing(self) -> list[dict[str, Any]]:
+        from volseg.preprocessing.card_steps import build_transforms, resolve_transform
+
+        steps = []
+        for key, t in self.transforms("preprocessing"):
+            name = _short_target(t["_target_"])
+            if isinstance(t["_target_"], Expression):
+                self.literal(t["_target_"], key)
+            if name in READER_STEPS:
+                continue
+            array_name = name[:-1] if name.endswith("d") else name
+            try:
+                cls = resolve_transform(array_name)
+            except Exception:
+                raise self.refuse(f"{key}#_target_", f"is {name}, which volseg cannot translate into a card step",
+                                  hint="volseg translates MONAI's spatial, intensity and crop/pad transforms "
+                                  "(Orientationd, Spacingd, ScaleIntensityRanged, NormalizeIntensityd, "
+                                  "CropForegroundd, ...); write a card for this model by hand") from None
+            args = {k: v for k, v in t.items() if k not in DICT_ONLY and k != "_target_"}
+            args = self.literal(args, key)
+            if "source_key" in t and t["source_key"] != t.get("keys"):
+                raise self.refuse(f"{key}#source_key", "takes the foreground from another image",
+                                  hint="volseg crops by the input image itself; write a card by hand")
+            params = inspect.signature(cls.__init__).parameters
+            for arg, value in list(args.items()):
+                if isinstance(value, (list, tuple)) and arg in ("mode", "padding_mode", "dtype") and value:
+                    if len(set(map(str, value))) > 1:
+                        raise self.refuse(f"{key}#{arg}", "differs between keys", hint="write a card by hand")
+                    args[arg] = value[0]
+                if arg not in params:
+                    raise self.refuse(f"{key}#{arg}", f"has no equivalent in MONAI's {array_name}",
+                                      hint="write a card for this model by hand")
+            step = {"name": array_name, "args": args}
+            try:
+                build_transforms([step])
+            except Exception as exc:
+                raise self.refuse(key, f"({name}) does not translate: {getattr(exc, 'message', exc)}",
+                                  hint="write a card for this model by hand") from None
+            steps.append(step)
+        return steps
+
+    # -- inferer ---------------------------------------------------------------------------------
+    def inferer(self) -> dict[str, Any]:
+        if not self.config.has("inferer"):
+            raise self.refuse("inferer", "is missing", hint="a bundle's inference config defines its inferer there")
+        inf = self.config.resolved("inferer")
+        name = _short_target(inf.get("_target_")) if isinstance(inf, dict) else None
+        if name == "SliceInferer":
+            raise self.refuse("inferer#_target_", "is SliceInferer: this is a 2D bundle (it runs slice by slice)",
+                              hint="volseg segments 3D volumes with 3D networks; run this bundle with MONAI")
+        if name != "SlidingWindowInferer":
+            raise self.refuse("inferer#_target_", f"is {name}: the network runs on the whole volume at once",
+                              hint="volseg runs networks in windows (SlidingWindowInferer), which gives other values "
+                              "than one whole-volume pass; `volseg bundle-card` can still write a card to edit "
+                              "(its answers would differ from the bundle's own run)")
+        ignored = {"device", "sw_device", "progress", "cache_roi_weight_map", "cpu_thresh", "buffer_steps",
+                   "buffer_dim", "with_coord"}
+        args = self.literal({k: v for k, v in inf.items() if k not in ignored and k not in _ALSO_OK}, "inferer")
+        out: dict[str, Any] = {}
+        roi = args.pop("roi_size", None)
+        roi = [roi] * 3 if isinstance(roi, int) else roi
+        if not (isinstance(roi, list) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
+            raise self.refuse("inferer#roi_size", f"is {roi!r}, not three positive window sizes",
+                              hint="write a card by hand with inference.roi_size")
+        out["roi_size"] = roi
+        for arg, card_key in (("sw_batch_size", "sw_batch_size"), ("overlap", "overlap"), ("mode", "mode"),
+                              ("sigma_scale", "sigma_scale"), ("padding_mode", "padding_mode")):
+            if arg in args:
+                value = args.pop(arg)
+                if isinstance(value, (list, tuple)):
+                    raise self.refuse(f"inferer#{arg}", "differs per axis", hint="volseg takes one value")
+                out[card_key] = value
+        cval = args.pop("cval", 0)
+        if args or cval:
+            extra = next(iter(args), "cval")
+            raise self.refuse(f"inferer#{extra}", "has no equivalent in volseg's sliding window",
+                              hint="remove it from a copy of the bundle if it does not change the results")
+        out["runtime"] = "torch"  # the bundle's own numbers: no ONNX Runtime / OpenVINO conversion
+        return out
+
+    # -- postprocessing --------------------------------------------------------------------------
+    def postprocessing(self, has_resampling: bool) -> dict[str, Any]:
+        """{"activation", "threshold", "keep_largest_component", "fill_holes"} from the postprocessing."""
+        result: dict[str, Any] = {"activation": "softmax"}
+        inverted = discrete_before_invert = False
+        for key, t in self.transforms("postprocessing"):
+            name = _short_target(t["_target_"])
+            args = {k: v for k, v in t.items() if k not in DICT_ONLY and k not in _ALSO_OK}
+            if name == "Activationsd":
+                args = self.literal(args, key)
+                if args.get("softmax"):
+                    result["activation"] = "softmax"
+                elif args.get("sigmoid"):
+                    result["activation"] = "sigmoid"
+                elif args.get("other") is not None:
+                    raise self.refuse(f"{key}#other", "is a custom activation", hint="write a card by hand")
+            elif name == "AsDiscreted":
+                args = self.literal(args, key)
+                if args.get("argmax"):
+                    result["activation"] = "softmax" if result["activation"] != "sigmoid" else "sigmoid"
+                elif args.get("threshold") is not None:
+                    result["threshold"] = float(args["threshold"])
+                    if result["activation"] != "sigmoid":
+                        raise self.refuse(f"{key}#threshold", "thresholds channels that no sigmoid made",
+                                          hint="write a card by hand")
+                if args.get("to_onehot"):
+                    raise self.refuse(f"{key}#to_onehot", "writes one-hot channels", hint="write a card by hand")
+                if not inverted:
+                    discrete_before_invert = True
+            elif name == "Invertd":
+                inverted = True
+                if discrete_before_invert and has_resampling:
+                    raise self.refuse(key, "maps the label map (not the probabilities) back to the input grid",
+                                      hint="volseg maps the probabilities back and then takes the labels, which "
+                                      "differs from this bundle near borders; to accept that, write the card with "
+                                      "`volseg bundle-card` from a copy of the bundle whose AsDiscreted comes after Invertd")
+            elif name in ("KeepLargestConnectedComponentd", "FillHolesd"):
+                args = self.literal(args, key)
+                if discrete_before_invert and has_resampling and not inverted:
+                    raise self.refuse(key, f"({name}) cleans the label map on the network's grid, before Invertd maps it back",
+                                      hint="volseg cleans the label map on the input grid; write a card by hand")
+                if args.get("connectivity") not in (None, 3):
+                    raise self.refuse(f"{key}#connectivity", "is not full (26-)connectivity",
+                                      hint="volseg uses 26-connectivity")
+                which = args.get("applied_labels")
+                card_key = "keep_largest_component" if name.startswith("Keep") else "fill_holes"
+                result[card_key] = [int(v) for v in which] if isinstance(which, (list, tuple)) else (
+                    [int(which)] if isinstance(which, int) else True)
+            elif name in ("SaveImaged", "CopyItemsd", "EnsureTyped", "ToTensord", "DeleteItemsd"):
+                continue
+            else:
+                self.literal(args, key)
+                raise self.refuse(f"{key}#_target_", f"is {name}, which volseg cannot translate",
+                                  hint="volseg translates Activationsd, AsDiscreted, Invertd, "
+                                  "KeepLargestConnectedComponentd, FillHolesd and SaveImaged; write a card by hand")
+        return result
+
+
+def translate(bundle: Bundle, trust: bool = False) -> Translation:
+    """The card for ``bundle`` (see the module's docstring); ``trust`` evaluates the bundle's expressions."""
+    config = BundleConfig(bundle, trust=trust)
+    reader = _Reader(config)
+    code: list[str] = []
+    if trust:
+        untrusted = _Reader(BundleConfig(bundle, trust=False))
+        for section in ("network_def", "preprocessing", "inferer", "postprocessing"):
+            if untrusted.config.has(section):
+                for e in expressions_in(untrusted.config.resolved(section)):
+                    line = f"{_key(e.key)}: {' '.join(e.text.split())}"
+                    if line not in code:
+                        code.append(line)
+    arch, args, net_name = reader.network()
+    steps = reader.preprocessing()
+    has_resampling = any(s["name"] in _RESAMPLING for s in steps)
+    inference = reader.inferer()
+    post = reader.postprocessing(has_resampling)
+    fmt = read_format(bundle)
+    out_channels = args.get("out_channels", args.get("num_classes"))
+    if fmt.out_channels is not None and out_channels is not None and fmt.out_channels != out_channels:
+        raise BundleError(f"{config.source}: network_def#out_channels is {out_channels} but metadata.json's output "
+                          f"has {fmt.out_channels} channels", hint="the bundle contradicts itself; fix one of them")
+    in_channels = args.get("in_channels")
+    if in_channels is not None and in_channels != len(fmt.inputs):
+        raise BundleError(f"{config.source}: network_def#in_channels is {in_channels} but metadata.json describes "
+                          f"{len(fmt.inputs)} input channels", hint="the bundle contradicts itself; fix one of them")
+    activation = post.pop("activation")
+    labels = card_labels(fmt, activation)
+    if not labels:
+        raise BundleError(f"{bundle.name}/configs/metadata.json names no output channel but the background",
+                          hint="network_data_format#outputs#...#channel_def names each output channel")
+    weights = weights_file(bundle)
+    url = weights_url(bundle)
+    checkpoint: dict[str, Any] = {}
+    if weights is not None:
+        checkpoint["path"] = str(weights)
+        if weights.suffix == ".ts":
+            arch, args = "torchscript", {}
+    if url:
+        checkpoint["published_at"] = url
+    card: dict[str, Any] = {
+        "id": card_id(bundle.name),
+        "title": f"{fmt.title} (MONAI bundle {fmt.version})".replace(" ()", ""),
+        "description": (fmt.description + " " if fmt.description else "") + f"Translated by volseg from the MONAI "
+        f"bundle {bundle.name} ({net_name}).",
+        "architecture": {"name": arch, "config": args} if arch != "torchscript" else {"name": "torchscript"},
+        "inputs": fmt.inputs,
+        "labels": labels,
+        "output": {"activation": activation, "channels": int(out_channels or fmt.out_channels or 1)},
+        "preprocessing": steps,
+        "inference": inference,
+    }
+    if fmt.version:
+        card["version"] = fmt.version
+    if fmt.license:
+        card["license"] = fmt.license
+    if fmt.modality:
+        card["modality"] = fmt.modality
+    if "threshold" in post:
+        card["output"]["threshold"] = post.pop("threshold")
+    if post:
+        card["postprocessing"] = post
+    if checkpoint:
+        card["checkpoint"] = checkpoint
+    amp = config.raw.get("amp", config.raw.get("evaluator", {}).get("amp") if isinstance(config.raw.get("evaluator"), dict) else None)
+    if isinstance(amp, bool):
+        card["inference"]["amp"] = amp
+    from volseg.cards import validate
+
+    validate(card, f"the card translated from {bundle.name}")
+    return Translation(card, bundle, reader.notes, code)
+
+
+def bundle_card(path: str | Path, trust: bool = False):
+    """A :class:`~volseg.cards.ModelCard` for the bundle at ``path`` (folder or zip)."""
+    from volseg.cards import parse_card
+
+    translation = translate(open_bundle(path), trust)
+    return parse_card(translation.card), translation

@@ -326,8 +326,13 @@ def match_inputs(hints: Sequence[str | None], names: Sequence[str]) -> list[int 
 
 
 def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) -> ModelCard:
-    """Load a card by id (searched in :func:`cards_dirs`) or by path to a ``.json`` file."""
+    """Load a card by id (searched in :func:`cards_dirs`), by path to a ``.json`` file, or by path to
+    a MONAI bundle folder or ``.zip`` (translated by :mod:`volseg.bundles`, nothing of it run)."""
     p = Path(ref).expanduser()
+    if p.is_dir() or (p.suffix.lower() == ".zip" and p.is_file()):
+        from volseg.bundles.translate import bundle_card
+
+        return bundle_card(p)[0]
     if p.suffix.lower() == ".json" or p.is_file():
         if not p.is_file():
             raise ModelCardError(f"model card file {p} does not exist")

@@ -12,12 +12,13 @@ Two forms are handled before parsing, both without evaluating anything:
 * ``%`` macros (text copied from another config file) are refused: MONAI reads them from a path
   relative to the working folder, which a bundle must not choose.
 
-With ``trust=True`` (``--trust-bundle-code``) the expressions a translation needs are evaluated
-by the same parser, after the config's ``imports``; :func:`expressions_to_run` lists them first.
+With ``trust=True`` (``--trust-bundle-code``) the expressions a translation needs, and only those,
+are evaluated by the same parser (after the config's ``imports``), each announced first.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class BundleConfig:
         raw = _prepare(load_config_file(self.path), "")
         raw["bundle_root"] = str(bundle.root)  # as `monai.bundle run` sets it
         self.raw = raw
-        self.parser = ConfigParser(raw)
+        self.parser = ConfigParser(copy.deepcopy(raw))
 
     @property
     def source(self) -> str:
@@ -117,8 +118,7 @@ class BundleConfig:
             return False
 
     def resolved(self, key: str) -> Any:
-        """``key``'s content with references resolved: plain data, :class:`Expression` where code would run
-        (or, trusted, the expression's value)."""
+        """``key``'s content with references resolved: plain data, :class:`Expression` where code would run."""
         try:
             item = self.parser.get_parsed_content(key, instantiate=False, eval_expr=False)
         except (KeyError, ValueError) as exc:
@@ -131,8 +131,7 @@ class BundleConfig:
 
         if isinstance(node, ConfigExpression):
             where = node.get_id() or key
-            expr = Expression(where, self.original_text(where, str(node.get_config())))
-            return self.evaluate(expr) if self.trust else expr
+            return Expression(where, self.original_text(where, str(node.get_config())))
         if isinstance(node, ConfigItem):
             return self._plain(node.get_config(), node.get_id() or key)
         if isinstance(node, dict):
@@ -159,7 +158,7 @@ class BundleConfig:
             raise RuntimeError("bundle code is evaluated only when trusted")
         from monai.bundle import ConfigParser
 
-        parser = ConfigParser(self.raw)
+        parser = ConfigParser(copy.deepcopy(self.raw))
         try:
             return parser.get_parsed_content(expr.key, instantiate=False)
         except Exception as exc:  # the bundle's own code failed: say where

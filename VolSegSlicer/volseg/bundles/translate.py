@@ -64,10 +64,12 @@ def _short_target(target: Any) -> str:
 
 
 class _Reader:
-    def __init__(self, config: BundleConfig) -> None:
+    def __init__(self, config: BundleConfig, announce=None) -> None:
         self.config = config
         self.source = config.source
         self.notes: list[str] = []
+        self.code_run: list[str] = []
+        self.announce = announce
 
     def refuse(self, key: str, what: str, hint: str) -> BundleError:
         return BundleError(f"{self.source}: config key {_key(key)!r} {what}", hint=hint)
@@ -75,6 +77,8 @@ class _Reader:
     def literal(self, value: Any, key: str) -> Any:
         """``value`` with no expression left in it, else the message naming the expression's key."""
         found = expressions_in(value)
+        if found and self.config.trust:
+            return self._evaluated(value)
         if found:
             expr = found[0]
             text = " ".join(expr.text.split())
@@ -83,6 +87,20 @@ class _Reader:
                               "(then it evaluates this expression with MONAI's bundle parser); or write the value "
                               "into a card: `volseg bundle-card BUNDLE -o card.json` after editing a copy of the config")
         return value
+
+    def _evaluated(self, node: Any) -> Any:
+        if isinstance(node, Expression):
+            line = f"{_key(node.key)}: {' '.join(node.text.split())}"
+            if line not in self.code_run:
+                if self.announce is not None:
+                    self.announce([line])
+                self.code_run.append(line)
+            return self.config.evaluate(node)
+        if isinstance(node, dict):
+            return {k: self._evaluated(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self._evaluated(v) for v in node]
+        return node
 
     # -- network ---------------------------------------------------------------------------------
     def network(self) -> tuple[str, dict[str, Any], str]:
@@ -293,19 +311,13 @@ class _Reader:
         return result
 
 
-def translate(bundle: Bundle, trust: bool = False) -> Translation:
-    """The card for ``bundle`` (see the module's docstring); ``trust`` evaluates the bundle's expressions."""
+def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation:
+    """The card for ``bundle`` (see the module's docstring).
+
+    ``trust`` evaluates the bundle's expressions that the card needs; ``announce`` is called with
+    each (``["key: text"]``) before it runs."""
     config = BundleConfig(bundle, trust=trust)
-    reader = _Reader(config)
-    code: list[str] = []
-    if trust:
-        untrusted = _Reader(BundleConfig(bundle, trust=False))
-        for section in ("network_def", "preprocessing", "inferer", "postprocessing"):
-            if untrusted.config.has(section):
-                for e in expressions_in(untrusted.config.resolved(section)):
-                    line = f"{_key(e.key)}: {' '.join(e.text.split())}"
-                    if line not in code:
-                        code.append(line)
+    reader = _Reader(config, announce)
     arch, args, net_name = reader.network()
     steps = reader.preprocessing()
     has_resampling = any(s["name"] in _RESAMPLING for s in steps)
@@ -364,12 +376,12 @@ def translate(bundle: Bundle, trust: bool = False) -> Translation:
     from volseg.cards import validate
 
     validate(card, f"the card translated from {bundle.name}")
-    return Translation(card, bundle, reader.notes, code)
+    return Translation(card, bundle, reader.notes, reader.code_run)
 
 
-def bundle_card(path: str | Path, trust: bool = False):
-    """A :class:`~volseg.cards.ModelCard` for the bundle at ``path`` (folder or zip)."""
+def bundle_card(path: str | Path, trust: bool = False, announce=None):
+    """(:class:`~volseg.cards.ModelCard`, :class:`Translation`) for the bundle at ``path`` (folder or zip)."""
     from volseg.cards import parse_card
 
-    translation = translate(open_bundle(path), trust)
+    translation = translate(open_bundle(path), trust, announce)
     return parse_card(translation.card), translation

@@ -6,6 +6,8 @@
     volseg models [--json]
     volseg inspect best_metric_model.pth [--json]
     volseg devices [--json]
+    volseg segment CT.nrrd --bundle spleen_ct_segmentation -o spleen.seg.nrrd
+    volseg bundle-card spleen_ct_segmentation -o spleen.json
     volseg demo [-o FOLDER]
     volseg batch cases/*.nii.gz --model uxnet-flare --checkpoint best_metric_model.pth -o results/
     volseg serve            # warm worker: JSON requests on stdin, JSON events on stdout
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 from volseg import signals
 from volseg.cli.batch import cmd_batch
+from volseg.cli.bundle import cmd_bundle_card
 from volseg.cli.catalogue import cmd_devices, cmd_inspect, cmd_models
 from volseg.cli.demo import cmd_demo
 from volseg.cli.parser import build_parser
@@ -32,7 +35,7 @@ from volseg.cli.serve import cmd_serve
 from volseg.errors import VolSegError, error_from_exception
 
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
-            "demo": cmd_demo, "serve": cmd_serve}
+            "demo": cmd_demo, "serve": cmd_serve, "bundle-card": cmd_bundle_card}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

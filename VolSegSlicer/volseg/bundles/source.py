@@ -159,7 +159,7 @@ def _member_name(info: zipfile.ZipInfo, origin: Path) -> PurePosixPath | None:
                           hint="volseg follows no links inside a bundle")
     if info.is_dir():
         return None
-    if mode and not stat.S_ISREG(mode):
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # zips written without a file type carry permissions only
         raise BundleError(f"{origin}: member {info.filename!r} is not a regular file")
     return pure
 
@@ -190,13 +190,18 @@ def _extract_zip(origin: Path) -> Path:
                 continue
             dest = target.joinpath(*pure.parts)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as src, open(dest, "xb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > total or written > MAX_ZIP_BYTES:
-                        raise BundleError(f"{origin}: member {info.filename!r} holds more than its header says",
-                                          hint="this zip is damaged or hostile; do not use it")
-                    out.write(chunk)
+            try:
+                with archive.open(info) as src, open(dest, "xb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > total or written > MAX_ZIP_BYTES:
+                            raise BundleError(f"{origin}: member {info.filename!r} holds more than its header says",
+                                              hint="this zip is damaged or hostile; do not use it")
+                        out.write(chunk)
+            except FileExistsError:
+                raise BundleError(f"{origin}: member {info.filename!r} appears twice") from None
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise BundleError(f"{origin}: cannot unpack {info.filename!r}: {exc}") from None
     for candidate in [target, *sorted(p for p in target.iterdir() if p.is_dir())]:
         if is_bundle_dir(candidate):
             return candidate

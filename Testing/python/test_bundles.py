@@ -292,3 +292,24 @@ def test_a_bundle_without_weights_says_where_to_get_them(bundles, capsys) -> Non
                  "--progress", "none"])
     err = capsys.readouterr().err
     assert code != 0 and "has no weights" in err and "model_spleen_ct_segmentation_v1.pt" in err
+
+
+def test_listing_bundles_needs_neither_torch_nor_monai(bundles, tmp_path) -> None:
+    """The Slicer panel fills its list with `volseg models --json`: bundles in it stay torch-free."""
+    from test_startup import probe
+
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    copy_bundle(bundles, "wholeBody_ct_segmentation", cards)
+    (cards / "broken").mkdir()
+    (cards / "broken" / "configs").mkdir()
+    (cards / "broken" / "configs" / "metadata.json").write_text("{not json")
+    (cards / "broken" / "configs" / "inference.json").write_text("{}")
+    listing, one = probe(["models", "--json", "--cards-dir", str(cards)],
+                         ["models", "--bundle", str(bundles / "brats_mri_segmentation")])
+    assert listing["rc"] == 0 and listing["heavy"] == [], listing
+    result = json.loads(listing["out"])
+    whole = next(m for m in result["models"] if m["id"] == "wholebody-ct-segmentation")
+    assert len(whole["labels"]) == 104 and whole["labels"][0]["name"] == "spleen"
+    assert any("broken" in p and "not valid JSON" in p for p in result["problems"])
+    assert one["rc"] == 0 and one["heavy"] == [] and "weights missing" in one["out"] and "T1c, T1, T2, FLAIR" in one["out"]

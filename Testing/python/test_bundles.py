@@ -313,3 +313,27 @@ def test_listing_bundles_needs_neither_torch_nor_monai(bundles, tmp_path) -> Non
     assert len(whole["labels"]) == 104 and whole["labels"][0]["name"] == "spleen"
     assert any("broken" in p and "not valid JSON" in p for p in result["problems"])
     assert one["rc"] == 0 and one["heavy"] == [] and "weights missing" in one["out"] and "T1c, T1, T2, FLAIR" in one["out"]
+
+
+def test_a_trusted_expression_is_evaluated_by_monais_parser_and_untrusted_refused(bundles, tmp_path) -> None:
+    def edit(config):
+        config["preprocessing"]["transforms"][3]["pixdim"] = "@pixdim"
+        config["pixdim"] = "$[1.5 * 2, 1.5, 2.0]"
+
+    bundle = _edited(bundles, tmp_path, edit)
+    with pytest.raises(BundleError, match=r"'pixdim' is Python code \(\$\[1.5 \* 2, 1.5, 2.0\]\)") as info:
+        translate(open_bundle(bundle))
+    assert "--trust-bundle-code" in info.value.hint
+    said: list[str] = []
+    t = translate(open_bundle(bundle), trust=True, announce=said.extend)
+    assert said == ["pixdim: $[1.5 * 2, 1.5, 2.0]"] and t.code_to_run == said
+    assert t.card["preprocessing"][1] == {"name": "Spacing", "args": {"pixdim": [3.0, 1.5, 2.0], "mode": "bilinear"}}
+
+
+def test_a_reference_written_as_an_expression_needs_no_trust(bundles, tmp_path) -> None:
+    def edit(config):
+        config["steps"] = config["preprocessing"]["transforms"]
+        config["preprocessing"]["transforms"] = "$@steps"
+
+    card = translate(open_bundle(_edited(bundles, tmp_path, edit))).card
+    assert [s["name"] for s in card["preprocessing"]] == ["Orientation", "Spacing", "ScaleIntensityRange"]

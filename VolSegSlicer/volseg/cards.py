@@ -329,7 +329,9 @@ def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) 
     """Load a card by id (searched in :func:`cards_dirs`), by path to a ``.json`` file, or by path to
     a MONAI bundle folder or ``.zip`` (translated by :mod:`volseg.bundles`, nothing of it run)."""
     p = Path(ref).expanduser()
-    if p.is_dir() or (p.suffix.lower() == ".zip" and p.is_file()):
+    from volseg.bundles.source import is_bundle_dir
+
+    if is_bundle_dir(p) or (p.suffix.lower() == ".zip" and p.is_file()):
         from volseg.bundles.translate import bundle_card
 
         return bundle_card(p)[0]

@@ -145,7 +145,7 @@ def read_format(bundle: Bundle) -> BundleFormat:
         title=str(meta.get("name") or bundle.name),
         version=str(meta.get("version", "")),
         description=str(meta.get("description", "")),
-        license=str(meta["copyright"]) if meta.get("copyright") else None,
+        license=str(meta["license"]) if isinstance(meta.get("license"), str) else None,
         modality=modality,
         inputs=inputs,
         channel_names=channel_names,

@@ -128,7 +128,7 @@ class _Reader:
         args = {k: v for k, v in net.items() if k not in _ALSO_OK}
         if name not in NETWORKS:
             self.literal(args, "network_def")  # a network built from code: say which code first
-            raise self.refuse("network_def#_target_", f"is MONAI's {name}, which volseg does not build from a bundle",
+            raise self.refuse("network_def#_target_", f"is {name}, a network volseg does not build from a bundle",
                               hint="volseg builds " + ", ".join(NETWORKS) + " from bundles; export the network to "
                               "TorchScript (models/model.ts, `python -m monai.bundle ckpt_export`) and volseg runs that")
         dims = args.get("spatial_dims", 3)
@@ -273,7 +273,7 @@ class _Reader:
                 args = self.literal(args, key)
                 if args.get("argmax"):
                     result["activation"] = "softmax" if result["activation"] != "sigmoid" else "sigmoid"
-                elif args.get("threshold") is not None:
+                elif args.get("threshold") is not None:  # MONAI keeps p >= t, volseg p > t: equal but on a tie
                     result["threshold"] = float(args["threshold"])
                     if result["activation"] != "sigmoid":
                         raise self.refuse(f"{key}#threshold", "thresholds channels that no sigmoid made",

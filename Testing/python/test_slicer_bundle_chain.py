@@ -1,6 +1,6 @@
 """A MONAI bundle in the Slicer half, on slicer-core: Add model... (a zipped bundle copied into the
 cards folder), the model list (``volseg models --json`` in a background engine), a segmentation run
-through the bundle's translated card in the engine process, and the result imported as segments
+through the bundle's translated card in the warm engine (`volseg serve`), and the result imported as segments
 named, coloured and coded from the bundle's metadata."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def test_a_bundle_added_from_a_zip_segments_in_the_scene(context, tmp_path) -> N
         model = next(m for m in received["models"] if m["id"] == "spleen-ct-segmentation")
         assert model["bundle"]["weights"] == "present" and model["card_path"] == str(added)
         volume = load_ct(context)
-        job = runner.segment(model, [volume], RunSettings(device="cpu", keepWarm=False), cards_dir=str(cards))
+        job = runner.segment(model, [volume], RunSettings(device="cpu", keepWarm=True), cards_dir=str(cards))
         runner.wait_for(job, timeout=240)
         assert job.monitor.outcome == "done", job.monitor.error
         node = job.segmentationNode

@@ -337,3 +337,22 @@ def test_a_reference_written_as_an_expression_needs_no_trust(bundles, tmp_path) 
 
     card = translate(open_bundle(_edited(bundles, tmp_path, edit))).card
     assert [s["name"] for s in card["preprocessing"]] == ["Orientation", "Spacing", "ScaleIntensityRange"]
+
+
+def test_trusted_bundle_code_builds_its_own_network_after_saying_which_code(bundles) -> None:
+    import sys
+
+    from volseg import models
+
+    said: list[str] = []
+    from volseg.bundles.translate import bundle_card
+
+    card, t = bundle_card(bundles / "renalStructures_UNEST_segmentation", trust=True, announce=said.extend)
+    assert said[0] == "network_def#_target_: scripts.networks.unest.UNesT (built by MONAI's bundle parser)"
+    assert "scripts/networks/unest.py" in said[1] and said[1].startswith("importable: ")
+    assert not any(k == "scripts" or k.startswith("scripts.") for k in sys.modules)  # nothing imported yet
+    assert card.architecture == "bundle-renalstructures-unest-segmentation" and card.out_channels == 4
+    assert [lab.name for lab in card.labels] == ["kidney cortex", "medulla", "pelvicalyceal system"]
+    net = models.create(card.architecture)
+    assert type(net).__module__ == "scripts.networks.unest" and type(net).__name__ == "UNesT"
+    assert not any(k == "scripts" or k.startswith("scripts.") for k in sys.modules)  # set aside again

@@ -18,9 +18,12 @@ are evaluated by the same parser (after the config's ``imports``), each announce
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +155,22 @@ class BundleConfig:
                 return default
         return node if isinstance(node, str) else default
 
+    def instantiate(self, key: str) -> Any:
+        """Build ``key`` (a network) with MONAI's parser, the bundle's root importable as its
+        ``scripts`` package (only with ``--trust-bundle-code``)."""
+        if not self.trust:
+            raise RuntimeError("bundle code is run only when trusted")
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser(copy.deepcopy(self.raw))
+        with bundle_imports(self.bundle.root):
+            try:
+                return parser.get_parsed_content(key)
+            except Exception as exc:  # the bundle's own code failed: say where
+                cause = exc.__cause__ or exc
+                raise BundleError(f"{self.source}: building {key!r} with the bundle's code failed: "
+                                  f"{type(cause).__name__}: {cause}") from None
+
     def evaluate(self, expr: Expression) -> Any:
         """Evaluate one expression with MONAI's parser (only with ``--trust-bundle-code``)."""
         if not self.trust:
@@ -164,6 +183,39 @@ class BundleConfig:
         except Exception as exc:  # the bundle's own code failed: say where
             raise BundleError(f"{self.source}: evaluating {expr.key!r} ({expr.text}) failed: "
                               f"{type(exc).__name__}: {exc}") from None
+
+
+def _is_scripts(name: str) -> bool:
+    return name == "scripts" or name.startswith("scripts.")
+
+
+@contextlib.contextmanager
+def bundle_imports(root: Path):
+    """``import scripts...`` finds the bundle's ``scripts/`` (and only while the block runs):
+    ``root`` first on ``sys.path``, any other ``scripts`` package set aside and put back after."""
+    saved = {k: m for k, m in sys.modules.items() if _is_scripts(k)}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(root))
+        for k in [k for k in sys.modules if _is_scripts(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def scripts_files(root: Path) -> list[str]:
+    """The Python files under the bundle's ``scripts/`` (relative paths; links not followed)."""
+    base = root / "scripts"
+    if base.is_symlink() or not base.is_dir():
+        return []
+    found = []
+    for folder, _dirs, files in os.walk(base, followlinks=False):
+        found += [str((Path(folder) / f).relative_to(root)) for f in files if f.endswith(".py")]
+    return sorted(found)
 
 
 def expressions_in(node: Any) -> list[Expression]:

@@ -114,7 +114,10 @@ class _Reader:
         target = net["_target_"]
         name = _short_target(target)
         module = str(target).rsplit(".", 1)[0] if "." in str(target) else ""
-        if isinstance(target, Expression) or (module and not module.startswith("monai.networks.nets")):
+        custom = isinstance(target, Expression) or (module and not module.startswith("monai.networks.nets"))
+        if self.config.trust and (custom or name not in NETWORKS):
+            return self.bundle_network(net, str(getattr(target, "text", target)))
+        if custom:
             own = str(target).startswith("scripts")
             raise self.refuse(
                 "network_def#_target_",
@@ -124,7 +127,8 @@ class _Reader:
                 + ", ".join(NETWORKS) + "); export the network to TorchScript with MONAI "
                 "(`python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
                 "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json` in the "
-                "bundle, where you trust its code) and volseg runs models/model.ts")
+                "bundle) and volseg runs models/model.ts; or, if you trust the bundle's code, pass "
+                "--trust-bundle-code and volseg imports it to build the network")
         args = {k: v for k, v in net.items() if k not in _ALSO_OK}
         if name not in NETWORKS:
             self.literal(args, "network_def")  # a network built from code: say which code first
@@ -150,6 +154,27 @@ class _Reader:
                 raise self.refuse(f"network_def#{arg}", f"is not an argument of MONAI's {name}",
                                   hint=f"{name} takes: " + ", ".join(p for p in params if p != "self"))
         return NETWORKS[name], args, name
+
+    def bundle_network(self, net: dict[str, Any], target: str) -> tuple[str, dict[str, Any], str]:
+        """Trusted: the network built by MONAI's parser from the bundle's own config and code,
+        registered as an architecture of this process (after saying which code runs)."""
+        from volseg.bundles.config import scripts_files
+        from volseg.models.registry import Architecture, register
+
+        code = [f"network_def#_target_: {target} (built by MONAI's bundle parser)"]
+        code += [f"{_key(e.key)}: {' '.join(e.text.split())}" for e in expressions_in(net)]
+        files = scripts_files(self.config.bundle.root)
+        if files:
+            code.append("importable: " + ", ".join(files))
+        for line in code:
+            if self.announce is not None:
+                self.announce([line])
+            self.code_run.append(line)
+        name = "bundle-" + card_id(self.config.bundle.name)
+        config = self.config
+        register(Architecture(name, f"the network of the MONAI bundle {config.bundle.name} ({target}), "
+                              "built with its own code", lambda: config.instantiate("network_def")))
+        return name, {}, _short_target(target)
 
     # -- preprocessing ---------------------------------------------------------------------------
     def transforms(self, section: str) -> list[tuple[str, dict[str, Any]]]:
@@ -325,6 +350,8 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
     post = reader.postprocessing(has_resampling)
     fmt = read_format(bundle)
     out_channels = args.get("out_channels", args.get("num_classes"))
+    if arch.startswith("bundle-"):  # built by the bundle's code: the sizes are the config's
+        out_channels = fmt.out_channels
     if fmt.out_channels is not None and out_channels is not None and fmt.out_channels != out_channels:
         raise BundleError(f"{config.source}: network_def#out_channels is {out_channels} but metadata.json's output "
                           f"has {fmt.out_channels} channels", hint="the bundle contradicts itself; fix one of them")

@@ -356,3 +356,24 @@ def test_trusted_bundle_code_builds_its_own_network_after_saying_which_code(bund
     net = models.create(card.architecture)
     assert type(net).__module__ == "scripts.networks.unest" and type(net).__name__ == "UNesT"
     assert not any(k == "scripts" or k.startswith("scripts.") for k in sys.modules)  # set aside again
+
+
+def test_a_bundles_torchscript_export_runs_where_its_network_is_its_own_code(bundles, tmp_path) -> None:
+    import nibabel as nib
+    from monai.networks.nets import UNet
+
+    bundle = copy_bundle(bundles, "renalStructures_UNEST_segmentation", tmp_path)
+    (bundle / "models").mkdir()
+    torch.manual_seed(0)
+    net = UNet(3, 1, 4, channels=(4, 8), strides=(2,), num_res_units=1).eval()
+    torch.jit.script(net).save(str(bundle / "models" / "model.ts"))  # as `monai.bundle ckpt_export` writes it
+    t = translate(open_bundle(bundle))
+    assert t.card["architecture"] == {"name": "torchscript"} and t.card["output"]["channels"] == 4
+    assert t.card["checkpoint"]["path"] == str(bundle / "models" / "model.ts")
+    assert any("scripts/" in n and "models/model.ts" in n for n in t.notes)
+    image = tmp_path / "ct.nii.gz"
+    synthetic_ct(image, shape=(24, 20, 12), spacing=(3.0, 3.0, 4.0))
+    assert main(["segment", str(image), "--bundle", str(bundle), "-o", str(tmp_path / "out.nii.gz"), "--device", "cpu",
+                 "--progress", "none"]) == 0
+    labels = np.asarray(nib.load(str(tmp_path / "out.nii.gz")).dataobj)
+    assert labels.shape == (24, 20, 12) and set(np.unique(labels)) <= {0, 1, 2, 3}

@@ -28,7 +28,7 @@ from typing import Any
 
 from volseg.bundles.config import BundleConfig, Expression, expressions_in
 from volseg.bundles.metadata import (card_id, card_labels, read_format, weights_file, weights_url)
-from volseg.bundles.source import Bundle, BundleError, open_bundle
+from volseg.bundles.source import MAX_WEIGHTS_BYTES, Bundle, BundleError, open_bundle
 
 #: MONAI network classes volseg builds from a bundle -> volseg architecture name.
 NETWORKS = {"UNet": "unet", "SegResNet": "segresnet", "SwinUNETR": "swinunetr", "UNETR": "unetr",
@@ -72,7 +72,9 @@ class _Reader:
         self.announce = announce
 
     def refuse(self, key: str, what: str, hint: str) -> BundleError:
-        return BundleError(f"{self.source}: config key {_key(key)!r} {what}", hint=hint)
+        error = BundleError(f"{self.source}: config key {_key(key)!r} {what}", hint=hint)
+        error.key = _key(key)
+        return error
 
     def literal(self, value: Any, key: str) -> Any:
         """``value`` with no expression left in it, else the message naming the expression's key."""
@@ -111,6 +113,11 @@ class _Reader:
         if not isinstance(net, dict) or "_target_" not in net:
             raise self.refuse("network_def", "does not name a network (_target_)",
                               hint="a bundle's inference config defines its network there")
+        dims = net.get("spatial_dims", 3)
+        if dims != 3 and not isinstance(dims, Expression):
+            raise self.refuse("network_def#spatial_dims", f"is {dims!r}: this is a 2D bundle",
+                              hint="volseg segments 3D volumes with 3D networks; run this bundle with MONAI "
+                              "(`python -m monai.bundle run --config_file configs/inference.json`)")
         target = net["_target_"]
         name = _short_target(target)
         module = str(target).rsplit(".", 1)[0] if "." in str(target) else ""
@@ -135,11 +142,6 @@ class _Reader:
             raise self.refuse("network_def#_target_", f"is {name}, a network volseg does not build from a bundle",
                               hint="volseg builds " + ", ".join(NETWORKS) + " from bundles; export the network to "
                               "TorchScript (models/model.ts, `python -m monai.bundle ckpt_export`) and volseg runs that")
-        dims = args.get("spatial_dims", 3)
-        if dims != 3:
-            raise self.refuse("network_def#spatial_dims", f"is {dims!r}: this is a 2D bundle",
-                              hint="volseg segments 3D volumes with 3D networks; run this bundle with MONAI "
-                              "(`python -m monai.bundle run --config_file configs/inference.json`)")
         args = self.literal(args, "network_def")
         from monai.networks import nets
 
@@ -343,14 +345,21 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
     each (``["key: text"]``) before it runs."""
     config = BundleConfig(bundle, trust=trust)
     reader = _Reader(config, announce)
-    arch, args, net_name = reader.network()
+    torchscript = bundle.file("models/model.ts", limit=MAX_WEIGHTS_BYTES, required=False)
+    try:
+        arch, args, net_name = reader.network()
+    except BundleError as error:  # a network volseg does not build: the bundle's TorchScript export runs instead
+        if torchscript is None or getattr(error, "key", "") == "network_def#spatial_dims":
+            raise
+        arch, args, net_name = "torchscript", {}, "TorchScript models/model.ts"
+        reader.notes.append(f"{error.message.split(': ', 1)[-1]}; running models/model.ts (TorchScript) instead")
     steps = reader.preprocessing()
     has_resampling = any(s["name"] in _RESAMPLING for s in steps)
     inference = reader.inferer()
     post = reader.postprocessing(has_resampling)
     fmt = read_format(bundle)
     out_channels = args.get("out_channels", args.get("num_classes"))
-    if arch.startswith("bundle-"):  # built by the bundle's code: the sizes are the config's
+    if arch.startswith("bundle-") or arch == "torchscript":  # sizes not in network_def: metadata's
         out_channels = fmt.out_channels
     if fmt.out_channels is not None and out_channels is not None and fmt.out_channels != out_channels:
         raise BundleError(f"{config.source}: network_def#out_channels is {out_channels} but metadata.json's output "
@@ -364,8 +373,8 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
     if not labels:
         raise BundleError(f"{bundle.name}/configs/metadata.json names no output channel but the background",
                           hint="network_data_format#outputs#...#channel_def names each output channel")
-    weights = weights_file(bundle)
-    url = weights_url(bundle)
+    weights = torchscript if arch == "torchscript" else weights_file(bundle)
+    url = weights_url(bundle, "models/model.ts" if arch == "torchscript" else "models/model.pt")
     checkpoint: dict[str, Any] = {}
     if weights is not None:
         checkpoint["path"] = str(weights)

@@ -377,3 +377,18 @@ def test_a_bundles_torchscript_export_runs_where_its_network_is_its_own_code(bun
                  "--progress", "none"]) == 0
     labels = np.asarray(nib.load(str(tmp_path / "out.nii.gz")).dataobj)
     assert labels.shape == (24, 20, 12) and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_bundle_card_with_trust_lists_every_piece_of_code_and_refuses_a_card_it_cannot_hold(bundles, tmp_path,
+                                                                                             capsys) -> None:
+    out = tmp_path / "dints.json"
+    assert main(["bundle-card", str(bundles / "pancreas_ct_dints_segmentation"), "--trust-bundle-code",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    for piece in ("network_def#_target_: monai.networks.nets.DiNTS", "network_def#node_a:",
+                  "arch_ckpt: $torch.load(@arch_ckpt_path", "importable: scripts/__init__.py"):
+        assert "running the bundle's code: " + piece in err
+    assert "a card file cannot hold" in err and not out.exists()
+    assert main(["bundle-card", str(bundles / "brats_mri_segmentation"), "--trust-bundle-code", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "running the bundle's code" not in err and "'postprocessing#transforms#3#_target_' is Lambdad" in err

@@ -157,6 +157,23 @@ class _Reader:
                                   hint=f"{name} takes: " + ", ".join(p for p in params if p != "self"))
         return NETWORKS[name], args, name
 
+    def expressions_reached(self, node: Any) -> list[Expression]:
+        """The expressions in ``node`` and in every config key their text refers to (``@key``), transitively."""
+        import re
+
+        found: list[Expression] = []
+        todo = expressions_in(node)
+        while todo:
+            expr = todo.pop(0)
+            if any(e.key == expr.key for e in found):
+                continue
+            found.append(expr)
+            for ref in re.findall(r"@([A-Za-z0-9_]+(?:(?:#|::)[A-Za-z0-9_]+)*)", expr.text):
+                if self.config.has(ref):
+                    value = self.config.resolved(ref)
+                    todo += [value] if isinstance(value, Expression) else expressions_in(value)
+        return found
+
     def bundle_network(self, net: dict[str, Any], target: str) -> tuple[str, dict[str, Any], str]:
         """Trusted: the network built by MONAI's parser from the bundle's own config and code,
         registered as an architecture of this process (after saying which code runs)."""
@@ -164,7 +181,7 @@ class _Reader:
         from volseg.models.registry import Architecture, register
 
         code = [f"network_def#_target_: {target} (built by MONAI's bundle parser)"]
-        code += [f"{_key(e.key)}: {' '.join(e.text.split())}" for e in expressions_in(net)]
+        code += [f"{_key(e.key)}: {' '.join(e.text.split())}" for e in self.expressions_reached(net)]
         files = scripts_files(self.config.bundle.root)
         if files:
             code.append("importable: " + ", ".join(files))
@@ -331,7 +348,8 @@ class _Reader:
             elif name in ("SaveImaged", "CopyItemsd", "EnsureTyped", "ToTensord", "DeleteItemsd"):
                 continue
             else:
-                self.literal(args, key)
+                if not self.config.trust:
+                    self.literal(args, key)  # code in it: say so first (trusted, nothing is run for a refusal)
                 raise self.refuse(f"{key}#_target_", f"is {name}, which volseg cannot translate",
                                   hint="volseg translates Activationsd, AsDiscreted, Invertd, "
                                   "KeepLargestConnectedComponentd, FillHolesd and SaveImaged; write a card by hand")

@@ -20,7 +20,7 @@ def card_from_bundle(path: Path, trust: bool, reporter=None, checkpoint: Path | 
     from volseg.bundles.translate import bundle_card
 
     card, translation = bundle_card(path, trust, announce=lambda code: _say(
-        reporter, "--trust-bundle-code: evaluating the bundle's Python expression " + "; ".join(code), "warning"))
+        reporter, "--trust-bundle-code: running the bundle's code: " + "; ".join(code), "warning"))
     for note in translation.notes:
         _say(reporter, note)
     if card.checkpoint_path is None and checkpoint is None:
@@ -36,7 +36,7 @@ def card_from_bundle(path: Path, trust: bool, reporter=None, checkpoint: Path | 
 def cmd_bundle_card(args: argparse.Namespace) -> int:
     from volseg.bundles.translate import translate
     from volseg.bundles.source import open_bundle
-    from volseg.errors import OutputError
+    from volseg.errors import ModelCardError, OutputError
     from volseg.io.atomic import atomic_output
 
     if args.output.suffix.lower() != ".json":
@@ -44,9 +44,12 @@ def cmd_bundle_card(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise OutputError(f"{args.output} exists", hint="pass --overwrite to replace it, or choose another name")
     translation = translate(open_bundle(args.bundle), args.trust_bundle_code,
-                            announce=lambda code: _say(None, "--trust-bundle-code: evaluating the bundle's Python "
-                                                       "expression " + "; ".join(code), "warning"))
+                            announce=lambda code: _say(None, "--trust-bundle-code: running the bundle's code: " + "; ".join(code), "warning"))
     card = dict(translation.card)
+    if card["architecture"]["name"].startswith("bundle-"):
+        raise ModelCardError(f"the network of {args.bundle} is built by the bundle's own code, which a card file cannot hold",
+                             hint=f"run it with `volseg segment IMAGE --bundle {args.bundle} --trust-bundle-code -o OUT`, "
+                             "or export models/model.ts (TorchScript) and write the card again")
     if args.bundle.suffix.lower() == ".zip" and "checkpoint" in card:
         card["checkpoint"] = {k: v for k, v in card["checkpoint"].items() if k != "path"}  # inside a temporary copy
     for note in translation.notes:

@@ -265,6 +265,12 @@ def test_models_shows_a_bundle_with_missing_weights_and_their_address(bundles, t
     random_weights(cards / "spleen_ct_segmentation")
     assert main(["models", "--bundle", str(cards / "spleen_ct_segmentation")]) == 0
     assert "checkpoint: " + str(cards / "spleen_ct_segmentation" / "models" / "model.pt") in capsys.readouterr().out
+    from volseg.cards import load_card
+
+    card = load_card("spleen-ct-segmentation")  # by the id `volseg models` shows
+    assert card.architecture == "unet" and card.checkpoint_path == cards / "spleen_ct_segmentation" / "models" / "model.pt"
+    with pytest.raises(BundleError, match="Python code"):
+        load_card("brats-mri-segmentation")
 
 
 def test_bundle_card_writes_a_card_that_runs_like_the_bundle(bundles, tmp_path, capsys) -> None:

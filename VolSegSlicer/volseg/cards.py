@@ -343,9 +343,17 @@ def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) 
     if str(ref) in known:
         path = known[str(ref)]
         return parse_card(_read_json(path), path)
+    from volseg.bundles.catalogue import bundle_dirs
+    from volseg.bundles.metadata import card_id
+
+    bundles = {card_id(p.name): p for p in bundle_dirs(cards_dirs_)}
+    if str(ref) in bundles:  # a bundle folder in a cards folder, by the id `volseg models` shows
+        from volseg.bundles.translate import bundle_card
+
+        return bundle_card(bundles[str(ref)])[0]
     import difflib
 
-    close = difflib.get_close_matches(str(ref), list(known), n=3)
+    close = difflib.get_close_matches(str(ref), list(known) + list(bundles), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "run `volseg models` to list the cards"
     raise ModelCardError(f"unknown model {str(ref)!r}", hint=hint)
 

@@ -398,3 +398,9 @@ def test_bundle_card_with_trust_lists_every_piece_of_code_and_refuses_a_card_it_
     assert main(["bundle-card", str(bundles / "brats_mri_segmentation"), "--trust-bundle-code", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "running the bundle's code" not in err and "'postprocessing#transforms#3#_target_' is Lambdad" in err
+
+
+def test_a_bundle_without_invertd_is_mapped_back_and_says_so(bundles, tmp_path) -> None:
+    bundle = _edited(bundles, tmp_path, lambda c: c["postprocessing"]["transforms"].pop(1))
+    t = translate(open_bundle(bundle))
+    assert any("no Invertd" in n for n in t.notes) and t.card["output"]["activation"] == "softmax"

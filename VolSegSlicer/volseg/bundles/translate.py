@@ -353,6 +353,9 @@ class _Reader:
                 raise self.refuse(f"{key}#_target_", f"is {name}, which volseg cannot translate",
                                   hint="volseg translates Activationsd, AsDiscreted, Invertd, "
                                   "KeepLargestConnectedComponentd, FillHolesd and SaveImaged; write a card by hand")
+        if has_resampling and not inverted:
+            self.notes.append("the bundle's postprocessing has no Invertd (its own run writes the label map on the "
+                              "resampled grid); volseg maps it back onto the input volume's grid")
         return result
 
 

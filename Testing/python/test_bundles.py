@@ -105,7 +105,6 @@ def test_spleen_bundle_gives_the_same_label_map_as_monais_own_run(bundles, tmp_p
 
 REFUSED = {
     # bundle: (config key named, words of the message)
-    "brats_mri_segmentation": ("postprocessing#transforms#3#func", "Python code"),
     "multi_organ_segmentation": ("network_def#node_a", "Python code"),
     "pancreas_ct_dints_segmentation": ("network_def#node_a", "Python code"),
     "prostate_mri_anatomy": ("postprocessing#transforms#1", "before Invertd"),
@@ -119,7 +118,8 @@ REFUSED = {
 def test_every_shared_bundle_is_translated_or_refused_by_name(bundles) -> None:
     names = sorted(p.name for p in bundles.iterdir() if p.is_dir())
     assert len(names) == 10
-    assert set(names) == set(REFUSED) | {"spleen_ct_segmentation", "swin_unetr_btcv_segmentation"}
+    assert set(names) == set(REFUSED) | {"spleen_ct_segmentation", "swin_unetr_btcv_segmentation",
+                                         "brats_mri_segmentation"}
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -395,12 +395,41 @@ def test_bundle_card_with_trust_lists_every_piece_of_code_and_refuses_a_card_it_
                   "arch_ckpt: $torch.load(@arch_ckpt_path", "importable: scripts/__init__.py"):
         assert "running the bundle's code: " + piece in err
     assert "a card file cannot hold" in err and not out.exists()
-    assert main(["bundle-card", str(bundles / "brats_mri_segmentation"), "--trust-bundle-code", "-o", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "running the bundle's code" not in err and "'postprocessing#transforms#3#_target_' is Lambdad" in err
+    # BraTS's channel-to-label lambda is read, not run, trusted or not: no code runs at all
+    assert main(["bundle-card", str(bundles / "brats_mri_segmentation"), "--trust-bundle-code", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "running the bundle's code" not in captured.err and "read without running it" in captured.err
+    assert "wrote" in captured.out and json.loads(out.read_text())["labels"][-1]["value"] == 4
 
 
 def test_a_bundle_without_invertd_is_mapped_back_and_says_so(bundles, tmp_path) -> None:
     bundle = _edited(bundles, tmp_path, lambda c: c["postprocessing"]["transforms"].pop(1))
     t = translate(open_bundle(bundle))
     assert any("no Invertd" in n for n in t.notes) and t.card["output"]["activation"] == "softmax"
+
+
+def test_brats_labels_are_the_bundles_lambda_read_without_running_it(bundles) -> None:
+    """The card's sigmoid labels paint what MONAI's own postprocessing (Activationsd, AsDiscreted,
+    and the Lambdad evaluated by MONAI's parser, here in the test) gives, on random logits."""
+    from monai.bundle import ConfigParser
+
+    from volseg.cards import parse_card
+    from volseg.postprocessing.labels import to_labelmap
+
+    t = translate(open_bundle(bundles / "brats_mri_segmentation"))
+    card = parse_card(t.card)
+    assert [(lab.channel, lab.value) for lab in card.labels] == [(1, 2), (0, 1), (2, 4)]
+    assert card.activation == "sigmoid" and len(card.inputs) == 4 and card.config["init_filters"] == 16
+    assert card.preprocessing == ({"name": "NormalizeIntensity", "args": {"nonzero": True, "channel_wise": True}},)
+    assert list(card.inference.roi_size) == [240, 240, 160]
+    parser = ConfigParser()
+    parser.read_config(bundles / "brats_mri_segmentation" / "configs" / "inference.json")
+    steps = [parser.get_parsed_content(f"postprocessing#transforms#{i}") for i in (0, 2, 3)]
+    logits = torch.randn(3, 20, 18, 16, generator=torch.Generator().manual_seed(0)) * 2
+    data = {"pred": logits.clone()}
+    for step in steps:
+        data = step(data)
+    expected = np.asarray(data["pred"])[0]
+    got = to_labelmap(torch.sigmoid(logits), card.labels, card.activation, card.threshold)
+    assert {0, 1, 2, 4} <= set(np.unique(expected).tolist())
+    np.testing.assert_array_equal(got, expected)

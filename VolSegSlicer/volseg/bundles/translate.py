@@ -298,6 +298,19 @@ class _Reader:
         return out
 
     # -- postprocessing --------------------------------------------------------------------------
+    def _channel_labels(self, t: dict[str, Any], key: str, result: dict[str, Any], on_input_grid: bool) -> bool:
+        """A ``Lambdad`` of the form :mod:`volseg.bundles.label_lambda` reads (parsed, not run), after a
+        sigmoid thresholded by ``AsDiscreted``: the labels' values and painting order. False: not that form."""
+        from volseg.bundles.label_lambda import channel_labels
+
+        pairs = channel_labels(t["func"].text)
+        if pairs is None or result.get("activation") != "sigmoid" or "threshold" not in result or not on_input_grid:
+            return False
+        result["channel_labels"] = pairs
+        self.notes.append(f"{_key(key)} (Lambdad) read without running it: channel -> label value, first wins: "
+                          + ", ".join(f"{c} -> {v}" for c, v in pairs))
+        return True
+
     def postprocessing(self, has_resampling: bool) -> dict[str, Any]:
         """{"activation", "threshold", "keep_largest_component", "fill_holes"} from the postprocessing."""
         result: dict[str, Any] = {"activation": "softmax"}
@@ -347,6 +360,9 @@ class _Reader:
                     [int(which)] if isinstance(which, int) else True)
             elif name in ("SaveImaged", "CopyItemsd", "EnsureTyped", "ToTensord", "DeleteItemsd"):
                 continue
+            elif name == "Lambdad" and isinstance(t.get("func"), Expression) and self._channel_labels(t, key, result,
+                                                                                                     inverted or not has_resampling):
+                continue
             else:
                 if not self.config.trust:
                     self.literal(args, key)  # code in it: say so first (trusted, nothing is run for a refusal)
@@ -391,6 +407,9 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
                           f"{len(fmt.inputs)} input channels", hint="the bundle contradicts itself; fix one of them")
     activation = post.pop("activation")
     labels = card_labels(fmt, activation)
+    if "channel_labels" in post:  # painted in card order, later on top: the lambda's first pair last
+        by_channel = {lab["channel"]: lab for lab in labels}
+        labels = [{**by_channel[c], "value": v} for c, v in reversed(post.pop("channel_labels")) if c in by_channel]
     if not labels:
         raise BundleError(f"{bundle.name}/configs/metadata.json names no output channel but the background",
                           hint="network_data_format#outputs#...#channel_def names each output channel")

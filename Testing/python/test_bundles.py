@@ -433,3 +433,20 @@ def test_brats_labels_are_the_bundles_lambda_read_without_running_it(bundles) ->
     got = to_labelmap(torch.sigmoid(logits), card.labels, card.activation, card.threshold)
     assert {0, 1, 2, 4} <= set(np.unique(expected).tolist())
     np.testing.assert_array_equal(got, expected)
+
+
+def test_hostile_configs_end_in_one_message(bundles, tmp_path) -> None:
+    bundle = copy_bundle(bundles, "spleen_ct_segmentation", tmp_path)
+    config = bundle / "configs" / "inference.json"
+    good = config.read_text()
+    chain = {f"k{i}": f"@k{i + 1}" for i in range(5000)}
+    for text, words in (("[" * 100000 + "]" * 100000, "not valid JSON|too large"),
+                        (json.dumps({**json.loads(good), "a": "@b", "b": "@a", "network_def": "@a"}), "resolve"),
+                        (json.dumps({**json.loads(good), **chain, "k5000": 1, "network_def": "@k0"}), "resolve|network")):
+        config.write_text(text)
+        with pytest.raises(BundleError, match=words):
+            translate(open_bundle(bundle))
+    config.write_text(good)
+    (bundle / "configs" / "metadata.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(BundleError, match="metadata.json"):
+        translate(open_bundle(bundle))

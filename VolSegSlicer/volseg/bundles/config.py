@@ -127,6 +127,9 @@ class BundleConfig:
         except (KeyError, ValueError) as exc:
             raise BundleError(f"{self.source}: cannot resolve config key {key!r}: {exc}",
                               hint="the bundle's config refers to a key it does not define") from None
+        except Exception as exc:  # noqa: BLE001  (a hostile config must not end in a traceback)
+            raise BundleError(f"{self.source}: cannot resolve config key {key!r}: {type(exc).__name__}",
+                              hint="this config is not one MONAI's bundle parser can read") from None
         return self._plain(item, key)
 
     def _plain(self, node: Any, key: str) -> Any:

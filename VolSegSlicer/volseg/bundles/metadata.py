@@ -58,6 +58,8 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         raise BundleError(f"{path.name} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise BundleError(f"{path.name} is nested too deeply") from None
 
 
 def read_metadata(bundle: Bundle) -> dict[str, Any]:
@@ -66,6 +68,8 @@ def read_metadata(bundle: Bundle) -> dict[str, Any]:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BundleError(f"{bundle.name}/configs/metadata.json is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise BundleError(f"{bundle.name}/configs/metadata.json is nested too deeply") from None
     if not isinstance(meta, dict):
         raise BundleError(f"{bundle.name}/configs/metadata.json does not hold a mapping")
     return meta

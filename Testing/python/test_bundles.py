@@ -5,7 +5,6 @@ bundles are hostile input (links, zip-slip, sizes); the CLI and the catalogue sh
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path

@@ -138,6 +138,15 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.modelSearchBox.connect("textChanged(QString)", lambda text: self.showModels())
         ui.modelListWidget.connect("currentItemChanged(QListWidgetItem*,QListWidgetItem*)", self.onModelSelected)
         ui.refreshModelsButton.connect("clicked()", self.refreshModels)
+        self.addBundleButton = qt.QToolButton()  # Add model... from a MONAI bundle folder or zip
+        self.addBundleButton.text = _("Add model...")
+        self.addBundleButton.toolTip = _("Add a MONAI bundle (folder or .zip) to your model cards folder")
+        self.addBundleButton.popupMode = qt.QToolButton.InstantPopup
+        addMenu = qt.QMenu(self.addBundleButton)
+        addMenu.addAction(_("from a MONAI bundle folder..."), lambda: self.onAddBundle(folder=True))
+        addMenu.addAction(_("from a MONAI bundle zip..."), lambda: self.onAddBundle(folder=False))
+        self.addBundleButton.setMenu(addMenu)
+        ui.refreshModelsButton.parentWidget().layout().addWidget(self.addBundleButton)
         ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
         ui.cardsDirPathLineEdit.connect("currentPathChanged(QString)", self.onCardsDirChanged)
         ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
@@ -292,6 +301,19 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.checkpointPath = path
             if self._parameterNode.modelId:
                 setSettingsValue(f"Checkpoints/{self._parameterNode.modelId}", path)
+
+    def onAddBundle(self, folder: bool) -> None:
+        from VolSegSlicerLib.bundles import BUNDLE_FILE_FILTER, add_bundle
+
+        window = slicer.util.mainWindow()
+        source = (qt.QFileDialog.getExistingDirectory(window, _("MONAI bundle folder"), qt.QDir.homePath()) if folder
+                  else qt.QFileDialog.getOpenFileName(window, _("MONAI bundle zip"), qt.QDir.homePath(), BUNDLE_FILE_FILTER))
+        if not source:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Adding the bundle failed."), waitCursor=True):
+            added = add_bundle(source, self.ui.cardsDirPathLineEdit.currentPath)
+            self.appendLog(_("Added the MONAI bundle {path}").format(path=added))
+            self.refreshModels()
 
     def onCardsDirChanged(self, path: str) -> None:
         setSettingsValue("CardsDir", path)

@@ -326,8 +326,15 @@ def match_inputs(hints: Sequence[str | None], names: Sequence[str]) -> list[int 
 
 
 def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) -> ModelCard:
-    """Load a card by id (searched in :func:`cards_dirs`) or by path to a ``.json`` file."""
+    """Load a card by id (searched in :func:`cards_dirs`), by path to a ``.json`` file, or by path to
+    a MONAI bundle folder or ``.zip`` (translated by :mod:`volseg.bundles`, nothing of it run)."""
     p = Path(ref).expanduser()
+    from volseg.bundles.source import is_bundle_dir
+
+    if is_bundle_dir(p) or (p.suffix.lower() == ".zip" and p.is_file()):
+        from volseg.bundles.translate import bundle_card
+
+        return bundle_card(p)[0]
     if p.suffix.lower() == ".json" or p.is_file():
         if not p.is_file():
             raise ModelCardError(f"model card file {p} does not exist")
@@ -336,9 +343,17 @@ def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) 
     if str(ref) in known:
         path = known[str(ref)]
         return parse_card(_read_json(path), path)
+    from volseg.bundles.catalogue import bundle_dirs
+    from volseg.bundles.metadata import card_id
+
+    bundles = {card_id(p.name): p for p in bundle_dirs(cards_dirs_)}
+    if str(ref) in bundles:  # a bundle folder in a cards folder, by the id `volseg models` shows
+        from volseg.bundles.translate import bundle_card
+
+        return bundle_card(bundles[str(ref)])[0]
     import difflib
 
-    close = difflib.get_close_matches(str(ref), list(known), n=3)
+    close = difflib.get_close_matches(str(ref), list(known) + list(bundles), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "run `volseg models` to list the cards"
     raise ModelCardError(f"unknown model {str(ref)!r}", hint=hint)
 

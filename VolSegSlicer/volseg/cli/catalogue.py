@@ -31,11 +31,21 @@ def cmd_models(args: argparse.Namespace) -> int:
                 present = "checkpoint present" if m["checkpoint"]["present"] else "no checkpoint"
                 print(f"{m['id']}\n  {m['title']}\n  architecture {m['architecture']}; {present}")
         return 0
+    from volseg.bundles.catalogue import list_bundles, print_bundle
+
+    if args.bundle:
+        from volseg.bundles.metadata import bundle_summary
+
+        summary = bundle_summary(args.bundle)
+        print(json.dumps(summary, indent=1) if args.json else print_bundle(summary))
+        return 0
     cards, problems = list_cards(args.cards_dir)
+    bundles, bundle_problems = list_bundles(args.cards_dir)
+    problems += bundle_problems
     for p in problems:
         print(f"warning: skipped invalid card {p}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"models": [c.summary() for c in cards], "problems": problems}, indent=1))
+        print(json.dumps({"models": [c.summary() for c in cards] + bundles, "problems": problems}, indent=1))
         return 0
     for c in cards:
         inputs = ", ".join(i.name for i in c.inputs)
@@ -46,6 +56,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"  checkpoint: {c.checkpoint_path}")
         else:
             print(f"  weights: {where or 'the card names none; pass --checkpoint'}")
+    for b in bundles:
+        print(print_bundle(b))
     return 0
 
 

@@ -6,6 +6,8 @@
     volseg models [--json]
     volseg inspect best_metric_model.pth [--json]
     volseg devices [--json]
+    volseg segment CT.nrrd --bundle spleen_ct_segmentation -o spleen.seg.nrrd
+    volseg bundle-card spleen_ct_segmentation -o spleen.json
     volseg demo [-o FOLDER]
     volseg batch cases/*.nii.gz --model uxnet-flare --checkpoint best_metric_model.pth -o results/
     volseg serve            # warm worker: JSON requests on stdin, JSON events on stdout
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 
 from volseg import signals
 from volseg.cli.batch import cmd_batch
+from volseg.cli.bundle import cmd_bundle_card
 from volseg.cli.catalogue import cmd_devices, cmd_inspect, cmd_models
 from volseg.cli.demo import cmd_demo
 from volseg.cli.parser import build_parser
@@ -34,7 +37,8 @@ from volseg.cli.server import cmd_server
 from volseg.errors import VolSegError, error_from_exception
 
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
-            "demo": cmd_demo, "serve": cmd_serve, "server": cmd_server}
+            "demo": cmd_demo, "serve": cmd_serve, "server": cmd_server,
+            "bundle-card": cmd_bundle_card}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,11 @@ def add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) 
     model.add_argument("--num-labels", type=int, help="number of foreground labels, with --arch")
     model.add_argument("--arch-config", type=json.loads, default=None, metavar="JSON",
                        help="constructor arguments for --arch as JSON, e.g. '{\"feat_size\": [48,96,192,384]}'")
+    model.add_argument("--bundle", type=Path, metavar="BUNDLE",
+                       help="a MONAI bundle folder or .zip: its inference config translated into a card")
+    model.add_argument("--trust-bundle-code", action="store_true",
+                       help="with --bundle: evaluate the bundle's Python expressions (listed before they run); "
+                       "use only for bundles you trust")
     model.add_argument("--checkpoint", "-c", type=Path, help="weights file (overrides the card's)")
     model.add_argument("--cards-dir", action="append", default=[], metavar="FOLDER", help=CARDS_DIR_HELP)
     model.add_argument("--trust-pickle", action="store_true",
@@ -81,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--cards-dir", action="append", default=[], metavar="FOLDER", help=CARDS_DIR_HELP)
     mod.add_argument("--architectures", action="store_true", help="list the registered architectures instead")
     add_remote_options(mod)
+    mod.add_argument("--bundle", type=Path, metavar="BUNDLE",
+                     help="describe one MONAI bundle (folder or .zip): what it expects, its labels, what is missing")
+
+    bc = sub.add_parser("bundle-card", help="translate a MONAI bundle into a model card file",
+                        description="Translate a MONAI bundle's inference config and metadata into a volseg model "
+                        "card (JSON) to keep, edit and share. Nothing of the bundle's code runs unless "
+                        "--trust-bundle-code.")
+    bc.add_argument("bundle", type=Path, help="the bundle's folder or .zip")
+    bc.add_argument("-o", "--output", type=Path, required=True, help="the card file to write (.json)")
+    bc.add_argument("--trust-bundle-code", action="store_true",
+                    help="evaluate the bundle's Python expressions the card needs (listed first)")
+    bc.add_argument("--overwrite", action="store_true", help="replace an existing card file")
 
     ins = sub.add_parser("inspect", help="what a checkpoint holds and which architecture it fits")
     ins.add_argument("checkpoint", type=Path, help="weights file (.pt/.pth/.bin/.ckpt/.model/.safetensors) or folder")

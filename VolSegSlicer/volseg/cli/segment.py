@@ -9,14 +9,21 @@ from volseg.cli.running import cancel_on_signal, run_reported
 from volseg.errors import InputError, VolSegError
 
 
-def request_from_args(args: argparse.Namespace):
+def request_from_args(args: argparse.Namespace, reporter=None):
     from volseg.cards import card_from_arguments, load_card
     from volseg.errors import ModelCardError
     from volseg.request import Overrides, SegmentRequest
 
-    if args.model and args.arch:
-        raise ModelCardError("give either --model or --arch, not both")
-    if args.model:
+    bundle = getattr(args, "bundle", None)
+    if sum(bool(x) for x in (args.model, args.arch, bundle)) > 1:
+        raise ModelCardError("give one of --model, --arch and --bundle")
+    if getattr(args, "trust_bundle_code", False) and not bundle:
+        raise ModelCardError("--trust-bundle-code goes with --bundle")
+    if bundle:
+        from volseg.cli.bundle import card_from_bundle
+
+        card = card_from_bundle(bundle, args.trust_bundle_code, reporter, args.checkpoint)
+    elif args.model:
         card = load_card(args.model, args.cards_dir)
     elif args.arch:
         if not args.num_labels or args.num_labels < 1:
@@ -57,7 +64,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
             segment_remote(args, reporter, cancel)
             return
-        request = request_from_args(args)
+        request = request_from_args(args, reporter)
         check_request(request)  # refuse bad arguments before importing torch and MONAI (seconds)
         from volseg.pipeline import segment
 

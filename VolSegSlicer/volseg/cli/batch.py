@@ -34,11 +34,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     def run() -> None:
         from volseg.checkpoints.sniffing import checkpoint_kind
-        from volseg.request import check_device_name, checkpoint_for
+        from volseg.request import check_device_name, check_runtime_name, checkpoint_for
 
         template = request_from_args(args)
         cluster = cluster_from_args(args)
         check_device_name(template.device)  # refuse what needs no torch before importing it
+        check_runtime_name()
         missing = next((p for p in args.inputs if not p.exists()), None)
         if missing is not None:
             raise InputError(f"{missing} does not exist")

@@ -35,6 +35,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"  checkpoint: {c.checkpoint_path}")
         else:
             print(f"  weights: {where or 'the card names none; pass --checkpoint'}")
+        notes = c.raw.get("checkpoint", {}).get("notes")
+        if notes:  # which file of a download to use, or how to make one (a card may say "see the notes")
+            print(f"  notes: {notes}")
     return 0
 
 
@@ -56,7 +59,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("  fits no registered architecture exactly; first keys: " + ", ".join(info.get("first_keys", [])))
         return 0
     for m in info["matches"]:
-        print(f"  fits {m['architecture']}: {m['variant']}\n    config {json.dumps(m['config'])}")
+        print(f"  fits {m['architecture']}: {m['variant']}\n    config read from the weights {json.dumps(m['config'])}")
+        for name, what in m.get("not_in_weights", {}).items():
+            print(f"    {name}: {what}")
     return 0
 
 

@@ -18,6 +18,9 @@ def add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) 
     model.add_argument("--num-labels", type=int, help="number of foreground labels, with --arch")
     model.add_argument("--arch-config", type=json.loads, default=None, metavar="JSON",
                        help="constructor arguments for --arch as JSON, e.g. '{\"feat_size\": [48,96,192,384]}'")
+    model.add_argument("--activation", choices=("softmax", "sigmoid"),
+                       help="output activation for --arch, when the weights cannot tell (SegFormer3D): softmax "
+                       "(a background channel plus one per label) or sigmoid (one channel per label)")
     model.add_argument("--checkpoint", "-c", type=Path, help="weights file (overrides the card's)")
     model.add_argument("--cards-dir", action="append", default=[], metavar="FOLDER", help=CARDS_DIR_HELP)
     model.add_argument("--trust-pickle", action="store_true",

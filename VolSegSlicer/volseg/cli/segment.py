@@ -16,12 +16,15 @@ def request_from_args(args: argparse.Namespace):
 
     if args.model and args.arch:
         raise ModelCardError("give either --model or --arch, not both")
+    if args.model and args.activation:
+        raise ModelCardError("--activation is for --arch runs: a card states its own (output.activation)")
     if args.model:
         card = load_card(args.model, args.cards_dir)
     elif args.arch:
         if not args.num_labels or args.num_labels < 1:
             raise ModelCardError("--arch needs --num-labels N (the number of foreground labels)")
-        card = card_from_arguments(args.arch, args.num_labels, in_channels=len(args.inputs), config=args.arch_config)
+        card = card_from_arguments(args.arch, args.num_labels, in_channels=len(args.inputs), config=args.arch_config,
+                                   activation=args.activation)
     else:
         raise ModelCardError("no model given", hint="pass --model ID (see `volseg models`) or --arch NAME --num-labels N")
     for name in ("overlap", "min_island_mm3"):

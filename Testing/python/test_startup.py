@@ -103,6 +103,11 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
     existing = tmp_path / "done.seg.nrrd"
     existing.write_bytes(b"earlier result")
     out = str(tmp_path / "out.seg.nrrd")
+    named_jpg = tmp_path / "ct.jpg"  # a NRRD: answered from its first bytes, before torch and ITK
+    named_jpg.write_bytes(ct.read_bytes())
+    photo = tmp_path / "photo.png"  # the start of a PNG: signature and IHDR (2x1, colour type 2 = RGB)
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (2).to_bytes(4, "big") + (1).to_bytes(4, "big")
+                      + bytes([8, 2, 0, 0, 0]) + b"\x00" * 20)
     cases = {
         "unknown model 'dem'": ["segment", str(ct), "--model", "dem", "-o", out],
         "did you mean demo": ["segment", str(ct), "--model", "dem", "-o", out],
@@ -125,6 +130,10 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         "the output activation cannot be read from the weights": [
             "segment", str(ct), "--arch", "segformer3d", "--num-labels", "7", "--arch-config", '{"num_heads": [1, 2, 2, 4]}',
             "-o", out],
+        "ct.jpg holds a NRRD volume but its name ends in '.jpg': the extension is the problem":
+            ["segment", str(named_jpg), "--model", "demo", "-o", out],
+        "photo.png is a PNG picture (2x1, RGB colour): a colour photo": ["segment", str(photo), "--model", "demo",
+                                                                         "-o", out],
         "notes.txt is not a PyTorch checkpoint": ["inspect", str(text)],
         "batch: not a PyTorch checkpoint": ["batch", str(ct), "--model", "demo", "--checkpoint", str(text),
                                     "-o", str(tmp_path / "b")],

@@ -24,6 +24,7 @@ from volseg.cards import ModelCard
 from volseg.checkpoints.sniffing import checkpoint_kind
 from volseg.errors import CheckpointError, InputError, OutputError
 from volseg.io.atomic import check_not_an_input, check_writable, full_suffix
+from volseg.io.formats import check_input_content
 from volseg.io.outputs import (
     PROBABILITY_SUFFIXES,
     check_segmentation_output,
@@ -150,6 +151,7 @@ def check_request(request: SegmentRequest) -> Path:
     for path in request.inputs:
         if not Path(path).exists():
             raise InputError(f"input {path} does not exist", hint="check the path")
+        check_input_content(path)  # a NRRD named ct.jpg, a photo: said before torch is imported
     if full_suffix(request.output).lower() == ".dcm":
         not_dicom = next((Path(p) for p in request.inputs if not Path(p).is_dir()), None)
         if not_dicom is not None:  # a DICOM series is a folder; reading it later checks the rest

@@ -40,7 +40,7 @@ from volseg.checkpoints.reading import sha256sum
 from volseg.cohort.progress import CohortProgress
 from volseg.errors import Cancelled, CheckpointError, InputError, error_from_exception
 from volseg.io import full_suffix, make_output_folder, segmentation_outputs
-from volseg.io.readers import image_format
+from volseg.io.formats import image_format
 from volseg.cohort.manifest import (
     SKIPPED,
     Manifest,

@@ -103,6 +103,8 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
     existing = tmp_path / "done.seg.nrrd"
     existing.write_bytes(b"earlier result")
     out = str(tmp_path / "out.seg.nrrd")
+    empty = tmp_path / "no-cases"
+    empty.mkdir()
     named_jpg = tmp_path / "ct.jpg"  # a NRRD: answered from its first bytes, before torch and ITK
     named_jpg.write_bytes(ct.read_bytes())
     photo = tmp_path / "photo.png"  # the start of a PNG: signature and IHDR (2x1, colour type 2 = RGB)
@@ -137,6 +139,10 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         "notes.txt is not a PyTorch checkpoint": ["inspect", str(text)],
         "batch: not a PyTorch checkpoint": ["batch", str(ct), "--model", "demo", "--checkpoint", str(text),
                                     "-o", str(tmp_path / "b")],
+        "batch: output folder": ["batch", str(ct), "--model", "demo", "-o", str(existing)],
+        "batch: names a file, but batch writes one result per case into a folder":
+            ["batch", str(ct), "--model", "demo", "-o", str(tmp_path / "result.seg.nrrd")],
+        "batch: holds no volume file": ["batch", str(empty), "--model", "demo", "-o", str(tmp_path / "b")],
         "batch: missing.nrrd does not exist": ["batch", str(ct), str(tmp_path / "missing.nrrd"), "--model", "demo",
                                                "-o", str(tmp_path / "b")],
     }
@@ -148,6 +154,7 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         assert "Traceback" not in run["err"] and "internal error" not in run["err"]
         assert run["heavy"] == [], (needle, run["heavy"])
     assert not (tmp_path / "b").exists() and existing.read_bytes() == b"earlier result"
+    assert not (tmp_path / "result.seg.nrrd").exists()
 
 
 def test_a_good_command_still_gets_torch():

@@ -242,6 +242,9 @@ def test_a_volume_under_another_extension_says_the_name_is_the_problem(tmp_path,
         read_inputs([tmp_path / "scan.mha"])
     assert "scan.nii.gz" in info.value.hint
     assert read_inputs([nifti]).array.shape == (1, *_ramp().shape)  # the right name reads
+    pair = tmp_path / "pair.hdr"  # a NIfTI pair (.hdr + .img) is read under its own name
+    nib.save(nib.Nifti1Pair(_ramp(), AFFINE), str(pair))
+    assert read_inputs([pair]).array.shape == (1, *_ramp().shape)
 
 
 def test_a_picture_is_called_a_picture(tmp_path):

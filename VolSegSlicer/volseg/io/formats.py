@@ -33,6 +33,8 @@ FORMATS = {
 
 #: The extension to suggest for a volume format, and its name in messages.
 SUGGESTED = {"nifti": (".nii.gz", "NIfTI"), "nrrd": (".nrrd", "NRRD"), "mha": (".mha", "MetaImage")}
+#: A NIfTI header of a .hdr/.img pair, which ITK reads under its own name.
+_NIFTI_PAIR = (".hdr", ".hdr.gz", ".img", ".img.gz")
 #: PNG colour types (IHDR byte 9) in words.
 _PNG_COLOURS = {0: "greyscale", 2: "RGB colour", 3: "palette colour", 4: "greyscale with transparency",
                 6: "RGBA colour"}
@@ -126,6 +128,8 @@ def check_input_content(path: str | os.PathLike) -> None:
         return
     found = sniff(path)
     by_name = image_format(path)
+    if found.kind == "nifti" and path.name.lower().endswith(_NIFTI_PAIR):
+        return  # the header of a NIfTI pair (.hdr + .img): ITK reads it under that name
     if found.kind in SUGGESTED and by_name != found.kind:
         suffix = full_suffix(path) or path.suffix
         stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name

@@ -432,6 +432,8 @@ def test_tooltip_is_an_escaped_model_card(models: list[dict]) -> None:
     html = model_tooltip_html(hostile)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "GPU about 12 s, CPU about 5 min 00 s" in html
+    noted = dict(tiny, checkpoint={"published_at": "https://x (see the notes)", "notes": "use <its> pytorch_model.bin"})
+    assert "Checkpoint notes: use &lt;its&gt; pytorch_model.bin" in model_tooltip_html(noted)  # shown where users look
 
 
 def test_inputs_are_titled_and_prefilled_from_name_hints() -> None:

@@ -48,7 +48,7 @@ from volseg.cohort.manifest import (
     sha256_of_json,
 )
 from volseg.pipeline import ModelCache
-from volseg.progress import JsonReporter, Reporter
+from volseg.progress import Reporter, TextReporter
 from volseg.request import SegmentRequest, checkpoint_for
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
                     progress.break_line()
                     reporter.log(f"{job.name}: {warning}", "warning")
             error = outcome.get("error") or {}
-            if status == "failed" and isinstance(reporter, JsonReporter):  # a text bar prints it once, below
+            if status == "failed" and not isinstance(reporter, TextReporter):  # text: the bar prints it once, below
                 reporter.error(f"{job.name}: {error.get('message')}", error.get("hint"), error.get("exit_code", 1))
             progress.case(job.name, status, elapsed_s=outcome.get("elapsed_s"), device=outcome.get("device"),
                           node=outcome.get("node"), attempt=job.attempts,

@@ -58,6 +58,8 @@ def test_golden_checkpoint_segments_like_the_official_code(name, tmp_path, capsy
     info = json.loads(capsys.readouterr().out)
     assert [m["architecture"] for m in info["matches"]] == [arch]
     assert variant_word in info["matches"][0]["variant"]
+    sigmoid = arch == "segformer3d"
+    assert ("num_heads" in info["matches"][0]["not_in_weights"]) == sigmoid
 
     x = g["input"][0]  # (C, 32, 32, 32); DeformUX-Net files hold batch 2: take sample 0 alone
     reference = g.get("output_per_sample_batch1", g["output"])
@@ -68,10 +70,11 @@ def test_golden_checkpoint_segments_like_the_official_code(name, tmp_path, capsy
         nib.save(nib.Nifti1Image(x[c].numpy(), np.eye(4)), str(path))
         inputs.append(str(path))
     out = tmp_path / "labels.nii.gz"
-    sigmoid = arch == "segformer3d"
     n_labels = reference.shape[0] if sigmoid else reference.shape[0] - 1
+    # what the weights cannot show (SegFormer3D's heads and activation) is given, as `inspect` asks
+    told = ["--activation", "sigmoid", "--arch-config", json.dumps({"num_heads": g["config"]["num_heads"]})] if sigmoid else []
     rc = main(["segment", *inputs, "--arch", arch, "--num-labels", str(n_labels), "--checkpoint", str(ckpt),
-               "-o", str(out), "--roi-size", "32", "32", "32", "--progress", "none", "--device", "cpu"])
+               "-o", str(out), "--roi-size", "32", "32", "32", "--progress", "none", "--device", "cpu", *told])
     assert rc == 0, capsys.readouterr().err
     got = read_volume(out).array
     if sigmoid:  # labels painted in order: later channels on top

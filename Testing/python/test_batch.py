@@ -223,3 +223,116 @@ def test_batch_help_has_no_probabilities(capsys):
     with pytest.raises(SystemExit):  # and the option is refused as an unknown one, not half-accepted
         main(["batch", "x.nrrd", "--model", "demo", "-o", "out", "--probabilities", "p.nii.gz"])
     assert "unrecognized arguments: --probabilities" in capsys.readouterr().err
+
+
+def _batch(tmp_path, card, ckpt, *paths, progress="bar", out="o"):
+    return main(["batch", *map(str, paths), "--model", str(card), "--checkpoint", str(ckpt),
+                 "-o", str(tmp_path / out), "--progress", progress])
+
+
+def test_text_output_of_a_resumed_batch_in_a_log(tmp_path, threshold_torchscript, capsys):
+    """Not a terminal (a log file): each case's lines are kept; a failure is printed once; case
+    numbers count the skipped cases as the bar does; the summary is the last line."""
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    first = write_case(tmp_path / "a.nrrd")
+    assert _batch(tmp_path, card, threshold_torchscript, first, progress="none") == 0
+    capsys.readouterr()
+    broken = tmp_path / "b.nrrd"
+    broken.write_text("not an image")
+    rc = _batch(tmp_path, card, threshold_torchscript, first, broken, write_case(tmp_path / "c.nrrd"))
+    assert rc == 1
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert sum("cannot read" in line for line in lines) == 1, err  # the error once, with its hint
+    failed = next(n for n, line in enumerate(lines) if "cannot read" in line)
+    assert lines[failed].startswith("error: b: ") and lines[failed + 1].startswith("  hint: ")
+    assert "case 2/3: b" in lines and "case 3/3: c" in lines and not any("/2: " in line for line in lines), err
+    assert any(line.startswith("[") and "3/3 cases, 1 failed, 1 skipped" in line for line in lines), err
+    assert any(line.startswith("reading 1 input(s)") for line in lines)  # the cases' own lines are kept
+    assert lines[-1].startswith("batch: 1 done, 1 skipped, 1 failed; manifest ")
+
+
+def test_progress_none_and_an_all_skipped_resume_end_with_a_summary(tmp_path, threshold_torchscript, capsys):
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    cases = [write_case(tmp_path / f"c{n}.nrrd") for n in range(2)]
+    assert _batch(tmp_path, card, threshold_torchscript, *cases, progress="none") == 0
+    assert capsys.readouterr().err.splitlines()[-1].startswith("batch: 2 done, 0 skipped, 0 failed; manifest ")
+    for progress in ("none", "bar"):  # nothing left to do: still one line that says so
+        assert _batch(tmp_path, card, threshold_torchscript, *cases, progress=progress) == 0
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("batch: 0 done, 2 skipped, 0 failed; manifest "), err
+        if progress == "none":
+            assert len(err.splitlines()) == 1, err
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, keeping what is written."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+
+def test_on_a_terminal_each_case_is_folded_under_the_cohort_bar(tmp_path, threshold_torchscript, monkeypatch):
+    import sys
+
+    card = make_card(tmp_path, "thr", preprocessing=SCALE)
+    broken = tmp_path / "b.nrrd"
+    broken.write_text("not an image")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    rc = _batch(tmp_path, card, threshold_torchscript, write_case(tmp_path / "a.nrrd"), broken,
+                write_case(tmp_path / "c.nrrd"))
+    assert rc == 1
+    text = terminal.buffer.getvalue()
+    lines = text.split("\n")
+    # the cases' stage lines are not lines of their own: they are redrawn in the bar's line
+    assert not any(line.startswith(("reading 1 input", "wrote ", "case 1/3")) for line in lines), text
+    assert "| case 1/3 a: reading 1 input(s)" in text and "| case 3/3 c: writing" in text
+    assert sum("cannot read" in line for line in lines) == 1
+    error = next(line for line in lines if "cannot read" in line)
+    assert error.startswith("error: b: ")  # on a line of its own, not glued to the bar
+    bar = [line for line in lines if "3/3 cases" in line][-1]
+    assert bar.split("\r")[-1].startswith("[########################] 3/3 cases, 1 failed")
+    assert lines[-2].startswith("batch: 2 done, 0 skipped, 1 failed") and lines[-1] == ""
+
+
+def test_a_warning_every_case_gives_is_shown_once_on_a_terminal(tmp_path, threshold_torchscript, monkeypatch):
+    import sys
+
+    card = make_card(tmp_path, "thr", preprocessing=SCALE, demonstration=True)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert _batch(tmp_path, card, threshold_torchscript, *[write_case(tmp_path / f"c{n}.nrrd") for n in range(3)]) == 0
+    assert terminal.buffer.getvalue().count("is a demonstration model") == 1
+
+
+def test_the_rate_counts_neither_skipped_cases_nor_their_time(monkeypatch):
+    import io
+
+    from volseg.cohort import progress as cohort_progress
+    from volseg.progress import JsonReporter
+
+    clock = [100.0]
+    monkeypatch.setattr(cohort_progress.time, "perf_counter", lambda: clock[0])
+    bar = cohort_progress.CohortProgress(JsonReporter(io.StringIO()), total=5)
+    clock[0] += 30  # planning: hashing the inputs of the cases done before
+    for name in ("a", "b", "c"):
+        bar.case(name, "skipped")
+    assert bar.snapshot()["cases_per_min"] is None and bar.number == 4
+    bar.begin_case()
+    clock[0] += 60
+    bar.case("d", "done")
+    snap = bar.snapshot()
+    assert snap["cases_per_min"] == 1.0 and snap["eta_s"] == 60.0  # one case a minute, one left
+    assert snap["elapsed_s"] == 90.0

@@ -110,3 +110,26 @@ def test_channel_names_follow_the_output_channels():
     assert len(names) == brats.out_channels and "background" not in names
     assert all(names[lab.channel] == lab.name for lab in brats.labels)
     assert card_from_arguments("unet", 2).channel_names() == ["background", "Label 1", "Label 2"]
+
+
+def test_settings_the_weights_cannot_show_are_not_guessed(tmp_path):
+    """SegFormer3D's heads and output activation are not in its weights: a card or --arch run must
+    state them; one that does not is refused (the demo's heads [1, 2, 2, 4] are not the published
+    [1, 2, 5, 8], and it is softmax where the official model is sigmoid)."""
+    from volseg.cards import card_from_arguments
+
+    with pytest.raises(ModelCardError, match="num_heads cannot be read from the weights") as err:
+        load_card(make_card(tmp_path, "noheads", architecture={"name": "segformer3d", "config": {"num_classes": 2}}))
+    assert "architecture.config" in err.value.hint
+    with pytest.raises(ModelCardError, match="num_heads cannot be read from the weights") as err:
+        card_from_arguments("segformer3d", 7)
+    assert "--arch-config" in err.value.hint and "num_heads" in err.value.hint
+    with pytest.raises(ModelCardError, match="output activation cannot be read") as err:
+        card_from_arguments("segformer3d", 7, config={"num_heads": [1, 2, 2, 4]})
+    assert "--activation sigmoid" in err.value.hint and "--activation softmax" in err.value.hint
+    soft = card_from_arguments("segformer3d", 7, config={"num_heads": [1, 2, 2, 4]}, activation="softmax")
+    assert soft.activation == "softmax" and soft.out_channels == 8 and soft.config["num_heads"] == [1, 2, 2, 4]
+    assert card_from_arguments("unet", 2).activation == "softmax"  # a family trained one way only
+    assert card_from_arguments("unet", 2, activation="sigmoid").out_channels == 2
+    for card_id in ("demo", "segformer3d-brats"):  # the built-in cards state them
+        assert load_card(card_id).config["num_heads"]

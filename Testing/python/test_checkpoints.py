@@ -132,6 +132,23 @@ def test_whole_pickled_module_with_trust(tmp_path):
     assert set(ckpt.state_dict) == set(net.state_dict())
 
 
+def test_a_module_under_a_wrapper_key_is_read_with_trust(tmp_path):
+    """{'model': nn.Module, 'epoch': 3}: refused with one instruction (volseg's, not torch's
+    add_safe_globals advice too), read as that module's weights with --trust-pickle."""
+    net = UNet(**CONFIG)
+    path = tmp_path / "trainer.pt"
+    torch.save({"model": net, "epoch": 3}, path)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert "it holds a monai.networks.nets.unet.UNet object" in err.value.message
+    assert "add_safe_globals" not in str(err.value) and "safe_globals" not in str(err.value)
+    assert "--trust-pickle" in err.value.hint
+    ckpt = read_checkpoint(path, trust_pickle=True)
+    assert ckpt.format == "pickled-module" and ckpt.wrapper == ["model"] and ckpt.extras == {"epoch": 3}
+    assert set(ckpt.state_dict) == set(net.state_dict())
+    assert describe(ckpt)["matches"][0]["architecture"] == "unet"
+
+
 @pytest.mark.parametrize("content,expected", [
     (b"", "cannot read checkpoint"),
     (b"this is not a checkpoint at all", "is not a PyTorch checkpoint"),
@@ -226,8 +243,27 @@ def test_wrong_label_count_is_diagnosed(unet_sd):
 
 
 def test_other_architecture_is_diagnosed(unet_sd):
+    """The mismatch names what the file does fit (what `volseg inspect` knows), in a few lines."""
     with pytest.raises(CheckpointError) as err:
         models.load("segresnet", unet_sd, spatial_dims=3, in_channels=1, out_channels=3, init_filters=8)
+    message, hint = err.value.message, err.value.hint
+    assert "does not fit segresnet" in message and "It fits unet (channels [4, 8, 16], 1 residual units)" in message
+    assert "keys missing" in message and "model.0.conv" not in message  # counts, not key lists
+    assert "--arch unet" in hint and '"channels": [4, 8, 16]' in hint
+    assert len(message) + len(hint) < 600
+
+
+def test_same_architecture_other_settings_names_them(unet_sd):
+    with pytest.raises(CheckpointError) as err:
+        models.load("unet", unet_sd, **{**CONFIG, "channels": (4, 8, 32)})
+    assert "It fits unet" in err.value.message
+    assert "other settings (channels)" in err.value.hint and '"channels": [4, 8, 16]' in err.value.hint
+
+
+def test_foreign_keys_that_fit_nothing_get_the_old_diagnosis():
+    with pytest.raises(CheckpointError) as err:
+        models.load("unet", {"foo.weight": torch.zeros(2), "bar.weight": torch.zeros(3)}, **CONFIG)
+    assert "unexpected keys (2): foo.weight, bar.weight" in err.value.message
     assert "another architecture" in err.value.hint
 
 

@@ -200,6 +200,23 @@ def test_inspect_names_the_architecture(tmp_path):
     assert info["matches"][0]["config"]["out_channels"] == 4
     text = run_cli("inspect", str(path)).stdout
     assert "fits unet" in text
+    assert info["cards"] == [] and info["matches"][0]["not_in_weights"]["activation"].startswith("not in the weights")
+
+
+def test_inspect_of_the_demo_weights_guesses_nothing(capsys):
+    """The demo checkpoint: no assumed heads, no "sigmoid channels" (the card says softmax, heads
+    [1, 2, 2, 4]); it says what the weights cannot show and which card was written for the file."""
+    from volseg.cards import load_card
+
+    card = load_card("demo")
+    assert main(["inspect", str(card.checkpoint_path)]) == 0
+    text = capsys.readouterr().out
+    assert "(assumed)" not in text and "sigmoid channels" not in text and "8 output channels" in text
+    assert "model card 'demo' was written for this file" in text
+    assert "num_heads: not in the weights" in text and "activation: not in the weights: softmax or sigmoid" in text
+    assert main(["inspect", str(card.checkpoint_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cards"] == ["demo"] and "num_heads" not in info["matches"][0]["config"]
 
 
 def test_serve_keeps_working_between_requests(small_ct, threshold_card, threshold_torchscript, tmp_path):

@@ -137,7 +137,7 @@ def test_pipeline_chooses_the_network_and_logs_why(monkeypatch):
         def log(self, message, level="info"):
             logs.append(message)
 
-    def fake(model, arch, shape, device, windows, runtime, select=0):
+    def fake(model, arch, shape, device, windows, runtime, select=0, log=None):
         seen.append((arch, shape, windows, runtime, select))
         return "compiled", "openvino (checked)"
 
@@ -151,3 +151,44 @@ def test_pipeline_chooses_the_network_and_logs_why(monkeypatch):
     monkeypatch.delenv("VOLSEG_RUNTIME")
     assert pipeline.choose_network(model, card, options, torch.device("cuda"), 40, Rep()) is model
     assert len(seen) == 1
+
+
+def test_export_warnings_become_warning_events_and_the_export_is_its_own_stage(tmp_path, monkeypatch, capfd):
+    """torch's exporter logs W1204 lines on stderr (e.g. "torchvision is not installed"): they come
+    back as warning events, nothing is printed, and the conversion is timed as the stage ``convert``."""
+    import io
+    import json
+    import logging
+    from dataclasses import replace
+
+    from volseg import cards, pipeline
+    from volseg.progress import JsonReporter
+
+    def export_that_logs(model, shape, path, select=0):
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning(
+            "torchvision is not installed. Skipping torchvision::nms")
+        raise RuntimeError("cannot export this op")
+
+    monkeypatch.setattr(cpu_runtime, "export_onnx", export_that_logs)
+    monkeypatch.setenv("VOLSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("VOLSEG_RUNTIME", raising=False)
+    card = cards.card_from_arguments("mednext", 2)
+    options = replace(card.inference, roi_size=(16, 16, 16), runtime="onnxruntime")
+    reporter = JsonReporter(io.StringIO())
+
+    def stage(name, message):
+        reporter.stage(name, message)
+
+    model = Small().eval()
+    assert pipeline.choose_network(model, card, options, torch.device("cpu"), 4, reporter, begin_stage=stage) is model
+    events = [json.loads(line) for line in reporter.stream.getvalue().splitlines()]
+    assert events[0]["event"] == "stage" and events[0]["stage"] == "convert"
+    assert {"event": "log", "level": "warning",
+            "message": "ONNX export: torchvision is not installed. Skipping torchvision::nms"} in events
+    assert events[-1]["message"].startswith("CPU runtime: PyTorch (onnxruntime: cannot export this op")
+    assert "torchvision" not in capfd.readouterr().err
+    reporter.log("after")  # the torch loggers are as they were
+    assert logging.getLogger("torch").handlers == [] or all(
+        not isinstance(h, cpu_runtime._Forward) for h in logging.getLogger("torch").handlers)
+    reporter.done({})
+    assert "convert" in json.loads(reporter.stream.getvalue().splitlines()[-1])["timings"]

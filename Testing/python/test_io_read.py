@@ -223,3 +223,41 @@ def test_upper_case_extensions_are_read(tmp_path, name):
     vol = read_volume(path)
     np.testing.assert_array_equal(vol.array, a.transpose(2, 1, 0))
     np.testing.assert_allclose(vol.spacing, (1.0, 2.0, 3.0))
+
+
+def test_a_volume_under_another_extension_says_the_name_is_the_problem(tmp_path, ct_path):
+    """A NRRD named ct.jpg (or ct.nii): the extension is named as the problem, with the name to use."""
+    import shutil
+
+    for name, want in (("ct.jpg", "ct.nrrd"), ("ct.nii", "ct.nrrd"), ("ct", "ct.nrrd")):
+        path = tmp_path / name
+        shutil.copy(ct_path, path)
+        with pytest.raises(InputError) as info:
+            read_inputs([path])
+        assert "holds a NRRD volume" in info.value.message and "the extension is the problem" in info.value.message
+        assert f"rename it to {want}" in info.value.hint
+    nifti = _nifti(tmp_path / "scan.nii.gz", _ramp())
+    shutil.copy(nifti, tmp_path / "scan.mha")
+    with pytest.raises(InputError, match="holds a NIfTI volume but its name ends in '.mha'") as info:
+        read_inputs([tmp_path / "scan.mha"])
+    assert "scan.nii.gz" in info.value.hint
+    assert read_inputs([nifti]).array.shape == (1, *_ramp().shape)  # the right name reads
+    pair = tmp_path / "pair.hdr"  # a NIfTI pair (.hdr + .img) is read under its own name
+    nib.save(nib.Nifti1Pair(_ramp(), AFFINE), str(pair))
+    assert read_inputs([pair]).array.shape == (1, *_ramp().shape)
+
+
+def test_a_picture_is_called_a_picture(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "photo.png")
+    Image.new("L", (64, 48)).save(tmp_path / "slice.png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "photo.jpg")
+    expected = {"photo.png": "a PNG picture (64x48, RGB colour): a colour photo or screenshot",
+                "slice.png": "a PNG picture (64x48, greyscale): a 2D picture",
+                "photo.jpg": "a JPEG picture: a photo or 2D picture"}
+    for name, words in expected.items():
+        with pytest.raises(InputError) as info:
+            read_inputs([tmp_path / name])
+        assert words in info.value.message and "not a 3D CT or MRI volume" in info.value.message
+        assert "multi-component" not in info.value.message and "NRRD" in info.value.hint

@@ -147,6 +147,20 @@ def test_match_names_segformer3d(golden_dir: Path) -> None:
     assert "[8, 16, 40, 64]" in found[0].variant
 
 
+def test_inspect_says_what_the_weights_cannot_show(golden_dir: Path) -> None:
+    """No guessed heads or activation presented as facts: they are listed as not in the weights."""
+    from volseg.checkpoints.reading import describe, unwrap
+
+    g = _load(golden_dir / "segformer3d_small.pt")
+    (found,) = describe(unwrap(g["state_dict"]))["matches"]
+    assert "(assumed)" not in found["variant"] and "sigmoid" not in found["variant"]
+    assert "3 output channels" in found["variant"]
+    assert "num_heads" not in found["config"] and found["config"]["embed_dims"] == [8, 16, 40, 64]
+    hidden = found["not_in_weights"]
+    assert {"num_heads", "attn_scale", "patch_stride", "activation"} <= set(hidden)
+    assert "does not guess" in hidden["num_heads"] and "softmax or sigmoid" in hidden["activation"]
+
+
 def test_wrong_state_dict_is_a_clear_error(golden_dir: Path) -> None:
     g = _load(golden_dir / "segformer3d_small.pt")
     with pytest.raises(CheckpointError, match="num_classes|output layer"):

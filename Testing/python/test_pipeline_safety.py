@@ -130,7 +130,7 @@ def test_num_labels_hint_for_a_sigmoid_family():
     from volseg.errors import CheckpointError
     from volseg.pipeline import check_output_count
 
-    card = card_from_arguments("segformer3d", 7, in_channels=4)
+    card = card_from_arguments("segformer3d", 7, in_channels=4, config={"num_heads": [1, 2, 5, 8]}, activation="sigmoid")
     check_output_count(card, 7)  # sigmoid: one channel per label
     check_output_count(card, None)  # cannot tell: the first window checks
     with pytest.raises(CheckpointError, match="8 channels, but --num-labels 7 gives 7 for segformer3d") as info:

@@ -133,8 +133,9 @@ def test_durations_and_time_left_read_naturally() -> None:
 
 def test_overall_fraction_gives_inference_most_of_the_bar() -> None:
     assert overall_fraction("read", 0.0) == 0.0
-    assert overall_fraction("infer", 0.0) == pytest.approx(0.15)
-    assert overall_fraction("infer", 0.5) == pytest.approx(0.525)
+    assert overall_fraction("infer", 0.0) == pytest.approx(0.20)  # read, load_model, preprocess, convert before
+    assert overall_fraction("infer", 0.5) == pytest.approx(0.55)
+    assert overall_fraction("convert", 0.0) == pytest.approx(0.15)
     assert overall_fraction("write", 1.0) == pytest.approx(1.0)
     assert overall_fraction("unknown-stage", 0.5) == 0.0
 
@@ -431,6 +432,8 @@ def test_tooltip_is_an_escaped_model_card(models: list[dict]) -> None:
     html = model_tooltip_html(hostile)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "GPU about 12 s, CPU about 5 min 00 s" in html
+    noted = dict(tiny, checkpoint={"published_at": "https://x (see the notes)", "notes": "use <its> pytorch_model.bin"})
+    assert "Checkpoint notes: use &lt;its&gt; pytorch_model.bin" in model_tooltip_html(noted)  # shown where users look
 
 
 def test_inputs_are_titled_and_prefilled_from_name_hints() -> None:

@@ -61,7 +61,7 @@ def test_models_json_needs_neither_torch_nor_monai():
     assert {"demo", "uxnet-flare", "mednext-nnunet-kits19-template"} <= {c["id"] for c in cards}
 
 
-def test_models_lists_weights_for_every_card():
+def test_models_lists_weights_for_every_card(ct):
     (run,) = probe(["models"])
     blocks: dict[str, list[str]] = {}
     for line in run["out"].splitlines():
@@ -73,6 +73,28 @@ def test_models_lists_weights_for_every_card():
     for card, lines in blocks.items():  # one weights (or bundled checkpoint) line per card
         assert sum(line.startswith(("weights:", "checkpoint:")) for line in lines) == 1, (card, lines)
     assert any(line.startswith("weights: not published") for line in blocks["mednext-nnunet-kits19-template"])
+    # the checkpoint notes (which file of a download, how to make one) are shown where a user looks
+    notes = {card: next((line for line in lines if line.startswith("notes: ")), "") for card, lines in blocks.items()}
+    assert "pytorch_model.bin" in notes["segformer3d-brats"]
+    assert "nnUNet_train" in notes["mednext-nnunet-kits19-template"]  # its weights line says "see the notes"
+    (listed,) = probe(["models", "--json"])
+    by_id = {c["id"]: c for c in json.loads(listed["out"])["models"]}
+    assert "pytorch_model.bin" in by_id["segformer3d-brats"]["checkpoint"]["notes"]
+    (needs,) = probe(["segment", str(ct), "--model", "mednext-nnunet-kits19-template", "-o", "x.seg.nrrd",
+                      "--progress", "none"])
+    assert needs["rc"] == 2 and "the card's notes: No published weights" in needs["err"]
+
+
+def test_unknown_runtime_is_refused_before_any_work(ct, tmp_path):
+    """VOLSEG_RUNTIME=bogus: an input error (exit 2) before torch, not an internal error after preprocessing."""
+    code = PROBE.replace("import contextlib", "import os; os.environ['VOLSEG_RUNTIME'] = 'bogus'\nimport contextlib")
+    argvs = [["segment", str(ct), "--model", "demo", "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "none"],
+             ["batch", str(ct), "--model", "demo", "-o", str(tmp_path / "b"), "--progress", "none"]]
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], capture_output=True, text=True, timeout=120)
+    for run in map(json.loads, r.stdout.splitlines()):
+        assert run["rc"] == 2 and "VOLSEG_RUNTIME='bogus' is not a CPU runtime" in run["err"], run
+        assert "onnxruntime, openvino" in run["err"] and "bug" not in run["err"] and run["heavy"] == []
+    assert len(r.stdout.splitlines()) == 2 and not (tmp_path / "b").exists()
 
 
 def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
@@ -81,6 +103,13 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
     existing = tmp_path / "done.seg.nrrd"
     existing.write_bytes(b"earlier result")
     out = str(tmp_path / "out.seg.nrrd")
+    empty = tmp_path / "no-cases"
+    empty.mkdir()
+    named_jpg = tmp_path / "ct.jpg"  # a NRRD: answered from its first bytes, before torch and ITK
+    named_jpg.write_bytes(ct.read_bytes())
+    photo = tmp_path / "photo.png"  # the start of a PNG: signature and IHDR (2x1, colour type 2 = RGB)
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (2).to_bytes(4, "big") + (1).to_bytes(4, "big")
+                      + bytes([8, 2, 0, 0, 0]) + b"\x00" * 20)
     cases = {
         "unknown model 'dem'": ["segment", str(ct), "--model", "dem", "-o", out],
         "did you mean demo": ["segment", str(ct), "--model", "dem", "-o", out],
@@ -98,9 +127,22 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
             ["segment", str(ct), "--model", "demo", "-o", str(tmp_path / "seg.dcm")],
         "needs a checkpoint": ["segment", str(ct), "--model", "uxnet-flare", "-o", out],
         "--overlap 1.5": ["segment", str(ct), "--model", "demo", "--overlap", "1.5", "-o", out],
+        "segformer3d's num_heads cannot be read from the weights": ["segment", str(ct), "--arch", "segformer3d",
+                                                                    "--num-labels", "7", "-o", out],
+        "the output activation cannot be read from the weights": [
+            "segment", str(ct), "--arch", "segformer3d", "--num-labels", "7", "--arch-config", '{"num_heads": [1, 2, 2, 4]}',
+            "-o", out],
+        "ct.jpg holds a NRRD volume but its name ends in '.jpg': the extension is the problem":
+            ["segment", str(named_jpg), "--model", "demo", "-o", out],
+        "photo.png is a PNG picture (2x1, RGB colour): a colour photo": ["segment", str(photo), "--model", "demo",
+                                                                         "-o", out],
         "notes.txt is not a PyTorch checkpoint": ["inspect", str(text)],
         "batch: not a PyTorch checkpoint": ["batch", str(ct), "--model", "demo", "--checkpoint", str(text),
                                     "-o", str(tmp_path / "b")],
+        "batch: output folder": ["batch", str(ct), "--model", "demo", "-o", str(existing)],
+        "batch: names a file, but batch writes one result per case into a folder":
+            ["batch", str(ct), "--model", "demo", "-o", str(tmp_path / "result.seg.nrrd")],
+        "batch: holds no volume file": ["batch", str(empty), "--model", "demo", "-o", str(tmp_path / "b")],
         "batch: missing.nrrd does not exist": ["batch", str(ct), str(tmp_path / "missing.nrrd"), "--model", "demo",
                                                "-o", str(tmp_path / "b")],
     }
@@ -112,6 +154,7 @@ def test_argument_errors_are_answered_before_torch_is_imported(ct, tmp_path):
         assert "Traceback" not in run["err"] and "internal error" not in run["err"]
         assert run["heavy"] == [], (needle, run["heavy"])
     assert not (tmp_path / "b").exists() and existing.read_bytes() == b"earlier result"
+    assert not (tmp_path / "result.seg.nrrd").exists()
 
 
 def test_a_good_command_still_gets_torch():

@@ -5,7 +5,7 @@ The model list comes from ``volseg models --json``::
     {"models": [{"id", "title", "description", "architecture", "modality",
                  "inputs": [{"name", "modality", "name_hint"}],
                  "labels": [{"value", "name", "color": [r, g, b], "terminology": {...} | null}],
-                 "checkpoint": {"path", "sha256", "published_at"}, "timing": {"gpu_s", "cpu_s"},
+                 "checkpoint": {"path", "sha256", "published_at", "notes"}, "timing": {"gpu_s", "cpu_s"},
                  "demonstration": bool, "card_path"}]}
 """
 
@@ -77,6 +77,8 @@ def model_tooltip_html(model: dict[str, Any]) -> str:
     checkpoint = model.get("checkpoint") or {}
     if checkpoint.get("published_at"):
         rows.append(f"Weights: {esc(str(checkpoint['published_at']))}")
+    if checkpoint.get("notes"):
+        rows.append(f"Checkpoint notes: {esc(str(checkpoint['notes']))}")
     return "<br>".join(rows)
 
 

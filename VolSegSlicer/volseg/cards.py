@@ -123,6 +123,7 @@ class ModelCard:
                 "path": str(self.checkpoint_path) if self.checkpoint_path else None,
                 "sha256": self.checkpoint_sha256,
                 "published_at": self.raw.get("checkpoint", {}).get("published_at"),
+                "notes": self.raw.get("checkpoint", {}).get("notes"),
             },
             "timing": self.raw.get("timing", {}),
             "demonstration": self.demonstration,
@@ -210,6 +211,8 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
             hint="fix the label 'channel'/'value' entries or output.channels",
         )
     _check_architecture(arch["name"], source)
+    _check_stated(arch["name"], dict(arch.get("config", {})), source,
+                  how="state the values the network was trained with in the card's architecture.config")
     inf = raw.get("inference", {})
     post = raw.get("postprocessing", {})
     ckpt = raw.get("checkpoint", {})
@@ -256,6 +259,21 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
         description=raw.get("description", ""),
         modality=raw.get("modality"),
     )
+
+
+def _check_stated(name: str, config: dict[str, Any], source: str, how: str) -> None:
+    """Refuse a configuration that leaves out a setting the weights cannot show and that has no
+    safe default (SegFormer3D's ``num_heads``): volseg does not guess it."""
+    from volseg.models.builtin import unstated_settings
+
+    missing = unstated_settings(name, config)
+    if missing:
+        raise ModelCardError(
+            f"{source}: {name}'s {', '.join(missing)} cannot be read from the weights and "
+            f"{'is' if len(missing) == 1 else 'are'} not given; volseg does not guess {'it' if len(missing) == 1 else 'them'}",
+            hint=how.replace("{EXAMPLE}", ", ".join(f'"{m}": ...' for m in missing).join("{}"))
+            + "; `volseg inspect CHECKPOINT` lists what the weights cannot show",
+        )
 
 
 def _check_architecture(name: str, source: str) -> None:
@@ -384,16 +402,32 @@ def list_cards(cards_dirs_: Sequence[str | Path] | None = None) -> tuple[list[Mo
 
 
 def card_from_arguments(architecture: str, num_labels: int, in_channels: int = 1,
-                        config: dict[str, Any] | None = None) -> ModelCard:
+                        config: dict[str, Any] | None = None, activation: str | None = None) -> ModelCard:
     """A minimal card for a checkpoint without one (``--arch NAME --num-labels N``).
 
-    The output activation is the architecture family's (softmax with a background channel for
-    most, sigmoid without one for SegFormer3D); TorchScript is taken as softmax.
+    The output activation is ``activation`` (``--activation``), else the architecture family's
+    (softmax with a background channel); TorchScript is taken as softmax. A family trained both
+    ways (SegFormer3D) and a setting the weights cannot show without a safe default
+    (SegFormer3D's ``num_heads``) must be given: volseg refuses to guess them.
+
+    Raises:
+        ModelCardError: an unknown architecture, or a setting that must be given and was not.
     """
-    from volseg.models.builtin import output_kind
+    from volseg.models.builtin import EITHER_ACTIVATION, output_kind
 
     _check_architecture(architecture, "--arch")
-    activation = "softmax" if architecture.lower() == "torchscript" else output_kind(architecture)
+    _check_stated(architecture, dict(config or {}), "--arch",
+                  how="pass the values the network was trained with, --arch-config '{EXAMPLE}', "
+                  "or use a model card that states them (`volseg models`)")
+    if activation is None and architecture.lower() in EITHER_ACTIVATION:
+        raise ModelCardError(
+            f"--arch {architecture}: the output activation cannot be read from the weights ({architecture} is "
+            "trained with sigmoid or with softmax outputs) and volseg does not guess it",
+            hint="pass --activation sigmoid (one channel per label) or --activation softmax (a background channel "
+            "plus one per label), or use a model card (`volseg models`)",
+        )
+    if activation is None:
+        activation = "softmax" if architecture.lower() == "torchscript" else output_kind(architecture)
     if activation is None:  # a registered plug-in (the registry is imported already if there is one)
         from volseg.models.registry import get
 

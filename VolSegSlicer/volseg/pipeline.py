@@ -118,18 +118,26 @@ def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
 
 
 def choose_network(model: torch.nn.Module, card: ModelCard, options: InferenceOptions, device: torch.device,
-                   windows: int, reporter: Reporter) -> torch.nn.Module:
+                   windows: int, reporter: Reporter, begin_stage=None) -> torch.nn.Module:
     """The network the windows run through: ``model``, or on the CPU an ONNX Runtime / OpenVINO
     compilation of it checked against it (:func:`volseg.inference.cpu_runtime.select_runtime`); says which and why.
-    ``$VOLSEG_RUNTIME`` overrides the card's ``inference.runtime``."""
+    ``$VOLSEG_RUNTIME`` overrides the card's ``inference.runtime``.
+
+    A conversion is its own stage, ``convert`` (``begin_stage(name, message)`` opens it; the
+    export takes seconds and is not preprocessing), and what the exporter logs (torch's
+    ``W1204 ...`` lines) becomes warning events instead of stderr lines."""
     runtime = os.environ.get("VOLSEG_RUNTIME") or options.runtime
     if runtime == "torch" or device.type != "cpu" or card.is_torchscript:
         return model
-    from volseg.inference.cpu_runtime import select_runtime
+    from volseg.inference import cpu_runtime
 
     shape = (options.sw_batch_size, len(card.inputs), *options.roi_size)
-    network, reason = select_runtime(model, card.architecture, shape, device, windows, runtime,
-                                     select=options.select_output)
+    candidates, _ = cpu_runtime.runtime_candidates(card.architecture, shape, device, windows, runtime)
+    if candidates and begin_stage is not None:
+        begin_stage("convert", f"converting the network for {' or '.join(candidates)} (once per checkpoint and "
+                    "window size, then cached)")
+    network, reason = cpu_runtime.select_runtime(model, card.architecture, shape, device, windows, runtime,
+                                                 select=options.select_output, log=reporter.log)
     reporter.log(f"CPU runtime: {reason}")
     return network
 
@@ -246,7 +254,7 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips),
                  options.roi_size, options.sw_batch_size)
     windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap, options.mode) * (1 + len(options.flips))
-    network = choose_network(model, card, options, device, windows, reporter)
+    network = choose_network(model, card, options, device, windows, reporter, begin_stage=checkpoint_stage)
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
     probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel)
     if not all_finite(probs):

@@ -22,7 +22,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-STAGES = ("read", "preprocess", "load_model", "infer", "postprocess", "write")
+#: ``convert`` (exporting the network to ONNX Runtime / OpenVINO on the CPU) only when that is tried.
+STAGES = ("read", "load_model", "preprocess", "convert", "infer", "postprocess", "write")
 
 
 class Reporter:

@@ -4,7 +4,8 @@
 Slicer module hand to :func:`volseg.pipeline.segment`. :func:`check_request` refuses, in well
 under a second, everything that can be refused without reading an image or importing PyTorch:
 output names, existing results, outputs that are inputs, the number of inputs, missing input
-files, an unknown device name, and a checkpoint that is missing or is not a checkpoint at all.
+files, input files whose content is not what their name says, an unknown device name or
+``$VOLSEG_RUNTIME``, and a checkpoint that is missing or is not a checkpoint at all.
 The CLI runs it before the heavy imports; :func:`~volseg.pipeline.segment` runs it again, so
 every caller gets the same answers.
 
@@ -13,6 +14,7 @@ This module must not import torch, MONAI or SimpleITK (``Testing/python/test_sta
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from volseg.cards import ModelCard
 from volseg.checkpoints.sniffing import checkpoint_kind
 from volseg.errors import CheckpointError, InputError, OutputError
 from volseg.io.atomic import check_not_an_input, check_writable, full_suffix
+from volseg.io.formats import check_input_content
 from volseg.io.outputs import (
     PROBABILITY_SUFFIXES,
     check_segmentation_output,
@@ -29,6 +32,8 @@ from volseg.io.outputs import (
 )
 
 _DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: The values ``$VOLSEG_RUNTIME`` (and a card's ``inference.runtime``) may take.
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 
 
 @dataclass
@@ -81,9 +86,12 @@ def checkpoint_for(card: ModelCard, given: Path | None) -> Path:
     path = given or card.checkpoint_path
     if path is None:
         where = card.raw.get("checkpoint", {}).get("published_at")
+        notes = card.raw.get("checkpoint", {}).get("notes")
+        published = ("" if not where else f" ({where})" if where.startswith("not published") else
+                     f" (the weights are published at {where})")
         raise CheckpointError(
             f"model {card.id!r} needs a checkpoint and none was given",
-            hint="pass --checkpoint PATH" + (f" (the weights are published at {where})" if where else ""),
+            hint="pass --checkpoint PATH" + published + (f"; the card's notes: {notes}" if notes else ""),
         )
     return Path(path)
 
@@ -109,6 +117,14 @@ def check_device_name(spec: str | None) -> None:
         raise InputError(f"unknown device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps")
 
 
+def check_runtime_name() -> None:
+    """Refuse a ``$VOLSEG_RUNTIME`` that names no CPU runtime, before any work (unset or empty: the card's)."""
+    value = os.environ.get("VOLSEG_RUNTIME")
+    if value and value not in RUNTIMES:
+        raise InputError(f"VOLSEG_RUNTIME={value!r} is not a CPU runtime volseg knows",
+                         hint="set it to one of " + ", ".join(RUNTIMES) + ", or unset it to use the card's")
+
+
 def check_request(request: SegmentRequest) -> Path:
     """Every check that needs neither an image read nor PyTorch, cheapest first.
 
@@ -125,6 +141,7 @@ def check_request(request: SegmentRequest) -> Path:
     outputs = segmentation_outputs(request.output) + ([request.probabilities] if request.probabilities else [])
     check_not_an_input(outputs, list(request.inputs))  # --overwrite replaces results, never the data
     check_device_name(request.device)
+    check_runtime_name()
     if len(request.inputs) != len(card.inputs):
         names = ", ".join(i.name for i in card.inputs)
         raise InputError(
@@ -134,6 +151,7 @@ def check_request(request: SegmentRequest) -> Path:
     for path in request.inputs:
         if not Path(path).exists():
             raise InputError(f"input {path} does not exist", hint="check the path")
+        check_input_content(path)  # a NRRD named ct.jpg, a photo: said before torch is imported
     if full_suffix(request.output).lower() == ".dcm":
         not_dicom = next((Path(p) for p in request.inputs if not Path(p).is_dir()), None)
         if not_dicom is not None:  # a DICOM series is a folder; reading it later checks the rest

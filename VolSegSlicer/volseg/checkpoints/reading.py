@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,10 +210,17 @@ def _looks_like_torch_file(path: Path) -> bool:
 
 
 def _blocked_object(message: str) -> str:
-    """The line of torch's weights-only refusal that names the offending object."""
+    """What torch's weights-only refusal names as the offending object, in volseg's words.
+
+    torch's message goes on with its own advice (``torch.serialization.add_safe_globals``), which
+    is for programmers loading the file in Python; the user gets one instruction, volseg's hint.
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it holds a {found.group(1)} object"
     for line in message.splitlines():
-        if "GLOBAL" in line or "Unsupported" in line:
-            return line.strip()
+        if "Unsupported" in line:
+            return " ".join(line.split("Please use", 1)[0].split()).rstrip(". ")
     return "it holds objects other than tensors and plain containers"
 
 
@@ -245,9 +253,14 @@ def unwrap(obj: Any, path: Path | str = "<memory>") -> Checkpoint:
             break
         if not isinstance(current, dict):
             break
-        key = next((k for k in WRAPPER_KEYS if k in current and isinstance(current[k], dict)), None)
+        key = next((k for k in WRAPPER_KEYS if k in current and isinstance(current[k], dict | torch.nn.Module)), None)
         if key is None:
             break
+        if isinstance(current[key], torch.nn.Module):  # {"model": net, "epoch": 3} (trusted full unpickle)
+            extras = {k: v for k, v in current.items() if k != key and not isinstance(v, dict | list)} if not wrapper else extras
+            module = current[key]
+            return Checkpoint(Path(path), "pickled-module", state_dict=dict(module.state_dict()), module=module,
+                              wrapper=[*wrapper, key], extras=extras)
         if not wrapper:
             extras = {k: v for k, v in current.items() if k != key and not isinstance(v, dict | list)}
         wrapper.append(key)
@@ -276,9 +289,33 @@ def unwrap(obj: Any, path: Path | str = "<memory>") -> Checkpoint:
     return Checkpoint(Path(path), "state_dict", state_dict=sd, wrapper=wrapper, stripped_prefixes=stripped, extras=extras)
 
 
+def not_in_weights(architecture: str, config: dict[str, Any]) -> dict[str, str]:
+    """What a checkpoint of ``architecture`` cannot tell: each hidden constructor argument and the
+    output activation, with what volseg does about it (for ``volseg inspect``)."""
+    from volseg.models import builtin, registry
+
+    said: dict[str, str] = {}
+    for name, default in builtin.hidden_settings(architecture).items():
+        said[name] = ("not in the weights: a model card (or --arch-config) must state it; volseg does not guess it"
+                      if default is None else f"not in the weights: {default} unless a card states otherwise")
+    kind = registry.get(architecture).output_kind
+    if architecture.lower() in builtin.EITHER_ACTIVATION:
+        said["activation"] = (f"not in the weights: softmax or sigmoid ({architecture} is trained both ways; the "
+                              f"official release uses {kind}): a card's output.activation, or --activation")
+    else:
+        said["activation"] = f"not in the weights: {kind}, as {architecture} is trained (a card may say otherwise)"
+    return said
+
+
 def describe(ckpt: Checkpoint) -> dict[str, Any]:
-    """A summary for ``volseg inspect``: format, keys, parameters, fitting architectures."""
+    """A summary for ``volseg inspect``: format, keys, parameters, fitting architectures.
+
+    Each match gives the configuration read from the weights (``config``: only what the shapes
+    show) and, under ``not_in_weights``, the settings they cannot show -- volseg states these
+    instead of presenting a guess as a fact.
+    """
     from volseg import models
+    from volseg.models.builtin import hidden_settings
 
     info: dict[str, Any] = {
         "path": str(ckpt.path),
@@ -290,10 +327,12 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "extras": {k: v for k, v in ckpt.extras.items() if isinstance(v, int | float | str)},
     }
     if ckpt.format == "torchscript":
-        info["matches"] = [{"architecture": "torchscript", "config": {}, "variant": "TorchScript module", "n_params": ckpt.n_params}]
+        info["matches"] = [{"architecture": "torchscript", "config": {}, "variant": "TorchScript module",
+                            "n_params": ckpt.n_params, "not_in_weights": {}}]
         return info
     info["matches"] = [
-        {"architecture": m.name, "config": m.config, "variant": m.variant, "n_params": m.n_params}
+        {"architecture": m.name, "config": {k: v for k, v in m.config.items() if k not in hidden_settings(m.name)},
+         "variant": m.variant, "n_params": m.n_params, "not_in_weights": not_in_weights(m.name, m.config)}
         for m in models.match(ckpt.state_dict)
     ]
     info["first_keys"] = list(ckpt.state_dict)[:8]

@@ -6,7 +6,7 @@ import argparse
 
 from volseg.cli.running import cancel_on_signal, run_reported
 from volseg.cli.segment import request_from_args
-from volseg.errors import InputError
+from volseg.errors import InputError, OutputError
 
 
 def cluster_from_args(args: argparse.Namespace):
@@ -27,27 +27,42 @@ def cluster_from_args(args: argparse.Namespace):
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from volseg.progress import make_reporter
+    from volseg.progress import TextReporter, make_reporter
 
     reporter = make_reporter(args.progress)
     summary: dict = {}
 
     def run() -> None:
         from volseg.checkpoints.sniffing import checkpoint_kind
-        from volseg.request import check_device_name, checkpoint_for
+        from volseg.cohort.cases import find_cases
+        from volseg.io.atomic import check_output_folder, full_suffix
+        from volseg.io.outputs import SEGMENTATION_SUFFIXES
+        from volseg.request import check_device_name, check_runtime_name, checkpoint_for
 
         template = request_from_args(args)
         cluster = cluster_from_args(args)
         check_device_name(template.device)  # refuse what needs no torch before importing it
+        check_runtime_name()
         missing = next((p for p in args.inputs if not p.exists()), None)
         if missing is not None:
             raise InputError(f"{missing} does not exist")
+        check_output_folder(args.output)  # -o FILE
+        suffix = full_suffix(args.output).lower()
+        if not args.output.exists() and suffix in SEGMENTATION_SUFFIXES:
+            raise OutputError(f"-o {args.output} names a file, but batch writes one result per case into a folder",
+                              hint=f"give a folder, e.g. -o {args.output.parent / 'results'} --format {suffix}")
+        find_cases(list(args.inputs), template.card)  # an empty folder, clashing names
         checkpoint_kind(checkpoint_for(template.card, template.checkpoint))
         from volseg.cohort.batch import run_batch
 
         summary.update(run_batch(template, list(args.inputs), args.output, args.format, reporter, cancel, cluster))
-        reporter.log(f"batch: {len(summary['done'])} done, {len(summary['skipped'])} skipped, "
-                     f"{len(summary['failed'])} failed; manifest {summary['manifest']}")
+        line = (f"batch: {len(summary['done'])} done, {len(summary['skipped'])} skipped, "
+                f"{len(summary['failed'])} failed; manifest {summary['manifest']}")
+        if isinstance(reporter, TextReporter):  # the last line, also with --progress none
+            reporter.stream.write(line + "\n")
+            reporter.stream.flush()
+        else:
+            reporter.log(line)
 
     with cancel_on_signal() as cancel:
         rc = run_reported(reporter, run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -56,6 +57,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"  checkpoint: {c.checkpoint_path}")
         else:
             print(f"  weights: {where or 'the card names none; pass --checkpoint'}")
+        notes = c.raw.get("checkpoint", {}).get("notes")
+        if notes:  # which file of a download to use, or how to make one (a card may say "see the notes")
+            print(f"  notes: {notes}")
     for b in bundles:
         print(print_bundle(b))
     return 0
@@ -68,6 +72,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from volseg.checkpoints.reading import describe, read_checkpoint
 
     info = describe(read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle))
+    info["cards"] = cards_for(Path(info["path"]))
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
@@ -75,12 +80,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if info["stripped_prefixes"]:
         print(f"  stripped key prefixes: {' '.join(info['stripped_prefixes'])}")
     print(f"  {info['n_keys']} tensors, {info['n_params']:,} parameters")
+    for card_id in info["cards"]:
+        print(f"  model card {card_id!r} was written for this file (same sha256): volseg segment IMAGE --model {card_id}")
     if not info["matches"]:
         print("  fits no registered architecture exactly; first keys: " + ", ".join(info.get("first_keys", [])))
         return 0
     for m in info["matches"]:
-        print(f"  fits {m['architecture']}: {m['variant']}\n    config {json.dumps(m['config'])}")
+        print(f"  fits {m['architecture']}: {m['variant']}\n    config read from the weights {json.dumps(m['config'])}")
+        for name, what in m.get("not_in_weights", {}).items():
+            print(f"    {name}: {what}")
     return 0
+
+
+def cards_for(checkpoint: Path) -> list[str]:
+    """The ids of the cards (built-in and $VOLSEG_CARDS_PATH) whose checkpoint SHA-256 is this file's:
+    the settings the weights cannot show are in them."""
+    from volseg.cards import list_cards
+    from volseg.checkpoints.reading import sha256sum
+
+    cards, _ = list_cards()
+    pinned = [c for c in cards if c.checkpoint_sha256]
+    if not pinned or not checkpoint.is_file():
+        return []
+    digest = sha256sum(checkpoint).lower()
+    return [c.id for c in pinned if c.checkpoint_sha256.lower() == digest]
 
 
 def cmd_devices(args: argparse.Namespace) -> int:

@@ -24,6 +24,9 @@ def add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) 
     model.add_argument("--trust-bundle-code", action="store_true",
                        help="with --bundle: evaluate the bundle's Python expressions (listed before they run); "
                        "use only for bundles you trust")
+    model.add_argument("--activation", choices=("softmax", "sigmoid"),
+                       help="output activation for --arch, when the weights cannot tell (SegFormer3D): softmax "
+                       "(a background channel plus one per label) or sigmoid (one channel per label)")
     model.add_argument("--checkpoint", "-c", type=Path, help="weights file (overrides the card's)")
     model.add_argument("--cards-dir", action="append", default=[], metavar="FOLDER", help=CARDS_DIR_HELP)
     model.add_argument("--trust-pickle", action="store_true",

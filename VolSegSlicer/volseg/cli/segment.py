@@ -19,6 +19,8 @@ def request_from_args(args: argparse.Namespace, reporter=None):
         raise ModelCardError("give one of --model, --arch and --bundle")
     if getattr(args, "trust_bundle_code", False) and not bundle:
         raise ModelCardError("--trust-bundle-code goes with --bundle")
+    if (args.model or bundle) and getattr(args, "activation", None):
+        raise ModelCardError("--activation is for --arch runs: a card states its own (output.activation)")
     if bundle:
         from volseg.cli.bundle import card_from_bundle
 
@@ -28,7 +30,8 @@ def request_from_args(args: argparse.Namespace, reporter=None):
     elif args.arch:
         if not args.num_labels or args.num_labels < 1:
             raise ModelCardError("--arch needs --num-labels N (the number of foreground labels)")
-        card = card_from_arguments(args.arch, args.num_labels, in_channels=len(args.inputs), config=args.arch_config)
+        card = card_from_arguments(args.arch, args.num_labels, in_channels=len(args.inputs), config=args.arch_config,
+                                   activation=args.activation)
     else:
         raise ModelCardError("no model given", hint="pass --model ID (see `volseg models`) or --arch NAME --num-labels N")
     for name in ("overlap", "min_island_mm3"):

@@ -30,17 +30,16 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from volseg.cards import ModelCard, match_inputs
 from volseg.cohort.case_runner import Job, run_case
+from volseg.cohort.cases import Case, find_cases  # noqa: F401  (Case: part of this module's API)
 from volseg.checkpoints.reading import sha256sum
-from volseg.cohort.progress import CohortProgress
-from volseg.errors import Cancelled, CheckpointError, InputError, error_from_exception
-from volseg.io import full_suffix, make_output_folder, segmentation_outputs
-from volseg.io.readers import image_format
+from volseg.cohort.progress import CohortProgress, FoldedCaseOutput
+from volseg.errors import Cancelled, CheckpointError, error_from_exception
+from volseg.io import make_output_folder, segmentation_outputs
 from volseg.cohort.manifest import (
     SKIPPED,
     Manifest,
@@ -49,85 +48,11 @@ from volseg.cohort.manifest import (
     sha256_of_json,
 )
 from volseg.pipeline import ModelCache
-from volseg.progress import Reporter
+from volseg.progress import Reporter, TextReporter
 from volseg.request import SegmentRequest, checkpoint_for
 
 if TYPE_CHECKING:
     from volseg.cohort.cluster import ClusterSettings
-
-
-@dataclass
-class Case:
-    name: str
-    inputs: list[Path]
-
-
-def _case_name(path: Path) -> str:
-    """The file name without its image suffix; a folder's own name (``.`` -> the current folder's)."""
-    if path.is_dir():
-        return path.resolve().name or "root"
-    return path.name[: -len(full_suffix(path))] if full_suffix(path) else path.name
-
-
-def _volumes_in(folder: Path) -> list[Path]:
-    """The volume files and DICOM series sub-folders of ``folder``, sorted by name."""
-    found = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if (p.is_file() and image_format(p) is not None) or (p.is_dir() and _is_dicom_folder(p)):
-            found.append(p)
-    return found
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    return any(p.suffix.lower() == ".dcm" for p in files) or any(_has_dicom_preamble(p) for p in files[:3])
-
-
-def _has_dicom_preamble(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def find_cases(paths: list[Path], card: ModelCard) -> list[Case]:
-    """Turn the command line's paths into cases, refusing what cannot be one."""
-    cases = []
-    for path in paths:
-        if not path.exists():
-            raise InputError(f"{path} does not exist")
-        if path.is_file() or _is_dicom_folder(path):
-            if len(card.inputs) > 1:
-                raise InputError(f"{path}: model {card.id!r} needs {len(card.inputs)} inputs per case",
-                                 hint="give one folder per case holding one file per input ("
-                                 + ", ".join(i.name for i in card.inputs) + ")")
-            cases.append(Case(_case_name(path), [path]))
-            continue
-        if len(card.inputs) == 1:
-            volumes = _volumes_in(path)
-            if not volumes:
-                raise InputError(f"folder {path} holds no volume file (.nii.gz, .nrrd, .mha, ...) and no DICOM series",
-                                 hint="give volume files, a folder of them, or DICOM series folders")
-            cases.extend(Case(_case_name(v), [v]) for v in volumes)
-            continue
-        files = sorted(p for p in path.iterdir() if p.is_file() and image_format(p) is not None)
-        picks = match_inputs([i.name_hint for i in card.inputs], [p.name for p in files])
-        missing = [card.inputs[n].name for n, pick in enumerate(picks) if pick is None]
-        if missing:
-            raise InputError(f"case folder {path}: no file matches input(s) {', '.join(missing)}",
-                             hint="name the files so the card's name hints match them (see `volseg models`)")
-        cases.append(Case(_case_name(path), [files[i] for i in picks]))
-    by_key: dict[str, list[str]] = {}
-    for c in cases:  # casefold: "Case1" and "case1" are the same file on macOS and Windows
-        by_key.setdefault(c.name.casefold(), []).append(c.name)
-    clashes = sorted("/".join(sorted(set(names))) for names in by_key.values() if len(names) > 1)
-    if clashes:
-        raise InputError(f"several cases would write the same result: {', '.join(clashes)}",
-                         hint="give cases distinct names, or run them into different output folders")
-    return cases
 
 
 def run_settings(template: SegmentRequest, suffix: str, checkpoint: Path) -> dict[str, Any]:
@@ -160,7 +85,8 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
     make_output_folder(out_dir)
     cancel = cancel or threading.Event()
     summary: dict[str, Any] = {"done": [], "skipped": [], "failed": [], "not_done": []}
-    progress = CohortProgress(reporter, len(cases), inline=cluster is not None)
+    # on a terminal the bar is redrawn in place, each case's own lines folded into it
+    progress = CohortProgress(reporter, len(cases), inline=True)
     with Manifest(out_dir) as manifest:
         summary["manifest"] = str(manifest.path)
         if manifest.unreadable_lines:
@@ -187,13 +113,13 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
                     progress.break_line()
                     reporter.log(f"{job.name}: {warning}", "warning")
             error = outcome.get("error") or {}
-            if status == "failed":
-                progress.break_line()
+            if status == "failed" and not isinstance(reporter, TextReporter):  # text: the bar prints it once, below
                 reporter.error(f"{job.name}: {error.get('message')}", error.get("hint"), error.get("exit_code", 1))
             progress.case(job.name, status, elapsed_s=outcome.get("elapsed_s"), device=outcome.get("device"),
                           node=outcome.get("node"), attempt=job.attempts,
                           outputs=[r["name"] for r in result["outputs"] or []] if status == "done" else None,
-                          message=error.get("message") if status != "done" else None)
+                          message=error.get("message") if status != "done" else None,
+                          hint=error.get("hint") if status == "failed" else None)
 
         def retry(job: Job, message: str) -> None:
             progress.case(job.name, "retry", attempt=job.attempts, message=message)
@@ -201,7 +127,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
         interrupted, left_because = False, "cancelled before it ran"
         try:
             if cluster is None:
-                _run_here(template, jobs, reporter, finish, cancel)
+                _run_here(template, jobs, reporter, finish, cancel, progress)
             else:
                 # Ray is imported only here, when asked for
                 from volseg.cohort.cluster import run_on_cluster
@@ -210,6 +136,7 @@ def run_batch(template: SegmentRequest, paths: list[Path], out_dir: Path, suffix
                     progress.break_line()
                     reporter.log(message, level)
 
+                progress.begin_case()
                 run_on_cluster(template, jobs, cluster, log, finish, retry, cancel)
         except KeyboardInterrupt:
             interrupted = True
@@ -261,12 +188,25 @@ def _plan_cases(cases: list[Case], out_dir: Path, suffix: str, overwrite: bool, 
 
 
 def _run_here(template: SegmentRequest, jobs: list[Job], reporter: Reporter,
-              finish: Callable[[Job, dict[str, Any]], None], cancel: threading.Event) -> None:
-    """The plain batch: one case after the other in this process, the model loaded once."""
+              finish: Callable[[Job, dict[str, Any]], None], cancel: threading.Event,
+              progress: CohortProgress | None = None) -> None:
+    """The plain batch: one case after the other in this process, the model loaded once.
+
+    Cases are numbered among all cases of the cohort (skipped ones count), as the bar counts them.
+    """
     cache = ModelCache()
     for n, job in enumerate(jobs, 1):
         if cancel.is_set():
             return
-        reporter.log(f"case {n}/{len(jobs)}: {job.name}")
+        number, total = (progress.number, progress.total) if progress else (n, len(jobs))
+        parent: Reporter = reporter
+        if progress is not None:
+            progress.begin_case()
+            if progress.folds:  # a terminal: the case's lines go into the bar's line
+                parent = FoldedCaseOutput(progress, f"case {number}/{total} {job.name}")
+        if parent is reporter:
+            if progress is not None:
+                progress.break_line()
+            reporter.log(f"case {number}/{total}: {job.name}")
         job.attempts += 1
-        finish(job, run_case(template, job, reporter, cancel, cache))
+        finish(job, run_case(template, job, parent, cancel, cache))

@@ -23,17 +23,19 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MIN_VOXELS", "PREFERRED", "RuntimeNet", "cache_dir", "select_runtime"]
+__all__ = ["MIN_VOXELS", "PREFERRED", "RuntimeNet", "cache_dir", "library_logs", "runtime_candidates", "select_runtime"]
 
 #: Runtimes tried per architecture, best first. OpenVINO first: it was the faster of the two in
 #: 5 of the 6 CPU measurements (the issue's probe: MedNeXt-S 64^3 ONNX Runtime 2.63x vs OpenVINO
@@ -185,9 +187,72 @@ def compile_for_cpu(model: nn.Module, runtime: str, shape: Sequence[int], folder
     return net, err
 
 
+class _Forward(logging.Handler):
+    """Passes a library's log records on to ``log(message, level)`` instead of printing them."""
+
+    def __init__(self, log: Callable[[str, str], None] | None, source: str) -> None:
+        super().__init__(logging.WARNING)
+        self.log, self.source = log, source
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.log is not None:
+            text = " ".join(record.getMessage().split())[:500]
+            self.log(f"{self.source}: {text}", "warning" if record.levelno >= logging.WARNING else "info")
+
+
+#: Loggers of the export and the runtimes that print on stderr (torch's in glog format, "W1204 ...").
+_LIBRARY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnxruntime", "openvino")
+
+
+@contextlib.contextmanager
+def library_logs(log: Callable[[str, str], None] | None, source: str = "ONNX export") -> Iterator[None]:
+    """While exporting and loading, the warnings torch's exporter and the runtimes log (torch's
+    ``W1204 ... torchvision is not installed`` lines) go to ``log(message, "warning")`` -- warning
+    events, as other library messages are -- instead of stderr; ``log=None`` drops them."""
+    names = [n for n in logging.Logger.manager.loggerDict
+             if n.split(".")[0] in _LIBRARY_LOGGERS and isinstance(logging.getLogger(n), logging.Logger)]
+    names = sorted(set(names) | set(_LIBRARY_LOGGERS))
+    handler = _Forward(log, source)
+    saved = {}
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.handlers or name in _LIBRARY_LOGGERS:  # the ones that print; children propagate to them
+            saved[name] = (logger.handlers[:], logger.propagate)
+            logger.handlers, logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logging.getLogger(name).handlers, logging.getLogger(name).propagate = handlers, propagate
+
+
+def runtime_candidates(architecture: str, shape: Sequence[int], device: torch.device, windows: int = 1,
+                       runtime: str = "auto") -> tuple[tuple[str, ...], str]:
+    """The runtimes :func:`select_runtime` will try, best first, or none and why PyTorch is used.
+
+    Decided without exporting anything, so the caller can report the conversion as its own stage.
+    """
+    if runtime == "torch":
+        return (), "PyTorch (runtime 'torch' requested)"
+    if device.type != "cpu":
+        return (), f"PyTorch on {device} (the ONNX Runtime / OpenVINO paths are for the CPU)"
+    if runtime == "auto":
+        candidates = PREFERRED.get(architecture.lower(), ())
+        if not candidates:
+            return (), f"PyTorch (no faster CPU runtime known for {architecture!r})"
+        work = windows * int(np.prod(shape[2:])) * int(shape[0])
+        if work < MIN_VOXELS:
+            return (), "PyTorch (the job is too small to pay for a conversion)"
+        return candidates, ""
+    if runtime not in _LOADERS:
+        raise ValueError(f"unknown runtime {runtime!r}: use auto, torch, onnxruntime or openvino")
+    return (runtime,), ""
+
+
 def select_runtime(model: nn.Module, architecture: str, shape: Sequence[int], device: torch.device,
                    windows: int = 1, runtime: str = "auto", folder: Path | None = None,
-                   tolerance: float = TOLERANCE, select: int = 0) -> tuple[nn.Module, str]:
+                   tolerance: float = TOLERANCE, select: int = 0,
+                   log: Callable[[str, str], None] | None = None) -> tuple[nn.Module, str]:
     """The network to run windows of ``shape`` (B, C, X, Y, Z) with, and why.
 
     Args:
@@ -200,32 +265,23 @@ def select_runtime(model: nn.Module, architecture: str, shape: Sequence[int], de
         folder: the export cache (default :func:`cache_dir`).
         tolerance: largest relative difference from PyTorch accepted on the check window.
         select: the output used when the network returns a list (the card's ``output.select``).
+        log: receives ``(message, level)`` for what the exporter and the runtime log (warnings);
+            without it those messages are dropped, never printed on stderr.
 
     Returns:
         ``(network, reason)``; the network is ``model`` itself whenever PyTorch is used.
     """
-    if runtime == "torch":
-        return model, "PyTorch (runtime 'torch' requested)"
-    if device.type != "cpu":
-        return model, f"PyTorch on {device} (the ONNX Runtime / OpenVINO paths are for the CPU)"
-    if runtime == "auto":
-        candidates = PREFERRED.get(architecture.lower(), ())
-        if not candidates:
-            return model, f"PyTorch (no faster CPU runtime known for {architecture!r})"
-        work = windows * int(np.prod(shape[2:])) * int(shape[0])
-        if work < MIN_VOXELS:
-            return model, "PyTorch (the job is too small to pay for a conversion)"
-    else:
-        if runtime not in _LOADERS:
-            raise ValueError(f"unknown runtime {runtime!r}: use auto, torch, onnxruntime or openvino")
-        candidates = (runtime,)
+    candidates, why = runtime_candidates(architecture, shape, device, windows, runtime)
+    if not candidates:
+        return model, why
     failures = []
     for name in candidates:
         key = (id(model), tuple(shape), name, select, str(folder), tolerance)
         if _LOADED.get("key") == key and _LOADED.get("model") is model:  # serve/batch: same model again
             return _LOADED["net"], _LOADED["reason"]
         try:
-            net, err = compile_for_cpu(model, name, shape, folder, tolerance, select)
+            with library_logs(log):
+                net, err = compile_for_cpu(model, name, shape, folder, tolerance, select)
         except ImportError:
             failures.append(f"{name} is not installed")
         except Exception as exc:  # noqa: BLE001 -- any failure means: use the exact path

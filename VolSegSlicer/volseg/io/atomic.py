@@ -222,11 +222,19 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
+def check_output_folder(folder: str | os.PathLike) -> None:
+    """Refuse an output folder that is a file (``volseg batch -o result.seg.nrrd``), creating nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output folder {folder} is a file",
+                          hint="batch writes one result per case into a folder: give a folder with -o "
+                          "(it is created if missing)")
+
+
 def make_output_folder(folder: str | os.PathLike) -> Path:
     """Create ``folder`` (and its parents) for results, or say clearly why it cannot be one."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"output folder {folder} is a file", hint="give a folder with -o (it is created if missing)")
+    check_output_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from volseg.errors import InputError
 from volseg.io.atomic import full_suffix
 from volseg.io.dicom_guard import check_element_lengths
+from volseg.io.formats import FORMATS, check_input_content, image_format  # noqa: F401  (FORMATS: part of this module's API)
 from volseg.io.limits import check_declared_size, check_header_fields, declared_bytes
 from volseg.io.volume import Source, Volume
 from volseg.memory import check_allocation, require_regular_file
@@ -31,23 +32,6 @@ from volseg.memory import check_allocation, require_regular_file
 # ITK prints its warnings (e.g. "WARNING: In ... NiftiImageIO") straight to stderr, which the
 # Slicer panel shows as they are; volseg reports problems itself, as one message.
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
-
-#: File extensions read as images, and the format name recorded in ``Source.format``.
-FORMATS = {
-    ".nii": "nifti",
-    ".nii.gz": "nifti",
-    ".nrrd": "nrrd",
-    ".seg.nrrd": "nrrd",
-    ".nhdr": "nrrd",
-    ".mha": "mha",
-    ".mhd": "mha",
-}
-
-
-def image_format(path: str | os.PathLike) -> str | None:
-    """The format name for a file extension ("nifti", "nrrd", "mha"), None if unknown."""
-    return FORMATS.get(full_suffix(path).lower())
-
 
 def _itk_error_text(error: Exception) -> str:
     """The useful last line of an ITK exception (they start with C++ source locations)."""
@@ -416,6 +400,7 @@ def _read_volume(path: Path) -> Volume:
         raise InputError(f"input {path} is not readable (permission denied)")
     if full_suffix(path).lower() in (".dcm", ".ima"):
         raise InputError(f"{path} is a single DICOM file", hint=f"pass the folder holding the series: {path.parent}")
+    check_input_content(path)  # a volume under another format's extension, or a picture
     suffix = full_suffix(path)
     if suffix != suffix.lower() and image_format(path) is not None and suffix.lower() != ".mhd":
         # ITK and nibabel choose readers by lower-case extensions only ("scan.NII.GZ" fails):

@@ -29,6 +29,43 @@ BUILTIN_MODULES: dict[str, str] = {
 SIGMOID_FAMILIES: frozenset[str] = frozenset({"segformer3d"})
 
 
+#: Constructor arguments of a built-in family that its weights cannot show but that change what it
+#: computes. ``None``: there is no safe default, so a card (or ``--arch-config``) must state it and
+#: volseg refuses to guess; a text: the default used when it is not stated, and why that one.
+HIDDEN_SETTINGS: dict[str, dict[str, str | None]] = {
+    "segformer3d": {
+        "num_heads": None,  # any head count fits the same weights (qkv is C x C): [1, 2, 5, 8] published
+        "attn_scale": "'num_heads' (1/sqrt(num_heads), the math of the code the official weights were released with)",
+        "patch_stride": "[4, 2, 2, 2] (the published strides)",
+    },
+}
+
+#: Built-in families trained with either output activation (the official SegFormer3D with
+#: sigmoid, others -- volseg's demonstration model -- with softmax): the weights cannot say
+#: which, so a run without a card must be told (``--activation``).
+EITHER_ACTIVATION: frozenset[str] = frozenset({"segformer3d"})
+
+
+def hidden_settings(name: str) -> dict[str, str | None]:
+    """The settings of architecture ``name`` that its weights cannot show (see :data:`HIDDEN_SETTINGS`);
+    a registered plug-in's come from its ``Architecture.hidden_settings``."""
+    key = name.lower()
+    if key in HIDDEN_SETTINGS or key in BUILTIN_MODULES:
+        return dict(HIDDEN_SETTINGS.get(key, {}))
+    registry = sys.modules.get("volseg.models.registry")
+    if registry is not None:
+        try:
+            return dict(registry.get(key).hidden_settings)
+        except Exception:  # an unknown name: nothing known about it
+            return {}
+    return {}
+
+
+def unstated_settings(name: str, config: dict) -> list[str]:
+    """The settings of ``name`` without a safe default that ``config`` does not state."""
+    return [k for k, default in hidden_settings(name).items() if default is None and k not in config]
+
+
 def known_names() -> list[str]:
     """The built-in architecture names plus any plug-in already registered.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class Architecture:
             not mutate its argument.
         output_kind: ``"softmax"`` (mutually exclusive classes, argmax) or ``"sigmoid"``
             (independent channels, threshold) -- the default postprocessing for the family.
+        hidden_settings: see the attribute.
     """
 
     name: str
@@ -53,6 +55,9 @@ class Architecture:
     prepare_state_dict: Callable[[StateDict], dict[str, torch.Tensor]] | None = None
     output_kind: str = "softmax"
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    #: Constructor arguments the weights cannot show (name -> the default used, or None: must be
+    #: stated); built-in families keep theirs in :data:`volseg.models.builtin.HIDDEN_SETTINGS`.
+    hidden_settings: Mapping[str, str | None] = field(default_factory=dict)
 
 
 #: Registry name -> module that defines ``ARCHITECTURES`` (see :mod:`volseg.models.builtin`).
@@ -217,7 +222,7 @@ def load(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
     chosen = next((v for v in variants if _fits(arch, v, _config_for(arch, v, kwargs))), variants[0])
     config = _config_for(arch, chosen, kwargs)
     model = create(arch.name, **config)
-    check_state_dict(model, chosen, arch_name=arch.name, config=config)
+    check_state_dict(model, chosen, arch_name=arch.name, config=config, given=kwargs)
     model.load_state_dict(chosen, strict=True)
     return model.eval()
 
@@ -247,25 +252,83 @@ def compare_keys(expected: StateDict, found: StateDict) -> KeyReport:
     return KeyReport(missing, unexpected, wrong)
 
 
-def _listing(items: list[Any], limit: int = 6) -> str:
+def _listing(items: list[Any], limit: int = 3) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def check_state_dict(model: nn.Module, state_dict: StateDict, arch_name: str, config: Mapping[str, Any]) -> None:
-    """Raise a :class:`CheckpointError` explaining how ``state_dict`` does not fit ``model``."""
+def _config_text(config: Mapping[str, Any], limit: int = 160) -> str:
+    text = json.dumps(dict(config), default=str, separators=(", ", ": "))
+    return text if len(text) <= limit else text[: limit - 4] + " ...}"
+
+
+def check_state_dict(model: nn.Module, state_dict: StateDict, arch_name: str, config: Mapping[str, Any],
+                     given: Mapping[str, Any] | None = None) -> None:
+    """Raise a :class:`CheckpointError` explaining, in a few lines, how ``state_dict`` does not
+    fit ``model`` and which registered architecture and configuration it does fit (what
+    ``volseg inspect`` reports), if any.
+
+    Args:
+        given: the settings the user (card or ``--arch-config``) gave, named in the message;
+            default: ``config``.
+    """
     report = compare_keys(model.state_dict(), state_dict)
     if report.ok:
         return
-    lines = [f"the checkpoint does not fit {arch_name} with {dict(config)}:"]
+    given = config if given is None else given
+    what = f"{arch_name} with {_config_text(given)}" if given else f"{arch_name} (the configuration its weights imply)"
+    parts = []
     if report.missing:
-        lines.append(f"  missing keys ({len(report.missing)}): {_listing(report.missing)}")
+        parts.append(f"missing keys ({len(report.missing)}): {_listing(report.missing)}")
     if report.unexpected:
-        lines.append(f"  unexpected keys ({len(report.unexpected)}): {_listing(report.unexpected)}")
+        parts.append(f"unexpected keys ({len(report.unexpected)}): {_listing(report.unexpected)}")
     if report.wrong_shape:
         shapes = [f"{k} expected {list(e)} found {list(f)}" for k, e, f in report.wrong_shape]
-        lines.append(f"  wrongly shaped ({len(shapes)}): {_listing(shapes, 4)}")
-    raise CheckpointError("\n".join(lines), hint=_likely_cause(report, state_dict))
+        parts.append(f"wrongly shaped ({len(shapes)}): {_listing(shapes, 2)}")
+    fits = _what_it_fits(state_dict)
+    if fits is not None:  # what it does fit says more than a list of keys: counts only
+        parts = [f"{n} {kind}" for n, kind in ((len(report.missing), "keys missing"),
+                                              (len(report.unexpected), "unexpected"),
+                                              (len(report.wrong_shape), "wrongly shaped")) if n]
+    message = f"the checkpoint does not fit {what}: " + "; ".join(parts)
+    if fits is not None:
+        found, others = fits
+        message += (f". It fits {found.name} ({found.variant})" if found.variant else f". It fits {found.name}") + (
+            f" and {others} other architecture(s)" if others else "")
+        hidden = _hidden(found.name)
+        shown = {k: v for k, v in found.config.items() if k not in hidden}
+        if found.name == arch_name.lower():
+            differ = sorted(k for k in given if k in shown and _plain(shown[k]) != _plain(given[k]))
+            implied = {k: shown[k] for k in differ} or shown
+            hint = (f"the checkpoint is {found.name} with other settings" + (f" ({', '.join(differ)})" if differ else "")
+                    + f": its weights imply {_config_text(implied)}; fix the card's architecture.config (or "
+                    "--arch-config), or use the checkpoint the card was written for")
+        else:
+            hint = (f"use a model card for {found.name}, or --arch {found.name} (its weights imply "
+                    f"{_config_text(shown)}); `volseg inspect CHECKPOINT` says what else they cannot show")
+    else:
+        hint = _likely_cause(report, state_dict)
+    raise CheckpointError(message, hint=hint)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON sees it (tuples and lists alike)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _what_it_fits(state_dict: StateDict) -> tuple[Match, int] | None:
+    """The first registered architecture ``state_dict`` fits exactly, and how many others do."""
+    try:
+        found = match(state_dict)
+    except Exception:  # noqa: BLE001 -- the diagnosis must not hide the mismatch itself
+        return None
+    return (found[0], len(found) - 1) if found else None
+
+
+def _hidden(name: str) -> set[str]:
+    from volseg.models.builtin import hidden_settings
+
+    return set(hidden_settings(name))
 
 
 def _likely_cause(report: KeyReport, state_dict: StateDict) -> str:
@@ -273,8 +336,8 @@ def _likely_cause(report: KeyReport, state_dict: StateDict) -> str:
     n_shared = n_found - len(report.unexpected)
     if n_shared < max(1, n_found // 2):
         return (
-            "most keys differ: the checkpoint is probably for another architecture; "
-            "run `volseg inspect CHECKPOINT` to see which one it fits"
+            "most keys differ: the checkpoint is probably for another architecture, one volseg does not know; "
+            "run `volseg inspect CHECKPOINT` to see its keys"
         )
     if report.wrong_shape and all(k.split(".")[0] in {"out", "out_0", "linear_pred"} or "out" in k.split(".")[0]
                                   for k, _, _ in report.wrong_shape):

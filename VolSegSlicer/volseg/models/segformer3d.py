@@ -334,13 +334,10 @@ def config_from_state_dict(sd: StateDict) -> dict[str, Any] | None:
 
 
 def describe_variant(config: dict[str, Any]) -> str:
-    """Short text for ``volseg inspect``; heads and attention scale are not visible in weights."""
-    dims = list(config.get("embed_dims", []))
-    heads = list(config.get("num_heads", []))
-    scale = (f"attention scale 1/sqrt({config['attn_scale']})" if "attn_scale" in config else
-             "attention scale not visible in the weights (default 1/sqrt(num_heads), the released BraTS math)")
-    return (f"embed_dims {dims}, depths {list(config.get('depths', []))}, heads {heads} (assumed), "
-            f"{config.get('num_classes')} sigmoid channels; {scale}")
+    """Short text for ``volseg inspect``: only what the weights show (heads, attention scale,
+    strides and the output activation are not in them: see ``builtin.HIDDEN_SETTINGS``)."""
+    return (f"embed_dims {list(config.get('embed_dims', []))}, depths {list(config.get('depths', []))}, "
+            f"{config.get('num_classes')} output channels")
 
 
 ARCHITECTURES = [

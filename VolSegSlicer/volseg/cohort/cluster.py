@@ -17,13 +17,27 @@ windows; a second Ctrl-C kills the actors at once.
 ``--cluster local`` starts a private Ray instance on this machine that listens on the loopback
 interface only; ``auto`` joins the cluster this machine belongs to (``ray start``);
 ``ray://HOST:PORT`` connects to a cluster's Ray Client server.
+
+Trust: a Ray driver sends its token to, and unpickles what comes from, the cluster it joins, so
+volseg never discovers a cluster through a path other local users can write. Ray's own
+discovery reads ``/tmp/ray/ray_current_cluster`` (``/tmp/ray`` is world-writable, without the
+sticky bit) and scans the machine's processes; instead ``auto`` takes the address from
+``RAY_ADDRESS`` or from that file only when it is a regular file of the user's own that nobody
+else can change (else it refuses, naming the file). ``local`` starts its own instance in a
+fresh private folder (mode 0700, under ``$XDG_RUNTIME_DIR`` where there is one) with a token of
+its own in a private file (mode 0600), whatever other Ray instances run on the machine, and
+removes the folder when it stops.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
+import re
+import secrets
+import shutil
 import sys
 import threading
 import time
@@ -37,6 +51,7 @@ from typing import Any
 from volseg import __version__
 from volseg.cohort.case_runner import Job, discard_partial_outputs, node_name, run_case
 from volseg.errors import Cancelled, InputError, ResourceError
+from volseg.files import private_folder, read_checked
 from volseg.pipeline import ModelCache, SegmentRequest
 
 #: Seconds to wait for a first worker to start before giving up on the cohort.
@@ -103,10 +118,21 @@ def _runtime_env() -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
-def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
+#: Environment variables a local instance sets for itself (and its daemons) while it runs.
+_LOCAL_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_ADDRESS")
+#: The private folder of the local instance this process started, and the environment before it.
+_local: dict[str, Any] = {}
+
+
+def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> Path:
     """Start a private Ray instance on this machine: loopback interface only, no dashboard, no
     usage statistics sent; ``num_cpus`` (default: all) CPUs. ``runtime_env`` adds to the
-    workers' environment (the volseg of this process is always on their path)."""
+    workers' environment (the volseg of this process is always on their path).
+
+    The instance lives in a fresh folder only this user can enter (Ray's ``_temp_dir``), with a
+    token of its own in a private file, and never joins another instance, whatever
+    ``RAY_ADDRESS`` or ``/tmp/ray`` say. Returns the folder; :func:`stop_local` stops the
+    instance and removes it."""
     # Ray reads these when it is first imported: the instance then advertises 127.0.0.1 and
     # binds its servers there, and reports nothing to Ray's usage-statistics server.
     if "ray" in sys.modules:
@@ -114,12 +140,100 @@ def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
                       "every network interface", stacklevel=2)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    folder = private_folder("volseg-ray-")
+    token = folder / "auth_token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    _local.update(folder=folder, environ={k: os.environ.get(k) for k in _LOCAL_ENV})
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # the token comes from the private file only
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     ray = import_ray()
     env = _runtime_env()
     extra = dict(runtime_env or {})
     env["env_vars"].update(extra.pop("env_vars", {}))
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, runtime_env={**env, **extra},
-             log_to_driver=False, logging_level="warning")
+    # Ray makes its temporary folder world-writable (mode 0777): it is one level down, inside
+    # the private folder, which nobody else can enter.
+    temp_dir = folder / "ray"
+    temp_dir.mkdir(mode=0o700)
+    try:
+        # address="local": start a new instance, never look for one (RAY_ADDRESS, /tmp/ray).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                 runtime_env={**env, **extra}, log_to_driver=False, logging_level="warning",
+                 _temp_dir=str(temp_dir))
+    except BaseException:
+        stop_local()
+        raise
+    return folder
+
+
+def stop_local() -> None:
+    """Stop the instance :func:`start_local` started (if Ray runs) and remove its private folder."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    folder = _local.pop("folder", None)
+    for key, value in _local.pop("environ", {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_address_file() -> Path:
+    """The file where ``ray start`` records the address of this machine's cluster (Ray's rule:
+    ``$RAY_TMPDIR``, else ``$TMPDIR`` on Linux, else ``/tmp``; then ``ray/ray_current_cluster``)."""
+    root = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    if not root:
+        import tempfile
+
+        root = "/tmp" if os.name == "posix" else tempfile.gettempdir()
+    return Path(root) / "ray" / "ray_current_cluster"
+
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-_\[\]:]{1,255}:[0-9]{1,5}$")
+
+
+def auto_address() -> str:
+    """The address ``--cluster auto`` joins: ``$RAY_ADDRESS``, else the one ``ray start`` wrote
+    to :func:`ray_address_file` when that is a regular file of this user's that nobody else can
+    change. Never a file another local user could have written, never a scan of processes.
+
+    Raises:
+        ResourceError: neither gives an address that can be trusted (the file is named).
+    """
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env
+    path = ray_address_file()
+    hint = ("set RAY_ADDRESS=HOST:PORT (the address `ray start --head` prints), or use --cluster local "
+            "for this machine alone")
+    if not os.path.lexists(path):
+        raise ResourceError(f"--cluster auto: RAY_ADDRESS is not set and {path} does not exist: no cluster to join",
+                            hint=hint)
+    try:
+        text = read_checked(path, "Ray's cluster address file", 4096, follow=False, private=True,
+                            error=ResourceError).decode("utf-8", "replace").strip()
+    except ResourceError as exc:
+        raise ResourceError(f"--cluster auto: RAY_ADDRESS is not set and {exc.message}", hint=hint) from None
+    if not _HOST_PORT.match(text):
+        raise ResourceError(f"--cluster auto: {path} does not hold a HOST:PORT address", hint=hint)
+    return text
+
+
+def _private_token_file() -> None:
+    """Make Ray's default token file (``~/.ray/auth_token``, written mode 0644) private to its owner."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        import stat
+
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == getattr(os, "geteuid", lambda: st.st_uid)():
+            os.chmod(path, 0o600)
 
 
 def connect(address: str) -> bool:
@@ -131,12 +245,14 @@ def connect(address: str) -> bool:
     if address == "local":
         start_local()  # imports Ray (after telling it to keep to the loopback interface)
         return True
+    target = auto_address() if address == "auto" else address
+    _private_token_file()
     ray = import_ray()
     try:
-        ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False, logging_level="warning")
+        ray.init(address=target, runtime_env=_runtime_env(), log_to_driver=False, logging_level="warning")
     except Exception as exc:  # noqa: BLE001 (ConnectionError, a timeout, a refused handshake: one message)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ResourceError(f"cannot join the Ray cluster at {address}: {first}",
+        raise ResourceError(f"cannot join the Ray cluster at {target}: {first}",
                             hint="start it first (`ray start --head` on one node, `ray start --address HEAD:6379` on the "
                             "others), or use --cluster local for this machine alone") from None
     return True
@@ -415,4 +531,7 @@ def _run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: Cluster
             pool.close()
     finally:
         if disconnect:
-            ray.shutdown()
+            if settings.address == "local":
+                stop_local()
+            else:
+                ray.shutdown()

@@ -57,6 +57,7 @@ class EngineRunner:
         self.models: list[dict] = []
         self.warm_worker: Optional[EngineProcess] = None
         self._request_counter = 0
+        self._working_dir: Optional[str] = None
 
     # ------------------------------------------------------------------ processes
     def start_engine(self, args: Sequence[str], stdin_pipe: bool = False) -> EngineProcess:
@@ -64,8 +65,16 @@ class EngineRunner:
         argv = engine_command(python_executable(), args)
         log.info("VolSegSlicer: %s", " ".join(argv))
         base = self.base_environment() if self.base_environment else None
-        return EngineProcess(argv, env=engine_environment(self.module_dir, base), cwd=self.temp_root,
+        return EngineProcess(argv, env=engine_environment(self.module_dir, base), cwd=self.working_dir(),
                              stdin_pipe=stdin_pipe).start()
+
+    def working_dir(self) -> str:
+        """The engine's working folder: a fresh one only this user can enter (mode 0700), made
+        on first use and removed by :meth:`shutdown` -- never the shared temporary folder, where
+        another user could plant a ``volseg/`` package for ``python -m`` to find."""
+        if self._working_dir is None or not os.path.isdir(self._working_dir):
+            self._working_dir = tempfile.mkdtemp(prefix="VolSegSlicer-engine-", dir=self.temp_root)
+        return self._working_dir
 
     def _track(self, job: Any) -> None:
         self.jobs.append(job)
@@ -251,3 +260,6 @@ class EngineRunner:
             if isinstance(job, SegmentationJob):
                 self._finish(job)
         self.stop_warm_worker()
+        if self._working_dir is not None:
+            shutil.rmtree(self._working_dir, ignore_errors=True)
+            self._working_dir = None

@@ -303,7 +303,7 @@ def _plant_cluster_file(root: Path, address: str, foreign: bool) -> Path:
 
 
 def _engine_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR", "VOLSEG_RAY_INSTANCE")}
     env["PYTHONPATH"] = os.pathsep.join([cluster.ENGINE_ROOT, os.environ.get("PYTHONPATH", "")])
     env.update(extra)
     return env
@@ -378,3 +378,88 @@ def test_local_instance_lives_in_a_private_folder_with_a_private_token(ray_local
     session = Path(ray_local._private.worker._global_node.get_session_dir_path())
     assert folder in session.parents  # not under /tmp/ray
     assert not str(session).startswith(os.path.join(os.sep, "tmp", "ray") + os.sep)
+
+
+# -- issue 18 (10): a local instance ends with its driver, however the driver ends -------------
+def _descendants_alive(procs) -> list:
+    import psutil
+
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_cancels_a_cluster_batch_like_ctrl_c(cohort, threshold_torchscript, tmp_path):
+    """Ray's SIGTERM handler made the driver exit 1 with no final event; the plain batch gives 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "o"
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))
+    proc = subprocess.Popen([sys.executable, "-m", "volseg", "batch", str(cohort["cases"]), "--model",
+                             str(cohort["card"]), "--checkpoint", str(threshold_torchscript), "-o", str(out),
+                             "--cluster", "local", "--workers", "1", "--progress", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_engine_env(XDG_RUNTIME_DIR=str(runtime)))
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"cluster local:' in line:
+                break
+        assert any('"cluster local:' in line for line in lines), "".join(lines) + proc.stderr.read()
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    final = json.loads((lines + rest.splitlines(keepends=True))[-1])
+    assert final["event"] == "error" and final["exit_code"] == 130 and "cancelled" in final["message"]
+    deadline = time.monotonic() + 60
+    while _descendants_alive(family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _descendants_alive(family) == []
+    assert list(runtime.iterdir()) == []
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_killed_driver_leaves_no_ray_process_and_no_folder_behind(tmp_path):
+    """SIGKILL cannot be handled: the watchdog started with the instance ends its processes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))
+    script = ("from volseg.cohort import cluster; cluster.start_local(num_cpus=1); import time, ray; "
+              "ray.get(ray.remote(lambda: 1).remote()); print('READY', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=_engine_env(XDG_RUNTIME_DIR=str(runtime)))
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 3  # the watchdog, Ray's servers and agents, a worker
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while (_descendants_alive(family) or list(runtime.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _descendants_alive(family) == []
+        assert list(runtime.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in psutil.Process().children(recursive=True):  # nothing of this test may outlive it
+            if p.pid != proc.pid and "VOLSEG_RAY_INSTANCE" in (p.environ() if p.is_running() else {}):
+                p.kill()
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -119,7 +119,7 @@ def _runtime_env() -> dict[str, Any]:
 
 
 #: Environment variables a local instance sets for itself (and its daemons) while it runs.
-_LOCAL_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_ADDRESS")
+_LOCAL_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "VOLSEG_RAY_INSTANCE")
 #: The private folder of the local instance this process started, and the environment before it.
 _local: dict[str, Any] = {}
 
@@ -145,12 +145,21 @@ def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
-    _local.update(folder=folder, environ={k: os.environ.get(k) for k in _LOCAL_ENV})
+    _local.update(folder=folder, environ={k: os.environ.get(k) for k in _LOCAL_ENV},
+                  watchdog=_start_watchdog(folder))
     atexit.register(shutil.rmtree, folder, True)
     os.environ.pop("RAY_AUTH_TOKEN", None)  # the token comes from the private file only
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    # Every process of the instance inherits the marker: the watchdog finds them by it.
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), VOLSEG_RAY_INSTANCE=str(folder))
+    imported_before = "ray" in sys.modules
     ray = import_ray()
+    if imported_before:  # Ray read its settings at import: make it read the token mode and file again
+        with contextlib.suppress(Exception):
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
     env = _runtime_env()
     extra = dict(runtime_env or {})
     env["env_vars"].update(extra.pop("env_vars", {}))
@@ -158,6 +167,7 @@ def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     # the private folder, which nobody else can enter.
     temp_dir = folder / "ray"
     temp_dir.mkdir(mode=0o700)
+    handlers = _signal_handlers()
     try:
         # address="local": start a new instance, never look for one (RAY_ADDRESS, /tmp/ray).
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
@@ -166,7 +176,96 @@ def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     except BaseException:
         stop_local()
         raise
+    finally:
+        _restore_signal_handlers(handlers)
     return folder
+
+
+def _signal_handlers() -> dict[int, Any]:
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    """Put back the handlers Ray replaced (its SIGTERM handler exits with status 1 and no word):
+    SIGTERM is then a cancel like Ctrl-C -- exit 130, one final event -- and the instance is
+    stopped on the way out."""
+    import signal
+
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+#: The watchdog: while the driver lives, notes every process of its instance (those that carry
+#: the instance's marker, and their children: Ray's agents rewrite their environment with their
+#: process title, so they are found as the raylet's children); when its stdin closes (the driver
+#: stopped the instance, or died, even by SIGKILL) it ends those still running and removes the folder.
+_WATCHDOG = """
+import os, shutil, sys, threading
+folder, driver = sys.argv[1], int(sys.argv[2])
+closed = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.buffer.read(), closed.set()), daemon=True).start()
+try:
+    import psutil
+except ImportError:
+    psutil = None
+tracked = {}
+
+def scan():
+    try:
+        family = psutil.Process(driver).children(recursive=True)
+    except psutil.Error:
+        return
+    for p in family:
+        try:
+            if p.pid != os.getpid() and p.environ().get("VOLSEG_RAY_INSTANCE") == folder:
+                for q in [p, *p.children(recursive=True)]:
+                    tracked.setdefault(q.pid, q)
+        except (psutil.Error, OSError):
+            pass
+
+try:
+    while psutil is not None and not closed.wait(1.0):
+        scan()
+    if psutil is not None:
+        procs = [p for p in tracked.values() if p.is_running()]
+        for p in procs:
+            try:
+                procs.extend(c for c in p.children(recursive=True) if c.pid not in tracked)
+            except psutil.Error:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+finally:
+    shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+def _start_watchdog(folder: Path):
+    """A small process that cleans up after the local instance when this process ends in any
+    way (Ray's own agents otherwise outlive a killed driver for minutes)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "VOLSEG_RAY_INSTANCE"}
+    try:
+        return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(folder), str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    except OSError:
+        return None
 
 
 def stop_local() -> None:
@@ -180,6 +279,12 @@ def stop_local() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    watchdog = _local.pop("watchdog", None)
+    if watchdog is not None:  # it ends what ray.shutdown left and removes the folder
+        with contextlib.suppress(OSError):
+            watchdog.stdin.close()
+        with contextlib.suppress(Exception):
+            watchdog.wait(timeout=30)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -463,3 +463,21 @@ def test_a_killed_driver_leaves_no_ray_process_and_no_folder_behind(tmp_path):
             if p.pid != proc.pid and "VOLSEG_RAY_INSTANCE" in (p.environ() if p.is_running() else {}):
                 p.kill()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_rays_token_file_is_made_private_before_joining_a_cluster(tmp_path, monkeypatch):
+    """Ray writes ~/.ray/auth_token mode 0644: any local user could read the cluster's token."""
+    token = tmp_path / "auth_token"
+    token.write_text("0" * 64)
+    os.chmod(token, 0o644)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    cluster._private_token_file()
+    assert os.stat(token).st_mode & 0o777 == 0o600
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    default = tmp_path / ".ray" / "auth_token"
+    default.write_text("1" * 64)
+    os.chmod(default, 0o644)
+    cluster._private_token_file()
+    assert os.stat(default).st_mode & 0o777 == 0o600

@@ -237,3 +237,109 @@ def test_cases_left_when_the_cluster_fails_say_why(cohort, monkeypatch, capsys):
     assert {r["status"] for r in rows.values()} == {"not_done"}
     assert rows["c0"]["error"]["message"] == "not run: the batch stopped (cannot join the Ray cluster at " \
         "ray://nowhere:10001: refused)"
+
+
+# -- issue 18 (2, 7, 9): the manifest is someone else's file until checked ----------------------
+def test_a_manifest_symlink_is_never_followed(cohort, capsys, tmp_path):
+    """`out/volseg-manifest.jsonl -> ~/.bashrc`: today every case appends a row (with the input's
+    name, e.g. `x$(touch PWNED)y`) to the shell's start-up file."""
+    out = cohort["out"]
+    out.mkdir()
+    bashrc = tmp_path / "bashrc"
+    bashrc.write_text("export PS1='$ '\n")
+    (out / MANIFEST_NAME).symlink_to(bashrc)
+    assert cohort["run"]() == 2
+    _, ev = case_events(capsys)
+    error = [e for e in ev if e["event"] == "error"][-1]
+    assert "is a symbolic link" in error["message"] and str(out / MANIFEST_NAME) in error["message"]
+    assert bashrc.read_text() == "export PS1='$ '\n"  # untouched
+    assert not list(out.glob("*.seg.nrrd"))  # refused before anything ran
+
+
+def test_a_fifo_manifest_is_refused_at_once(cohort, capsys):
+    import os
+
+    out = cohort["out"]
+    out.mkdir()
+    os.mkfifo(out / MANIFEST_NAME)  # today: the batch blocks for ever reading it
+    assert cohort["run"]() == 2
+    _, ev = case_events(capsys)
+    assert "is a FIFO (named pipe), not a regular file" in [e for e in ev if e["event"] == "error"][-1]["message"]
+
+
+def test_a_manifest_of_another_user_is_refused(cohort, capsys):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("making a file of another user needs root")
+    out = cohort["out"]
+    out.mkdir()
+    (out / MANIFEST_NAME).write_text("")
+    os.chown(out / MANIFEST_NAME, 65534, 65534)
+    assert cohort["run"]() == 2
+    _, ev = case_events(capsys)
+    assert "belongs to another user" in [e for e in ev if e["event"] == "error"][-1]["message"]
+
+
+def _forge(out, case, **fields):
+    """Rewrite ``case``'s row of the manifest with ``fields`` (what someone else could write)."""
+    rows, _ = read_rows(out / MANIFEST_NAME)
+    rows[case].update(fields)
+    (out / MANIFEST_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+
+
+def test_a_forged_row_cannot_make_a_rerun_skip_replaced_content(cohort, capsys):
+    """A result replaced by other content of the same size and modification time is not the
+    result volseg wrote: today the row's size and mtime match and the case is skipped as done."""
+    import os
+
+    run, out = cohort["run"], cohort["out"]
+    assert run() == 0
+    result = out / "c1.seg.nrrd"
+    st = result.stat()
+    result.write_bytes(b"X" * st.st_size)
+    os.utime(result, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run() == 0
+    cases, _ = case_events(capsys)
+    assert cases["c1"]["status"] == "skipped" and "not written by volseg batch" in cases["c1"]["message"]
+    assert cases["c0"]["status"] == "skipped" and "not written" not in cases["c0"]["message"]
+    assert result.read_bytes() == b"X" * st.st_size
+    rows, _ = read_rows(out / MANIFEST_NAME)
+    assert rows["c1"]["outputs"] == [] and rows["c1"]["error"]["message"].startswith("c1.seg.nrrd exists")
+    assert len(rows["c0"]["outputs"][0]["sha256"]) == 64
+
+
+def test_a_forged_row_cannot_make_a_rerun_replace_a_hand_corrected_file(cohort, capsys):
+    """The row claims the hand-corrected file (its size and time copied) is volseg's, made with
+    other settings: today a re-run "redoes" it and replaces it without --overwrite."""
+    run, out = cohort["run"], cohort["out"]
+    assert run() == 0
+    result = out / "c2.seg.nrrd"
+    result.write_bytes(b"corrected by hand")
+    st = result.stat()
+    rows, _ = read_rows(out / MANIFEST_NAME)
+    _forge(out, "c2", outputs=[{**rows["c2"]["outputs"][0], "size": st.st_size, "mtime_ns": st.st_mtime_ns}],
+           made_with={**rows["c2"]["made_with"], "options": {}})
+    assert run() == 0
+    cases, _ = case_events(capsys)
+    assert cases["c2"]["status"] == "skipped" and "pass --overwrite" in cases["c2"]["message"]
+    assert result.read_bytes() == b"corrected by hand"
+
+
+@pytest.mark.parametrize("bad", [
+    '{"case": "c0", "outputs": 5, "made_with": {}}',
+    '{"case": "c0", "outputs": [[["c0.seg.nrrd"]]], "made_with": {}}',
+    '{"case": "c0", "outputs": [{"name": "c0.seg.nrrd", "size": 1' + "0" * 5000 + ', "mtime_ns": 1}]}',
+    '{"case": "c0", "made_with": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    '{"case": "c0", "outputs": [{"name": 7, "size": 1, "mtime_ns": 1}], "made_with": {}}',
+    '{"case": "c0", "outputs": [], "made_with": "x"}',
+], ids=["outputs-number", "nested-lists", "5000-digits", "deep-nesting", "name-number", "made_with-string"])
+def test_malformed_manifest_rows_are_ignored_not_fatal(cohort, capsys, bad):
+    run, out = cohort["run"], cohort["out"]
+    assert run() == 0
+    with open(out / MANIFEST_NAME, "a") as f:
+        f.write(bad + "\n")
+    assert run() == 0  # today: an internal error (exit 1) and nothing done
+    cases, ev = case_events(capsys)
+    assert {e["status"] for e in cases.values()} == {"skipped"}  # the earlier row of c0 still counts
+    assert any(e["event"] == "log" and "1 unreadable line(s)" in e["message"] for e in ev)

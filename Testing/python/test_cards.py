@@ -133,3 +133,128 @@ def test_settings_the_weights_cannot_show_are_not_guessed(tmp_path):
     assert card_from_arguments("unet", 2, activation="sigmoid").out_channels == 2
     for card_id in ("demo", "segformer3d-brats"):  # the built-in cards state them
         assert load_card(card_id).config["num_heads"]
+
+
+# -- issue 18 (6, 7, 8, 10): cards are data from elsewhere --------------------------------------
+def _engine(*args: str, timeout: float = 60, input: bytes | None = None):
+    """``python -m volseg ARGS`` in a process of its own (a hang is a time-out, not a stuck suite)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import volseg
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(volseg.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "volseg", *args], capture_output=True, timeout=timeout, env=env,
+                          input=input)
+
+
+def test_unreadable_cards_are_listed_as_problems_and_the_rest_still_work(tmp_path):
+    """A FIFO named *.json hung `models --json` (the panel's model list); a link to /dev/zero was
+    read until the memory cap; deep nesting or a 5,000-digit number broke every lookup with an
+    internal error; a file that is not JSON was dropped without a word."""
+    import os
+
+    folder = tmp_path / "cards"
+    folder.mkdir()
+    make_card(folder, "good")
+    os.mkfifo(folder / "fifo.json")
+    (folder / "zero.json").symlink_to("/dev/zero")
+    (folder / "deep.json").write_text('{"id": "deep", "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    (folder / "digits.json").write_text('{"id": "digits", "n": ' + "9" * 5000 + "}")
+    (folder / "words.json").write_text("hello, this is no card")
+    (folder / "noid.json").write_text('[1, 2]')
+    done = _engine("models", "--json", "--cards-dir", str(folder))
+    assert done.returncode == 0, done.stderr.decode()
+    listing = json.loads(done.stdout)
+    assert "good" in {m["id"] for m in listing["models"]}
+    problems = listing["problems"]
+    for name, why in [("fifo.json", "is a FIFO (named pipe), not a regular file"),
+                      ("zero.json", "is a device, not a regular file"),
+                      ("deep.json", "nested too deeply"), ("digits.json", "is not valid JSON"),
+                      ("words.json", "is not valid JSON"), ("noid.json", "not a model card")]:
+        assert any(str(folder / name) in p and why in p for p in problems), (name, problems)
+    assert len(problems) == 6
+    card = load_card("good", [folder])  # a lookup by id still works
+    assert card.id == "good"
+
+
+def test_a_card_file_that_is_a_fifo_or_device_is_refused_when_named(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ModelCardError, match=r"is a FIFO \(named pipe\), not a regular file"):
+        load_card(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    with pytest.raises(ModelCardError, match="is a device, not a regular file"):
+        load_card(tmp_path / "zero.json")
+
+
+BACKTRACKING_HINT = r"^(\w+\s?)+$"
+
+
+def test_a_name_hint_that_backtracks_for_ever_is_refused_by_the_card_check(tmp_path):
+    card = make_card(tmp_path, "redos", inputs=[{"name": "CT", "name_hint": BACKTRACKING_HINT}])
+    with pytest.raises(ModelCardError, match=r"inputs/0/name_hint .* repeats a part that itself repeats") as err:
+        load_card(card)
+    assert "plain words separated by |" in err.value.hint
+
+
+def test_matching_a_backtracking_hint_cannot_block(tmp_path):
+    """Today `^(\\w+\\s?)+$` on a 29-character name that does not match takes 17 s on the GUI
+    thread, doubling per character: here a 40-character one must not hang the process."""
+    script = ("from volseg.cards import match_inputs; import sys; "
+              f"print(match_inputs([{BACKTRACKING_HINT!r}, 'ct'], ['a' * 39 + '!', 'ct scan']))")
+    import os
+    import subprocess
+    import sys
+
+    import volseg
+
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(volseg.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[None, 1]"  # the refused hint matches nothing; the other still works
+
+
+@pytest.mark.parametrize(("hint", "ok"), [
+    ("ct|abdom|venous", True), (r"t2(?!f|.*flair)|_0003(\.|$)", True), (r"t1c|t1gd|t1_?post|_0002(\.|$)", True),
+    (r"(a|ab)*c", False), (r"(a*)*b", False), (r"(x+x+)+y", False), (r".*.*.*x", False), ("(", False),
+    ("a" * 300, False),
+])
+def test_name_hint_rules(hint, ok):
+    from volseg.cards import check_name_hint
+
+    if ok:
+        assert check_name_hint(hint).pattern == hint
+    else:
+        with pytest.raises(ValueError):
+            check_name_hint(hint)
+
+
+def test_every_builtin_name_hint_is_accepted():
+    from volseg.cards import check_name_hint
+
+    cards, _ = list_cards()
+    hints = [i.name_hint for c in cards for i in c.inputs if i.name_hint]
+    assert hints and all(check_name_hint(h) for h in hints)
+
+
+def test_duplicate_labels_are_found_in_linear_time():
+    """120,000 labels (values repeating): today's check counts each value in the whole list
+    (110 s); the message names a few values, not 60,000."""
+    script = ("from volseg.cards import _parse_labels\n"
+              "labels = [{'value': v % 60000 + 1, 'name': f'l{v}'} for v in range(120000)]\n"
+              "try:\n    _parse_labels(labels, 'card', 'sigmoid')\nexcept Exception as e:\n    print(e.message)\n")
+    import os
+    import subprocess
+    import sys
+
+    import volseg
+
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(volseg.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "card: label values 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 59,990 more appear more than once"

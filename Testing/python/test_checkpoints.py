@@ -180,7 +180,7 @@ def test_sha256_is_checked(tmp_path, unet_sd):
 def test_a_file_that_is_no_checkpoint_is_said_so_before_any_checksum(tmp_path, unet_sd):
     text = tmp_path / "README.txt"
     text.write_text("These are the weights, honest.\n")
-    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint: it is a text file starting 'These are") as info:
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint: it is a text file of 31 bytes") as info:
         read_checkpoint(text, sha256="0" * 64)
     assert "checksum" not in str(info.value) and "download it again from where the card says" not in str(info.value)
     card = tmp_path / "card.json"
@@ -212,7 +212,7 @@ def test_checkpoint_kind_from_the_first_bytes(tmp_path, unet_sd):
     assert checkpoint_kind(tmp_path) == "folder"
     with pytest.raises(CheckpointError, match="empty"):
         checkpoint_kind(tmp_path / "empty.pt")
-    with pytest.raises(CheckpointError, match="starts with the bytes c8 c9"):
+    with pytest.raises(CheckpointError, match="it is a binary file of [0-9,]+ bytes in no checkpoint format"):
         checkpoint_kind(tmp_path / "binary.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint_kind(tmp_path / "missing.pt")
@@ -303,7 +303,7 @@ def test_text_garbage_is_named_not_a_checkpoint(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as err:
         read_checkpoint(path)
-    assert "garbage.pt is not a PyTorch checkpoint: it is a text file starting" in err.value.message  # not the hint
+    assert f"garbage.pt is not a PyTorch checkpoint: it is a text file of {len(content)} bytes" in err.value.message
     assert err.value.hint
 
 
@@ -319,3 +319,61 @@ def test_truncated_checkpoint_says_so(unet_sd, tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="the file is empty"):
         read_checkpoint(empty)
+
+
+# -- issue 18 (7, 10): a checkpoint path names any file: check its type, never echo its content --
+def _volseg(*args, input=None, timeout=60):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import volseg
+
+    env = {**os.environ, "PYTHONPATH": str(Path(volseg.__file__).parents[1]), "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "volseg", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, input=input)
+
+
+def test_a_fifo_checkpoint_is_refused_not_read_for_ever(tmp_path):
+    """`segment`, `inspect` and the warm worker blocked on a FIFO (cancel ignored)."""
+    import os
+
+    from conftest import make_card
+
+    fifo = tmp_path / "weights.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"is a FIFO \(named pipe\), not a regular file"):
+        read_checkpoint(fifo)
+    inspected = _volseg("inspect", str(fifo))
+    assert inspected.returncode == 2 and "is a FIFO (named pipe), not a regular file" in inspected.stderr
+    card = make_card(tmp_path, "c")
+    ct = tmp_path / "ct.nrrd"
+    import numpy as np
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 8), np.int16)), str(ct))
+    args = [str(ct), "--model", str(card), "--checkpoint", str(fifo), "-o", str(tmp_path / "o.nrrd")]
+    segmented = _volseg("segment", *args)
+    assert segmented.returncode == 2 and "is a FIFO (named pipe)" in segmented.stderr
+    import json
+
+    served = _volseg("serve", input=json.dumps({"id": "f", "args": args}) + "\n")
+    assert served.returncode == 0  # the worker answered and ended at EOF
+    errors = [json.loads(line) for line in served.stdout.splitlines() if '"error"' in line]
+    assert errors[-1]["request"] == "f" and "is a FIFO (named pipe)" in errors[-1]["message"]
+
+
+def test_a_checkpoint_path_naming_a_private_file_does_not_echo_it(tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\nsecret-token-1234\n")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(secret)
+    text = f"{err.value.message} {err.value.hint}"
+    assert "root:x" not in text and "secret" not in text.replace(str(secret), "")
+    assert err.value.message == f"{secret} is not a PyTorch checkpoint: it is a text file of 50 bytes"
+    binary = tmp_path / "key.bin"
+    binary.write_bytes(b"\xc8\xc9SECRETKEY" + bytes(range(200, 256)))
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(binary)
+    assert "SECRET" not in err.value.message and "c8 c9" not in err.value.message

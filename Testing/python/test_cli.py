@@ -351,6 +351,52 @@ def test_serve_survives_null_and_non_object_lines_and_keeps_stdout_json(small_ct
     assert (tmp_path / "r1.nii.gz").exists()
 
 
+def test_serve_answers_every_hostile_line_with_one_error_and_goes_on(small_ct, threshold_card,
+                                                                      threshold_torchscript, tmp_path):
+    """Issue 18 (4): each of these lines killed the reader thread (later requests never answered,
+    no exit at EOF) or, for a 5,000-deep --arch-config, the whole worker."""
+    from volseg.cli.serve import MAX_LINE_BYTES
+
+    good = {"id": "ok", "args": [str(small_ct), "--model", str(threshold_card), "--checkpoint",
+                                 str(threshold_torchscript), "-o", str(tmp_path / "ok.nii.gz")]}
+    deep_config = {"id": "cfg", "args": [str(small_ct), "--arch", "unet", "--num-labels", "1", "--arch-config",
+                                         "[" * 5000 + "]" * 5000, "-o", str(tmp_path / "cfg.nii.gz")]}
+    lines = [
+        ("[" * 200_000 + "]" * 200_000).encode(),  # a 200,000-deep array
+        ('{"id": "big", "args": [' + "7" * 5000 + "]}").encode(),  # an integer of 5,000 digits
+        b'{"id": "bad-utf8", "args": ["\xff\xfe"]}',  # invalid UTF-8
+        json.dumps(deep_config).encode(),
+        b'{"id": "long", "args": ["' + b"x" * (MAX_LINE_BYTES + 10) + b'"]}',
+        json.dumps({"id": "nested-arg", "args": [[["x"]]]}).encode(),
+        json.dumps(good).encode(),
+    ]
+    proc = subprocess.run([sys.executable, "-m", "volseg", "serve"], input=b"\n".join(lines) + b"\n",
+                          capture_output=True, timeout=120, env={**ENV, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]  # ended at EOF
+    ev = events(proc.stdout.decode())
+    errors = [e for e in ev if e["event"] == "error"]
+    assert len(errors) == 6 and all(e["exit_code"] == 2 for e in errors)
+    messages = [e["message"] for e in errors]
+    assert "nested too deeply" in messages[0]
+    assert messages[1].startswith("bad request {")
+    assert messages[2].startswith("request line is not UTF-8 (byte 0xff")
+    assert errors[3]["request"] == "cfg" and "--arch-config" in messages[3] and "nested too deeply" in messages[3]
+    assert messages[4].startswith(f"request line longer than {MAX_LINE_BYTES:,} bytes")
+    assert errors[5]["request"] == "nested-arg" and "must be a string or a number" in messages[5]
+    assert [e["request"] for e in ev if e["event"] == "done"] == ["ok"]  # the valid request after them ran
+    assert (tmp_path / "ok.nii.gz").exists()
+
+
+def test_a_hostile_arch_config_is_an_argument_error(small_ct, tmp_path, capsys):
+    for value, why in (("[" * 5000 + "]" * 5000, "JSON nested too deeply"), ("1" * 5000, "not valid JSON"),
+                       ("[1, 2]", "not a JSON object")):
+        with pytest.raises(SystemExit) as exited:  # argparse's own exit: usage and one line on stderr
+            main(["segment", str(small_ct), "--arch", "unet", "--num-labels", "1", "--arch-config", value,
+                  "-o", str(tmp_path / "o.nii.gz")])
+        assert exited.value.code == 2
+        assert f"argument --arch-config: {why}" in capsys.readouterr().err
+
+
 class _LineFeed:
     """A stdin whose lines the test sends one at a time (``None`` closes it)."""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def ray_local(faults):
     import ray
 
     yield ray
-    ray.shutdown()
+    cluster.stop_local()
 
 
 @pytest.fixture(scope="module")
@@ -196,15 +198,28 @@ def test_the_command_line_starts_and_stops_its_own_loopback_instance(cohort, thr
     import sys
 
     out = tmp_path / "o"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([cluster.ENGINE_ROOT, os.environ.get("PYTHONPATH", "")])}
+    # Issue 18: another user's address in the shared Ray folder and in RAY_ADDRESS changes nothing:
+    # `local` starts its own instance (today's Ray joins theirs, or fails: "num_cpus must not be provided").
+    listener = _Listener()
+    _plant_cluster_file(tmp_path / "shared", f"127.0.0.1:{listener.port}", foreign=True)
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))  # short: Ray's socket paths must stay < 108 characters
+    env = _engine_env(RAY_TMPDIR=str(tmp_path / "shared"), RAY_ADDRESS=f"127.0.0.1:{listener.port}",
+                      XDG_RUNTIME_DIR=str(runtime))
     script = ("import sys; from volseg.cli.main import main; rc = main(sys.argv[1:]); "
               "import ray; print('NODE', ray.util.get_node_ip_address() if ray.is_initialized() else 'stopped'); "
               "sys.exit(rc)")
     one_case = cohort["cases"] / "c0.nii.gz"
-    proc = subprocess.run([sys.executable, "-c", script, "batch", str(one_case), "--model", str(cohort["card"]),
-                           "--checkpoint", str(threshold_torchscript), "-o", str(out), "--cluster", "local",
-                           "--progress", "json"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script, "batch", str(one_case), "--model", str(cohort["card"]),
+                               "--checkpoint", str(threshold_torchscript), "-o", str(out), "--cluster", "local",
+                               "--progress", "json"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    finally:
+        listener.close()
+        leftovers = list(runtime.iterdir())
+        shutil.rmtree(runtime, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
+    assert listener.received == []
+    assert leftovers == []  # the private folder (under the user's runtime folder) was removed
     assert "Ray was imported before" not in proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1] == "NODE stopped"
@@ -232,3 +247,237 @@ def test_auto_joins_the_running_cluster_and_leaves_it_running(ray_local, cohort,
     assert any(e["event"] == "log" and e["message"].startswith("cluster auto: 1 node(s) (127.0.0.1);") for e in events)
     assert [e["status"] for e in events if e["event"] == "case"] == ["done"]
     assert ray_local.is_initialized() and all(n["Alive"] for n in ray_local.nodes())
+
+
+# -- issue 18 (1): no cluster is discovered through a path other local users can write ---------
+class _Listener:
+    """A TCP server on the loopback interface that records every connection made to it (the
+    attacker's end: a victim that connects there would send its Ray token)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(1.0)
+            try:
+                self.received.append(conn.recv(65536) or b"(connected)")
+            except OSError:
+                self.received.append(b"(connected)")
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def _plant_cluster_file(root: Path, address: str, foreign: bool) -> Path:
+    """``root/ray/ray_current_cluster`` as another local user would leave it in ``/tmp/ray``
+    (folder 0777 without the sticky bit): owned by someone else (as root) or world-writable."""
+    folder = root / "ray"
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o777)
+    path = folder / "ray_current_cluster"
+    path.write_text(address)
+    os.chmod(path, 0o666)
+    if foreign and os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    return path
+
+
+def _engine_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR", "VOLSEG_RAY_INSTANCE")}
+    env["PYTHONPATH"] = os.pathsep.join([cluster.ENGINE_ROOT, os.environ.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("foreign", [True, False], ids=["another-users-file", "world-writable-file"])
+def test_auto_refuses_a_cluster_file_another_user_could_have_written(cohort, threshold_torchscript, tmp_path, foreign):
+    """The attack: another user writes their own address into Ray's shared address file and
+    listens; `--cluster auto` must refuse (naming the file) and connect to nothing."""
+    import subprocess
+    import sys
+
+    listener = _Listener()
+    try:
+        planted = _plant_cluster_file(tmp_path / "shared", f"127.0.0.1:{listener.port}", foreign)
+        proc = subprocess.run([sys.executable, "-m", "volseg", "batch", str(cohort["cases"] / "c0.nii.gz"),
+                               "--model", str(cohort["card"]), "--checkpoint", str(threshold_torchscript),
+                               "-o", str(tmp_path / "o"), "--cluster", "auto", "--progress", "json"],
+                              capture_output=True, text=True, env=_engine_env(RAY_TMPDIR=str(tmp_path / "shared")),
+                              timeout=120, check=False)
+    finally:
+        listener.close()
+    assert listener.received == []  # nothing (no token) was sent to the planted address
+    assert proc.returncode == 3, proc.stderr
+    errors = [json.loads(line) for line in proc.stdout.splitlines() if '"error"' in line]
+    assert errors and f"RAY_ADDRESS is not set and Ray's cluster address file {planted}" in errors[-1]["message"]
+    assert "RAY_ADDRESS" in errors[-1]["hint"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_auto_address_comes_only_from_ray_address_or_a_private_file_of_the_user(tmp_path, monkeypatch):
+    from volseg.errors import ResourceError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    path = cluster.ray_address_file()
+    assert path == tmp_path / "ray" / "ray_current_cluster"
+    with pytest.raises(ResourceError, match="does not exist: no cluster to join"):
+        cluster.auto_address()
+    path.parent.mkdir()
+    path.write_text("10.1.2.3:6379\n")
+    os.chmod(path, 0o644)  # as `ray start` leaves it: the user's own, only they can write it
+    assert cluster.auto_address() == "10.1.2.3:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:7000")
+    assert cluster.auto_address() == "10.9.9.9:7000"  # the environment wins
+    monkeypatch.delenv("RAY_ADDRESS")
+    os.chmod(path, 0o620)
+    with pytest.raises(ResourceError, match="can be changed by other users"):
+        cluster.auto_address()
+    os.chmod(path, 0o600)
+    path.write_text("not an address; rm -rf ~")
+    with pytest.raises(ResourceError, match="does not hold a HOST:PORT address"):
+        cluster.auto_address()
+    path.unlink()
+    target = tmp_path / "mine"
+    target.write_text("10.1.2.3:6379")
+    path.symlink_to(target)
+    with pytest.raises(ResourceError, match="is a symbolic link"):
+        cluster.auto_address()
+    path.unlink()
+    os.mkfifo(path)  # refused at once, not read for ever
+    with pytest.raises(ResourceError, match=r"is a FIFO \(named pipe\)"):
+        cluster.auto_address()
+
+
+def test_local_instance_lives_in_a_private_folder_with_a_private_token(ray_local):
+    folder = cluster._local["folder"]
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    assert token.parent == folder and os.stat(token).st_mode & 0o777 == 0o600
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    assert folder in session.parents  # not under /tmp/ray
+    assert not str(session).startswith(os.path.join(os.sep, "tmp", "ray") + os.sep)
+
+
+# -- issue 18 (10): a local instance ends with its driver, however the driver ends -------------
+def _descendants_alive(procs) -> list:
+    import psutil
+
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_cancels_a_cluster_batch_like_ctrl_c(cohort, threshold_torchscript, tmp_path):
+    """Ray's SIGTERM handler made the driver exit 1 with no final event; the plain batch gives 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "o"
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))
+    proc = subprocess.Popen([sys.executable, "-m", "volseg", "batch", str(cohort["cases"]), "--model",
+                             str(cohort["card"]), "--checkpoint", str(threshold_torchscript), "-o", str(out),
+                             "--cluster", "local", "--workers", "1", "--progress", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_engine_env(XDG_RUNTIME_DIR=str(runtime)))
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"cluster local:' in line:
+                break
+        assert any('"cluster local:' in line for line in lines), "".join(lines) + proc.stderr.read()
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    final = json.loads((lines + rest.splitlines(keepends=True))[-1])
+    assert final["event"] == "error" and final["exit_code"] == 130 and "cancelled" in final["message"]
+    deadline = time.monotonic() + 60
+    while _descendants_alive(family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _descendants_alive(family) == []
+    assert list(runtime.iterdir()) == []
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_killed_driver_leaves_no_ray_process_and_no_folder_behind(tmp_path):
+    """SIGKILL cannot be handled: the watchdog started with the instance ends its processes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))
+    script = ("from volseg.cohort import cluster; cluster.start_local(num_cpus=1); import time, ray; "
+              "ray.get(ray.remote(lambda: 1).remote()); print('READY', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=_engine_env(XDG_RUNTIME_DIR=str(runtime)))
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 3  # the watchdog, Ray's servers and agents, a worker
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while (_descendants_alive(family) or list(runtime.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _descendants_alive(family) == []
+        assert list(runtime.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in psutil.Process().children(recursive=True):  # nothing of this test may outlive it
+            if p.pid != proc.pid and "VOLSEG_RAY_INSTANCE" in (p.environ() if p.is_running() else {}):
+                p.kill()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_rays_token_file_is_made_private_before_joining_a_cluster(tmp_path, monkeypatch):
+    """Ray writes ~/.ray/auth_token mode 0644: any local user could read the cluster's token."""
+    token = tmp_path / "auth_token"
+    token.write_text("0" * 64)
+    os.chmod(token, 0o644)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    cluster._private_token_file()
+    assert os.stat(token).st_mode & 0o777 == 0o600
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    default = tmp_path / ".ray" / "auth_token"
+    default.write_text("1" * 64)
+    os.chmod(default, 0o644)
+    cluster._private_token_file()
+    assert os.stat(default).st_mode & 0o777 == 0o600

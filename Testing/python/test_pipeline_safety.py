@@ -223,3 +223,114 @@ def test_batch_into_the_cases_folder_keeps_the_cases(tmp_path, threshold_torchsc
     main(["batch", str(cases / "p1.nrrd"), str(cases / "p2.nrrd"), "--model", str(card), "--checkpoint",
           str(threshold_torchscript), "-o", str(cases), "--format", ".nrrd", "--overwrite", "--progress", "none"])
     assert {p.name: p.read_bytes() for p in cases.iterdir() if p.name in before} == before
+
+
+# -- issue 18 (5): a card allocates nothing before its sizes are checked ------------------------
+def _no_real_build(monkeypatch):
+    """Make building a network anywhere but on the meta device a test failure (a hostile config
+    would allocate gigabytes there)."""
+    import volseg.models.registry as registry
+
+    real = registry.create
+
+    def create(name, **config):
+        if torch.get_default_device().type != "meta":
+            pytest.fail(f"{name} was built for real before its size was checked")
+        return real(name, **config)
+
+    monkeypatch.setattr(registry, "create", create)
+
+
+@pytest.mark.parametrize(("step", "grid"), [
+    ({"name": "Resize", "args": {"spatial_size": [700, 700, 700]}}, "(700, 700, 700)"),
+    ({"name": "Spacing", "args": {"pixdim": 0.02}}, "(1151, 951, 551)"),
+    ({"name": "Zoom", "args": {"zoom": 40}}, "(24, 20, 12)"),  # keeps the size, zooms in memory first
+], ids=["Resize-700", "Spacing-0.02mm", "Zoom-40"])
+def test_a_preprocessing_step_that_would_not_fit_is_refused_before_it_runs(tmp_path, ct, threshold_torchscript,
+                                                                           capsys, monkeypatch, step, grid):
+    import volseg.memory
+    import volseg.pipeline
+
+    monkeypatch.setattr(volseg.memory, "available_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(volseg.pipeline, "preprocess", lambda *a, **k: pytest.fail("preprocessing ran"))
+    card = make_card(tmp_path, preprocessing=[SCALE, step])
+    assert run(ct, card, threshold_torchscript, tmp_path / "o.nrrd") == 3
+    err = capsys.readouterr().err
+    assert f"preprocessing step 1 ({step['name']}, grid (24, 20, 12) -> {grid}) needs about" in err
+    assert "check the card's steps" in err
+
+
+def test_the_final_grid_is_checked_before_preprocessing_and_loading(tmp_path, ct, threshold_torchscript, capsys,
+                                                                    monkeypatch):
+    """A grid every step can make but the run cannot hold: refused before the model is loaded."""
+    import volseg.pipeline
+
+    monkeypatch.setattr(volseg.pipeline, "_available_memory", lambda: 64 * 2**20)
+    monkeypatch.setattr(volseg.pipeline, "preprocess", lambda *a, **k: pytest.fail("preprocessing ran"))
+    monkeypatch.setattr(volseg.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    card = make_card(tmp_path, preprocessing=[SCALE, {"name": "Resize", "args": {"spatial_size": [160, 160, 160]}}])
+    assert run(ct, card, threshold_torchscript, tmp_path / "o.nrrd") == 3
+    assert "grid (160, 160, 160)" in capsys.readouterr().err
+
+
+def test_a_huge_architecture_config_is_never_built_for_real(tmp_path, ct, unet_checkpoint, capsys, monkeypatch):
+    """Today the card's config is built (gigabytes for these channels) before the checkpoint's
+    shapes are compared with it."""
+    path, cfg = unet_checkpoint
+    _no_real_build(monkeypatch)
+    card = make_card(tmp_path, "huge", architecture={"name": "unet", "config": {**cfg, "channels": [4096, 8192]}},
+                     labels=[{"value": 1, "name": "a"}, {"value": 2, "name": "b"}])
+    assert run(ct, card, path, tmp_path / "o.nrrd", "--roi-size", "8", "8", "8") == 2
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "unet" in err and "shape" in err
+
+
+def test_a_network_too_large_for_the_memory_is_refused_from_its_parameter_count(tmp_path, ct, capsys, monkeypatch):
+    from volseg import models
+
+    cfg = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(32, 64), strides=(2,), num_res_units=1)
+    real = UNet(**cfg)
+    count = sum(t.numel() for t in (*real.parameters(), *real.buffers()))
+    assert models.parameter_count("unet", **cfg) == count  # exact, and found without allocating
+    path = tmp_path / "unet.pt"
+    torch.save(real.state_dict(), path)
+    import volseg.memory
+    import volseg.models.registry as registry
+
+    free = {"bytes": 8 * 2**30}
+    monkeypatch.setattr(volseg.memory, "available_memory", lambda: free["bytes"])
+    skeleton = registry._skeleton
+
+    def short_of_memory_from_now_on(arch, config):  # the checkpoint was read: now half the weights' bytes are left
+        free["bytes"] = count * 4 // 2
+        return skeleton(arch, config)
+
+    monkeypatch.setattr(registry, "_skeleton", short_of_memory_from_now_on)
+    _no_real_build(monkeypatch)
+    card = make_card(tmp_path, "mid", architecture={"name": "unet", "config": cfg},
+                     labels=[{"value": 1, "name": "a"}, {"value": 2, "name": "b"}])
+    assert run(ct, card, path, tmp_path / "o.nrrd", "--roi-size", "8", "8", "8") == 3
+    err = capsys.readouterr().err
+    assert f"the network unet ({count:,} parameters) needs about" in err and "smaller ROI does not help" in err
+
+
+def test_planned_grids_match_what_preprocessing_makes(ct):
+    """The plan is an upper bound, tight: within one voxel per axis of the real grids."""
+    from volseg.io import read_volume
+    from volseg.preprocessing.card_steps import preprocess
+    from volseg.preprocessing.planning import plan_preprocessing
+
+    volume = read_volume(ct)
+    chains = [
+        [{"name": "Spacing", "args": {"pixdim": [0.7, 1.3, 2.1], "mode": "bilinear"}},
+         {"name": "Orientation", "args": {"axcodes": "RAS"}}, SCALE],
+        [{"name": "Orientation", "args": {"axcodes": "SPL"}}, {"name": "Resize", "args": {"spatial_size": [30, -1, 7]}}],
+        [{"name": "Resize", "args": {"spatial_size": 40, "size_mode": "longest"}}, {"name": "DivisiblePad", "args": {"k": 16}}],
+        [{"name": "SpatialPad", "args": {"spatial_size": [32, 8, 32]}}, {"name": "CenterSpatialCrop", "args": {"roi_size": [20, 20, 20]}},
+         {"name": "SwapSpatialAxes", "args": {"axes": [0, 2]}}, {"name": "BorderPad", "args": {"spatial_border": 2}}],
+        [{"name": "Zoom", "args": {"zoom": 1.5, "keep_size": False}}],
+    ]
+    for steps in chains:
+        planned = plan_preprocessing(volume.spatial_shape, volume.ijk_to_ras, steps)[-1].shape_out
+        actual = tuple(preprocess(volume.array[None], volume.ijk_to_ras, steps).image.shape[1:])
+        assert all(0 <= p - a <= 1 for p, a in zip(planned, actual)), (steps, planned, actual)

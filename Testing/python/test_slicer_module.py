@@ -592,6 +592,46 @@ def test_models_query_runs_in_the_background(runner, tiny_cards: Path) -> None:
     assert runner.models == received["result"] and not runner.poll()
 
 
+def _plant_engine(folder: Path, marker: Path) -> None:
+    """A ``volseg`` package another local user leaves in a shared folder: it would run as the
+    Slicer user, writing ``marker``, if ``python -m volseg`` found it first."""
+    package = folder / "volseg"
+    package.mkdir(parents=True)
+    code = f"open({str(marker)!r}, 'w').write('pwned')\n"
+    (package / "__init__.py").write_text(code)
+    (package / "__main__.py").write_text(code)
+
+
+def test_a_volseg_package_planted_in_the_temporary_folder_never_runs(runner, tiny_cards: Path, tmp_path: Path) -> None:
+    """Issue 18 (3): the panel asks `models --json` as it opens; today the engine starts in the
+    (shared, predictable) temporary folder and `-m` runs the planted package from there."""
+    marker = tmp_path / "PWNED"
+    _plant_engine(Path(runner.temp_root), marker)
+    received: dict = {}
+    runner.wait_for(runner.query_models(str(tiny_cards), lambda r, e: received.update(result=r, error=e)), timeout=120)
+    assert not marker.exists()
+    assert received["error"] == "" and "tiny-fast" in {m["id"] for m in received["result"]}
+    work = Path(runner.working_dir())  # a private working folder of the runner's own
+    assert work.parent == Path(runner.temp_root) and os.stat(work).st_mode & 0o777 == 0o700
+    runner.shutdown()
+    assert not work.exists()
+
+
+def test_the_engine_ignores_a_planted_package_in_its_working_folder(tmp_path: Path) -> None:
+    """Even started in a folder someone else could write, `python -m volseg` runs the engine:
+    PYTHONSAFEPATH keeps the working folder off sys.path (Python 3.11+, as in Slicer 5.10)."""
+    if sys.version_info < (3, 11):
+        pytest.skip("PYTHONSAFEPATH needs Python 3.11 (the runner's private working folder covers 3.10)")
+    marker = tmp_path / "PWNED"
+    _plant_engine(tmp_path / "shared", marker)
+    env = engine_environment(str(MODULE_DIR))
+    assert env["PYTHONSAFEPATH"] == "1"
+    done = subprocess.run(engine_command(sys.executable, ["models", "--json"]), env=env, cwd=tmp_path / "shared",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists() and "demo" in {m["id"] for m in parse_models_json(done.stdout)}
+
+
 def test_segmentation_runs_in_a_background_engine_process(runner, context, models: list[dict], ct_path: Path,
                                                           monkeypatch) -> None:
     from VolSegSlicerLib.settings import RunSettings

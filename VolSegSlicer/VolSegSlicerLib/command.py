@@ -88,12 +88,18 @@ def engine_command(python: str, args: Sequence[str]) -> list[str]:
 
 def engine_environment(module_dir: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for the engine: ``module_dir`` (where ``volseg/`` lives) first on
-    PYTHONPATH, unbuffered UTF-8 output so progress lines arrive as they are written."""
+    PYTHONPATH, unbuffered UTF-8 output so progress lines arrive as they are written.
+
+    ``PYTHONSAFEPATH=1`` (Python 3.11+, what ``-P`` does): ``python -m volseg`` does not put its
+    working folder first on ``sys.path``, so a ``volseg/`` package planted in a shared folder
+    cannot run instead of the engine (the runner also starts it in a private folder, which covers
+    older Pythons)."""
     env = dict(os.environ if base is None else base)
     parts = [str(module_dir)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(module_dir)]
     env["PYTHONPATH"] = os.pathsep.join(parts)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 

@@ -61,6 +61,7 @@ class EngineRunner:
         #: The server for runs with ``runOn == "server"`` (VolSegSlicerLib.remote; the panel sets it
         #: from the application settings).
         self.server: Optional[ServerTarget] = None
+        self._working_dir: Optional[str] = None
 
     # ------------------------------------------------------------------ processes
     def start_engine(self, args: Sequence[str], stdin_pipe: bool = False,
@@ -71,13 +72,21 @@ class EngineRunner:
         log.info("VolSegSlicer: %s", " ".join(argv))
         base = self.base_environment() if self.base_environment else None
         env = {**engine_environment(self.module_dir, base), **(extra_env or {})}
-        return EngineProcess(argv, env=env, cwd=self.temp_root, stdin_pipe=stdin_pipe).start()
+        return EngineProcess(argv, env=env, cwd=self.working_dir(), stdin_pipe=stdin_pipe).start()
 
     def _remote(self) -> ServerTarget:
         if self.server is None:
             raise ValueError("Run on is 'server' but no server is set: give its address and token.")
         self.server.check()
         return self.server
+
+    def working_dir(self) -> str:
+        """The engine's working folder: a fresh one only this user can enter (mode 0700), made
+        on first use and removed by :meth:`shutdown` -- never the shared temporary folder, where
+        another user could plant a ``volseg/`` package for ``python -m`` to find."""
+        if self._working_dir is None or not os.path.isdir(self._working_dir):
+            self._working_dir = tempfile.mkdtemp(prefix="VolSegSlicer-engine-", dir=self.temp_root)
+        return self._working_dir
 
     def _track(self, job: Any) -> None:
         self.jobs.append(job)
@@ -277,3 +286,6 @@ class EngineRunner:
             if isinstance(job, SegmentationJob):
                 self._finish(job)
         self.stop_warm_worker()
+        if self._working_dir is not None:
+            shutil.rmtree(self._working_dir, ignore_errors=True)
+            self._working_dir = None

@@ -4,6 +4,13 @@ A card is a JSON file validated against ``schema/model_card.schema.json``. Built
 in the repository's ``Resources/ModelCards/`` (copied into the wheel as
 ``volseg/resources/ModelCards``); users add their own folders with ``--cards-dir`` or the
 ``VOLSEG_CARDS_PATH`` environment variable (``os.pathsep``-separated), or point at a card file.
+
+Cards are data from elsewhere: a card file is read only when it is a regular file (a FIFO or
+device in a cards folder is reported, never read), at most :data:`MAX_CARD_BYTES`, parsed with
+bounds (nesting, digits); a card that cannot be read is listed under the problems of
+``volseg models`` and the other cards still work. A ``name_hint`` is a regular expression that
+runs on the GUI thread, so only patterns that cannot backtrack for long are accepted
+(:func:`check_name_hint`).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -18,12 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from volseg.errors import ModelCardError
+from volseg.files import read_checked
 from volseg.options import InferenceOptions
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "model_card.schema.json"
 CARDS_ENV = "VOLSEG_CARDS_PATH"
 #: The id suffix of a card made from ``--arch NAME --num-labels N`` (:func:`card_from_arguments`).
 ADHOC_SUFFIX = "-adhoc"
+#: The largest card file read (real cards, with thousands of labels, are well under 1 MiB).
+MAX_CARD_BYTES = 16 * 2**20
+#: The longest ``name_hint``, the most unbounded repeats (``*``, ``+``, ``{n,}``) in one, and
+#: how much of a name a hint is matched against: with no repeat nested in another, matching
+#: then stays polynomial and small (at most about 128**3 steps).
+MAX_HINT_CHARS = 200
+MAX_HINT_REPEATS = 2
+MAX_NAME_CHARS = 128
 
 #: A distinguishable default palette for labels without a colour (Slicer's GenericAnatomyColors-like).
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -145,7 +162,10 @@ def _error_path(error) -> str:
 
 def validate(raw: Any, source: str = "card") -> None:
     """Validate ``raw`` against the schema; raise :class:`ModelCardError` listing every problem."""
-    errors = sorted(_validator().iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
+    try:
+        errors = sorted(_validator().iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
+    except RecursionError:
+        raise ModelCardError(f"{source} is nested too deeply to be a model card") from None
     if errors:
         problems = []
         for e in errors[:8]:
@@ -183,16 +203,21 @@ def cards_dirs(extra: Iterable[str | Path] | None = None) -> list[Path]:
 
 
 def _read_json(path: Path) -> Any:
+    """The JSON of the card file ``path``: a regular file (never a FIFO or device, which would
+    block or read without end), bounded in size, nesting and digits."""
+    data = read_checked(path, "model card", MAX_CARD_BYTES, error=ModelCardError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelCardError(f"cannot read model card {path}: {exc.strerror or exc}") from None
-    try:
-        return json.loads(text)
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ModelCardError(f"model card {path} is not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise ModelCardError(f"model card {path} is nested too deeply to be a model card") from None
     except json.JSONDecodeError as exc:
         raise ModelCardError(
             f"model card {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise ModelCardError(f"model card {path} is not valid JSON: {' '.join(str(exc).split())[:120]}") from None
 
 
 def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
@@ -213,6 +238,14 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
     _check_architecture(arch["name"], source)
     _check_stated(arch["name"], dict(arch.get("config", {})), source,
                   how="state the values the network was trained with in the card's architecture.config")
+    for n, item in enumerate(raw["inputs"]):
+        if item.get("name_hint"):
+            try:
+                check_name_hint(item["name_hint"])
+            except ValueError as exc:
+                raise ModelCardError(f"{source}: inputs/{n}/name_hint {item['name_hint'][:60]!r} {exc}",
+                                     hint="use plain words separated by | (e.g. \"t1c|t1gd|contrast\"); a hint may "
+                                     "not repeat a group that itself repeats or has alternatives") from None
     inf = raw.get("inference", {})
     post = raw.get("postprocessing", {})
     ckpt = raw.get("checkpoint", {})
@@ -298,10 +331,11 @@ def _bool_or_labels(v: bool | list[int]) -> bool | tuple[int, ...]:
 def _parse_labels(items: list[dict[str, Any]], source: str, activation: str) -> tuple[Label, ...]:
     """Labels in card order. A label's output channel defaults to its value for softmax outputs
     (channel 0 is background) and to its position for sigmoid outputs (no background channel)."""
-    values = [i["value"] for i in items]
-    dupes = sorted({v for v in values if values.count(v) > 1})
+    counts = Counter(i["value"] for i in items)  # linear: a card may list 100,000 labels
+    dupes = sorted(v for v, n in counts.items() if n > 1)
     if dupes:
-        raise ModelCardError(f"{source}: label values {dupes} appear more than once", hint="each label needs its own value")
+        shown = ", ".join(map(str, dupes[:10])) + (f" and {len(dupes) - 10:,} more" if len(dupes) > 10 else "")
+        raise ModelCardError(f"{source}: label values {shown} appear more than once", hint="each label needs its own value")
     labels = []
     for n, item in enumerate(items):
         color = tuple(item.get("color") or DEFAULT_COLORS[n % len(DEFAULT_COLORS)])
@@ -317,12 +351,64 @@ def _parse_labels(items: list[dict[str, Any]], source: str, activation: str) -> 
     return tuple(labels)
 
 
+def _walk(parsed, sub_pattern: type) -> Iterable[tuple[Any, Any]]:
+    """Every (op, argument) of a parsed pattern (``re``'s parser), depth first."""
+    for op, av in parsed:
+        yield op, av
+        for child in (av if isinstance(av, (tuple, list)) else (av,)):
+            if isinstance(child, sub_pattern):
+                yield from _walk(child, sub_pattern)
+            elif isinstance(child, list):  # a branch's alternatives
+                for alternative in child:
+                    if isinstance(alternative, sub_pattern):
+                        yield from _walk(alternative, sub_pattern)
+
+
+def check_name_hint(hint: str) -> re.Pattern:
+    """The compiled ``hint`` when it is a regular expression that cannot backtrack for long.
+
+    Refused: longer than :data:`MAX_HINT_CHARS`; not a valid expression; a repeated part that
+    itself holds a repeat or alternatives (``(\\w+\\s?)+``, ``(a|ab)*``: exponential); more than
+    :data:`MAX_HINT_REPEATS` unbounded (or more than 8-fold) repeats. Names are matched on their first
+    :data:`MAX_NAME_CHARS` characters.
+
+    Raises:
+        ValueError: why the hint is refused.
+    """
+    try:
+        from re import _parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover (3.10)
+        import sre_parse  # type: ignore[no-redef]
+    if len(hint) > MAX_HINT_CHARS:
+        raise ValueError(f"is longer than {MAX_HINT_CHARS} characters")
+    try:
+        parsed = sre_parse.parse(hint, re.IGNORECASE)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"is not a valid regular expression ({exc})") from None
+    repeats = (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None))
+    unbounded = 0
+    for op, av in _walk(parsed, sre_parse.SubPattern):
+        if op not in repeats:
+            continue
+        _, high, body = av
+        if high > 8:  # `*`, `+`, `{n,}`, and long bounded repeats alike
+            unbounded += 1
+        if high > 1 and any((o in repeats and a[1] > 1) or o == sre_parse.BRANCH
+                            for o, a in _walk(body, sre_parse.SubPattern)):
+            raise ValueError("repeats a part that itself repeats or has alternatives (it can take "
+                             "exponential time on a non-matching name)")
+    if unbounded > MAX_HINT_REPEATS:
+        raise ValueError(f"has more than {MAX_HINT_REPEATS} unbounded repeats (*, +)")
+    return re.compile(hint, re.IGNORECASE)
+
+
 def match_inputs(hints: Sequence[str | None], names: Sequence[str]) -> list[int | None]:
     """For each input's name hint (a case-insensitive regular expression), the index in ``names``
     of the first name it matches that no earlier input took; None where nothing matches.
 
     A single input without a match takes the first name. Used to pre-fill the Slicer panel's
-    input selectors and to pick each channel's file in ``volseg batch`` case folders.
+    input selectors and to pick each channel's file in ``volseg batch`` case folders. A hint
+    :func:`check_name_hint` refuses matches nothing (it could block the GUI for minutes).
     """
     taken: set[int] = set()
     chosen: list[int | None] = []
@@ -330,11 +416,12 @@ def match_inputs(hints: Sequence[str | None], names: Sequence[str]) -> list[int 
         pick = None
         if hint:
             try:
-                pattern = re.compile(hint, re.IGNORECASE)
-            except re.error:
+                pattern = check_name_hint(hint)
+            except ValueError:
                 pattern = None
             if pattern is not None:
-                pick = next((i for i, n in enumerate(names) if i not in taken and pattern.search(n)), None)
+                pick = next((i for i, n in enumerate(names)
+                             if i not in taken and pattern.search(n[:MAX_NAME_CHARS])), None)
         if pick is not None:
             taken.add(pick)
         chosen.append(pick)
@@ -354,7 +441,7 @@ def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) 
 
         return bundle_card(p)[0]
     if p.suffix.lower() == ".json" or p.is_file():
-        if not p.is_file():
+        if not p.exists():
             raise ModelCardError(f"model card file {p} does not exist")
         return parse_card(_read_json(p), p.resolve())
     known = _index(cards_dirs(cards_dirs_))
@@ -376,28 +463,35 @@ def load_card(ref: str | Path, cards_dirs_: Sequence[str | Path] | None = None) 
     raise ModelCardError(f"unknown model {str(ref)!r}", hint=hint)
 
 
-def _index(dirs: Sequence[Path]) -> dict[str, Path]:
-    """Card id -> path; earlier folders win (a user's card shadows a built-in one)."""
+def _index(dirs: Sequence[Path], problems: list[str] | None = None) -> dict[str, Path]:
+    """Card id -> path; earlier folders win (a user's card shadows a built-in one). A file that
+    cannot be read as a card is skipped; with ``problems`` given, it is listed there."""
     index: dict[str, Path] = {}
     for d in dirs:
         for path in sorted(d.glob("*.json")):
             try:
-                card_id = _read_json(path).get("id")
-            except (ModelCardError, AttributeError):
+                raw = _read_json(path)
+            except ModelCardError as exc:
+                if problems is not None:
+                    problems.append(exc.message if str(path) in exc.message else f"{path}: {exc.message}")
                 continue
+            card_id = raw.get("id") if isinstance(raw, dict) else None
             if isinstance(card_id, str):
                 index.setdefault(card_id, path)
+            elif problems is not None:
+                problems.append(f"{path}: not a model card (no \"id\" text at the top level)")
     return index
 
 
 def list_cards(cards_dirs_: Sequence[str | Path] | None = None) -> tuple[list[ModelCard], list[str]]:
-    """All cards found, and a message for each card file that is invalid (shown, not fatal)."""
-    cards, problems = [], []
-    for card_id, path in sorted(_index(cards_dirs(cards_dirs_)).items()):
+    """All cards found, and a message for each card file that cannot be used (shown, not fatal)."""
+    cards: list[ModelCard] = []
+    problems: list[str] = []
+    for card_id, path in sorted(_index(cards_dirs(cards_dirs_), problems).items()):
         try:
             cards.append(parse_card(_read_json(path), path))
         except ModelCardError as exc:
-            problems.append(f"{path}: {exc.message}")
+            problems.append(exc.message if str(path) in exc.message else f"{path}: {exc.message}")
     return cards, problems
 
 

@@ -41,6 +41,7 @@ from volseg.io.staging import make_stage
 from volseg.memory import available_memory
 from volseg.postprocessing.labels import postprocess, to_labelmap
 from volseg.preprocessing.card_steps import invert, preprocess
+from volseg.preprocessing.planning import check_preprocessing, plan_preprocessing, planned_shape
 from volseg.progress import Reporter
 from volseg.request import (  # noqa: F401  (part of this module's API since before volseg.request)
     Overrides,
@@ -233,6 +234,13 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
         check_not_an_input(outputs, [], volume.source.dicom_files)
     check_memory(volume.spatial_shape, len(card.inputs), card.out_channels, 1,
                  streamed=request.probabilities is None)  # the input grid; the network's grid is checked below
+    # Every preprocessing step's grid and memory, and the run's on the final grid, before any of it
+    # is allocated (a card's Resize or Spacing can ask for gigabytes; see preprocessing/planning.py).
+    plans = plan_preprocessing(volume.spatial_shape, volume.ijk_to_ras, card.preprocessing, len(card.inputs))
+    check_preprocessing(plans)
+    planned = inference_options(card, o)
+    check_memory(planned_shape(volume.spatial_shape, plans), len(card.inputs), card.out_channels,
+                 1 + len(planned.flips), planned.roi_size, planned.sw_batch_size)
 
     checkpoint_stage("load_model", f"loading {card.id}")
     key = (card.id, str(card.path), card.architecture, json.dumps(card.config, sort_keys=True, default=str),

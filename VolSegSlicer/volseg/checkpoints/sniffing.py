@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from volseg.errors import CheckpointError
+from volseg.files import open_checked
 
 #: What ``checkpoint_kind`` returns: a folder (``accelerate.save_state``; read later), a
 #: ``torch.save`` zip archive (TorchScript too), a legacy ``torch.save`` pickle, safetensors.
@@ -32,21 +33,22 @@ def _is_safetensors(head: bytes, size: int) -> bool:
     return 0 < length <= size - 8 and head[8:9] == b"{"
 
 
-def _describe_start(head: bytes) -> str:
-    """A few words on what the file starts with, for the message."""
-    text = head[:40]
+def _describe_start(head: bytes, size: int) -> str:
+    """What the file is, for the message -- never what it says: a card's checkpoint path can
+    name any file the user can read (``/etc/passwd``, a key), and messages travel to logs."""
     try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"it starts with the bytes {text[:8].hex(' ')}"
+        decoded = head[:4096].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not a character cut in two at the end of the block
+            return f"it is a binary file of {size:,} bytes in no checkpoint format"
+        decoded = head[:exc.start].decode("utf-8")
     if decoded.lstrip().startswith(("{", "[")):
         try:
             json.loads(head.decode("utf-8"))
             return "it is a JSON file (a model card goes with --model, not --checkpoint)"
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             pass
-    shown = " ".join(decoded.split())[:30]
-    return f"it is a text file starting {shown!r}"
+    return f"it is a text file of {size:,} bytes"
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
@@ -61,9 +63,12 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
         raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path given with --checkpoint or in the card")
     if path.is_dir():
         return "folder"
+    # Opened without blocking and looked at before the first read: a FIFO would hang the read
+    # (and cancel with it), a device would never end.
+    fd = open_checked(path, "checkpoint", error=CheckpointError)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(4096)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
@@ -79,4 +84,4 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     if path.suffix.lower() == ".safetensors":
         raise CheckpointError(f"{path} is not a safetensors file: its header is not a safetensors header",
                               hint="the download may be incomplete or an HTML page; download it again")
-    raise CheckpointError(f"{path} is not a PyTorch checkpoint: {_describe_start(head)}", hint=_NOT_A_CHECKPOINT_HINT)
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint: {_describe_start(head, size)}", hint=_NOT_A_CHECKPOINT_HINT)

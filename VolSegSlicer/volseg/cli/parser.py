@@ -11,13 +11,33 @@ from volseg.cli.server import add_remote_options, add_server_parser
 from volseg.cli.help_texts import CARDS_DIR_HELP, DEVICE_HELP, PROGRESS_HELP, SEGMENT_EXAMPLES, SERVE_DESCRIPTION
 
 
+#: The longest ``--arch-config`` JSON read (real ones are a few hundred characters).
+MAX_ARCH_CONFIG_CHARS = 64 * 1024
+
+
+def json_object(text: str) -> dict:
+    """``--arch-config``: a JSON object, parsed with bounds (length, nesting, digits) so that a
+    hostile value is one clear argument error -- never a RecursionError that ends the worker."""
+    if len(text) > MAX_ARCH_CONFIG_CHARS:
+        raise argparse.ArgumentTypeError(f"longer than {MAX_ARCH_CONFIG_CHARS:,} characters")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise argparse.ArgumentTypeError("JSON nested too deeply") from None
+    except ValueError as exc:  # not JSON, or an integer of thousands of digits
+        raise argparse.ArgumentTypeError(f"not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object ({...})")
+    return value
+
+
 def add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) -> None:
     p.add_argument("inputs", nargs="+", type=Path, help="input volume(s): NIfTI, NRRD, MHA/MHD or a DICOM folder; one per channel")
     model = p.add_argument_group("model")
     model.add_argument("--model", "-m", help="model card id (see `volseg models`) or path to a card .json")
     model.add_argument("--arch", help="architecture for a checkpoint without a card (with --num-labels)")
     model.add_argument("--num-labels", type=int, help="number of foreground labels, with --arch")
-    model.add_argument("--arch-config", type=json.loads, default=None, metavar="JSON",
+    model.add_argument("--arch-config", type=json_object, default=None, metavar="JSON",
                        help="constructor arguments for --arch as JSON, e.g. '{\"feat_size\": [48,96,192,384]}'")
     model.add_argument("--bundle", type=Path, metavar="BUNDLE",
                        help="a MONAI bundle folder or .zip: its inference config translated into a card")

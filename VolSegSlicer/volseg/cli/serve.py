@@ -1,4 +1,9 @@
-"""``volseg serve``: the warm worker the Slicer module keeps, one JSON request per stdin line."""
+"""``volseg serve``: the warm worker the Slicer module keeps, one JSON request per stdin line.
+
+Every line that is not a request -- not UTF-8, longer than :data:`MAX_LINE_BYTES`, not JSON,
+nested too deeply, an integer of thousands of digits, arguments of the wrong type -- is answered
+with one error event and the worker goes on with the next line; at the end of stdin it exits.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,19 @@ import json
 import queue
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from volseg import signals
 from volseg.cli.parser import add_segment_options
 from volseg.cli.running import run_reported
 from volseg.cli.segment import request_from_args
-from volseg.errors import Cancelled, InputError, VolSegError
+from volseg.errors import Cancelled, InputError, VolSegError, error_from_exception
+
+#: The longest request line read (a request is a few hundred bytes of paths and options).
+MAX_LINE_BYTES = 1 << 20
+#: The longest request id (as JSON) echoed back in the answers.
+MAX_ID_CHARS = 1000
 
 
 class _RequestParser(argparse.ArgumentParser):
@@ -38,11 +49,15 @@ class _RequestParser(argparse.ArgumentParser):
 
 
 _EOF = object()  # end of stdin; never a message (JSON `null` parses to None, which is a bad request)
+_BLANK = object()  # an empty line: no request, no answer
 
 
 def _id_key(request_id: Any) -> str:
     """A hashable, type-exact key for a JSON request id (1 and "1" differ, lists are allowed)."""
-    return json.dumps(request_id, sort_keys=True)
+    try:
+        return json.dumps(request_id, sort_keys=True)
+    except (ValueError, RecursionError, TypeError):
+        return "x" * (MAX_ID_CHARS + 1)  # refused as too long by _message
 
 
 class _ServeQueue:
@@ -106,22 +121,80 @@ class _ServeQueue:
             self.cancel_event.clear()
 
     def read(self, stream) -> None:
-        """Feed the lines of ``stream`` (run in a thread): cancels act at once, the rest queue."""
-        for line in stream:
-            if not line.strip():
-                continue
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                msg = {"invalid": line.strip()[:200]}
-            if isinstance(msg, dict) and "cancel" in msg:
-                self.cancel(msg["cancel"])
-            else:
-                self.put(msg)
-        self.put(_EOF)
+        """Feed the lines of ``stream`` (run in a thread): cancels act at once, the rest queue;
+        a line that is no request queues its error. Always ends with ``_EOF``."""
+        try:
+            for line in _lines(stream):
+                try:
+                    msg = _message(line)
+                    if msg is _BLANK:
+                        continue
+                    if isinstance(msg, dict) and "cancel" in msg:
+                        self.cancel(msg["cancel"])
+                    else:
+                        self.put(msg)
+                except Exception as exc:  # noqa: BLE001 (never let one line end the reader)
+                    self.put(error_from_exception(exc))
+        finally:
+            self.put(_EOF)
+
+
+def _too_long() -> InputError:
+    return InputError(f"request line longer than {MAX_LINE_BYTES:,} bytes; ignored",
+                      hint='send one {"id": ..., "args": [...]} per line')
+
+
+def _lines(stream) -> Iterator[str | VolSegError]:
+    """The lines of ``stream``, each at most :data:`MAX_LINE_BYTES`; an over-long line or one
+    that is not UTF-8 yields an error instead. A real stdin is read as bytes (its text layer
+    would raise on invalid UTF-8 and end the loop)."""
+    raw = getattr(stream, "buffer", None)
+    if raw is None or not hasattr(raw, "readline"):
+        for line in stream:  # a text stream given by a caller (tests, an embedding program)
+            yield line if len(line) <= MAX_LINE_BYTES else _too_long()
+        return
+    while True:
+        line = raw.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES:
+            while line and not line.endswith(b"\n"):  # skip the rest of it
+                line = raw.readline(MAX_LINE_BYTES)
+            yield _too_long()
+            continue
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield InputError(f"request line is not UTF-8 (byte {line[exc.start]:#04x} at {exc.start}); ignored",
+                             hint="send requests as UTF-8 JSON")
+
+
+def _message(line: str | VolSegError) -> Any:
+    """The JSON message on ``line``, the error to answer it with, or ``_BLANK`` (skipped)."""
+    if isinstance(line, VolSegError):
+        return line
+    if not line.strip():
+        return _BLANK
+    try:
+        msg = json.loads(line)
+    except RecursionError:
+        return InputError("bad request: JSON nested too deeply; ignored")
+    except ValueError:  # not JSON, or an integer past Python's digit limit
+        return {"invalid": line.strip()[:200]}
+    if isinstance(msg, dict):
+        for key in ("id", "cancel"):
+            if key in msg and len(_id_key(msg[key])) > MAX_ID_CHARS:
+                return InputError(f"bad request: its {key} is longer than {MAX_ID_CHARS} characters as JSON")
+    return msg
 
 
 def _parse_request(parser: argparse.ArgumentParser, msg: Any) -> argparse.Namespace:
+    if isinstance(msg, VolSegError):
+        raise msg
+    if isinstance(msg, dict) and isinstance(msg.get("args"), list) and not all(
+            isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in msg["args"]):
+        raise InputError("bad request: every argument must be a string or a number",
+                         hint='send {"id": ..., "args": ["in.nrrd", "--model", ...]}')
     if not isinstance(msg, dict) or not isinstance(msg.get("args"), list):
         shown = json.dumps(msg) if not isinstance(msg, dict) or "invalid" not in msg else msg["invalid"]
         raise InputError(f"bad request {shown[:200]}", hint='send {"id": ..., "args": ["in.nrrd", "--model", ...]}')
@@ -151,7 +224,8 @@ def cmd_serve(_: argparse.Namespace, stdin=None, stdout=None) -> int:
             if cancelled:
                 raise Cancelled("cancelled before it started; nothing was written")
             args = _parse_request(parser, msg)
-        except VolSegError as err:
+        except Exception as exc:  # noqa: BLE001 (a bad request is answered, never the end of the worker)
+            err = error_from_exception(exc)
             reporter.error(err.message, err.hint, err.exit_code)
             requests.finished()
             continue

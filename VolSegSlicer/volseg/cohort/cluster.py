@@ -17,13 +17,27 @@ windows; a second Ctrl-C kills the actors at once.
 ``--cluster local`` starts a private Ray instance on this machine that listens on the loopback
 interface only; ``auto`` joins the cluster this machine belongs to (``ray start``);
 ``ray://HOST:PORT`` connects to a cluster's Ray Client server.
+
+Trust: a Ray driver sends its token to, and unpickles what comes from, the cluster it joins, so
+volseg never discovers a cluster through a path other local users can write. Ray's own
+discovery reads ``/tmp/ray/ray_current_cluster`` (``/tmp/ray`` is world-writable, without the
+sticky bit) and scans the machine's processes; instead ``auto`` takes the address from
+``RAY_ADDRESS`` or from that file only when it is a regular file of the user's own that nobody
+else can change (else it refuses, naming the file). ``local`` starts its own instance in a
+fresh private folder (mode 0700, under ``$XDG_RUNTIME_DIR`` where there is one) with a token of
+its own in a private file (mode 0600), whatever other Ray instances run on the machine, and
+removes the folder when it stops.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
+import re
+import secrets
+import shutil
 import sys
 import threading
 import time
@@ -37,6 +51,7 @@ from typing import Any
 from volseg import __version__
 from volseg.cohort.case_runner import Job, discard_partial_outputs, node_name, run_case
 from volseg.errors import Cancelled, InputError, ResourceError
+from volseg.files import private_folder, read_checked
 from volseg.pipeline import ModelCache, SegmentRequest
 
 #: Seconds to wait for a first worker to start before giving up on the cohort.
@@ -103,10 +118,21 @@ def _runtime_env() -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
-def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
+#: Environment variables a local instance sets for itself (and its daemons) while it runs.
+_LOCAL_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "VOLSEG_RAY_INSTANCE")
+#: The private folder of the local instance this process started, and the environment before it.
+_local: dict[str, Any] = {}
+
+
+def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> Path:
     """Start a private Ray instance on this machine: loopback interface only, no dashboard, no
     usage statistics sent; ``num_cpus`` (default: all) CPUs. ``runtime_env`` adds to the
-    workers' environment (the volseg of this process is always on their path)."""
+    workers' environment (the volseg of this process is always on their path).
+
+    The instance lives in a fresh folder only this user can enter (Ray's ``_temp_dir``), with a
+    token of its own in a private file, and never joins another instance, whatever
+    ``RAY_ADDRESS`` or ``/tmp/ray`` say. Returns the folder; :func:`stop_local` stops the
+    instance and removes it."""
     # Ray reads these when it is first imported: the instance then advertises 127.0.0.1 and
     # binds its servers there, and reports nothing to Ray's usage-statistics server.
     if "ray" in sys.modules:
@@ -114,12 +140,205 @@ def start_local(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
                       "every network interface", stacklevel=2)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    folder = private_folder("volseg-ray-")
+    token = folder / "auth_token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    _local.update(folder=folder, environ={k: os.environ.get(k) for k in _LOCAL_ENV},
+                  watchdog=_start_watchdog(folder))
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # the token comes from the private file only
+    os.environ.pop("RAY_ADDRESS", None)
+    # Every process of the instance inherits the marker: the watchdog finds them by it.
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), VOLSEG_RAY_INSTANCE=str(folder))
+    imported_before = "ray" in sys.modules
     ray = import_ray()
+    if imported_before:  # Ray read its settings at import: make it read the token mode and file again
+        with contextlib.suppress(Exception):
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
     env = _runtime_env()
     extra = dict(runtime_env or {})
     env["env_vars"].update(extra.pop("env_vars", {}))
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, runtime_env={**env, **extra},
-             log_to_driver=False, logging_level="warning")
+    # Ray makes its temporary folder world-writable (mode 0777): it is one level down, inside
+    # the private folder, which nobody else can enter.
+    temp_dir = folder / "ray"
+    temp_dir.mkdir(mode=0o700)
+    handlers = _signal_handlers()
+    try:
+        # address="local": start a new instance, never look for one (RAY_ADDRESS, /tmp/ray).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                 runtime_env={**env, **extra}, log_to_driver=False, logging_level="warning",
+                 _temp_dir=str(temp_dir))
+    except BaseException:
+        stop_local()
+        raise
+    finally:
+        _restore_signal_handlers(handlers)
+    return folder
+
+
+def _signal_handlers() -> dict[int, Any]:
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    """Put back the handlers Ray replaced (its SIGTERM handler exits with status 1 and no word):
+    SIGTERM is then a cancel like Ctrl-C -- exit 130, one final event -- and the instance is
+    stopped on the way out."""
+    import signal
+
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+#: The watchdog: while the driver lives, notes every process of its instance (those that carry
+#: the instance's marker, and their children: Ray's agents rewrite their environment with their
+#: process title, so they are found as the raylet's children); when its stdin closes (the driver
+#: stopped the instance, or died, even by SIGKILL) it ends those still running and removes the folder.
+_WATCHDOG = """
+import os, shutil, sys, threading
+folder, driver = sys.argv[1], int(sys.argv[2])
+closed = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.buffer.read(), closed.set()), daemon=True).start()
+try:
+    import psutil
+except ImportError:
+    psutil = None
+tracked = {}
+
+def scan():
+    try:
+        family = psutil.Process(driver).children(recursive=True)
+    except psutil.Error:
+        return
+    for p in family:
+        try:
+            if p.pid != os.getpid() and p.environ().get("VOLSEG_RAY_INSTANCE") == folder:
+                for q in [p, *p.children(recursive=True)]:
+                    tracked.setdefault(q.pid, q)
+        except (psutil.Error, OSError):
+            pass
+
+try:
+    while psutil is not None and not closed.wait(1.0):
+        scan()
+    if psutil is not None:
+        procs = [p for p in tracked.values() if p.is_running()]
+        for p in procs:
+            try:
+                procs.extend(c for c in p.children(recursive=True) if c.pid not in tracked)
+            except psutil.Error:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+finally:
+    shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+def _start_watchdog(folder: Path):
+    """A small process that cleans up after the local instance when this process ends in any
+    way (Ray's own agents otherwise outlive a killed driver for minutes)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "VOLSEG_RAY_INSTANCE"}
+    try:
+        return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(folder), str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    except OSError:
+        return None
+
+
+def stop_local() -> None:
+    """Stop the instance :func:`start_local` started (if Ray runs) and remove its private folder."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    folder = _local.pop("folder", None)
+    for key, value in _local.pop("environ", {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    watchdog = _local.pop("watchdog", None)
+    if watchdog is not None:  # it ends what ray.shutdown left and removes the folder
+        with contextlib.suppress(OSError):
+            watchdog.stdin.close()
+        with contextlib.suppress(Exception):
+            watchdog.wait(timeout=30)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_address_file() -> Path:
+    """The file where ``ray start`` records the address of this machine's cluster (Ray's rule:
+    ``$RAY_TMPDIR``, else ``$TMPDIR`` on Linux, else ``/tmp``; then ``ray/ray_current_cluster``)."""
+    root = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    if not root:
+        import tempfile
+
+        root = "/tmp" if os.name == "posix" else tempfile.gettempdir()
+    return Path(root) / "ray" / "ray_current_cluster"
+
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-_\[\]:]{1,255}:[0-9]{1,5}$")
+
+
+def auto_address() -> str:
+    """The address ``--cluster auto`` joins: ``$RAY_ADDRESS``, else the one ``ray start`` wrote
+    to :func:`ray_address_file` when that is a regular file of this user's that nobody else can
+    change. Never a file another local user could have written, never a scan of processes.
+
+    Raises:
+        ResourceError: neither gives an address that can be trusted (the file is named).
+    """
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env
+    path = ray_address_file()
+    hint = ("set RAY_ADDRESS=HOST:PORT (the address `ray start --head` prints), or use --cluster local "
+            "for this machine alone")
+    if not os.path.lexists(path):
+        raise ResourceError(f"--cluster auto: RAY_ADDRESS is not set and {path} does not exist: no cluster to join",
+                            hint=hint)
+    try:
+        text = read_checked(path, "Ray's cluster address file", 4096, follow=False, private=True,
+                            error=ResourceError).decode("utf-8", "replace").strip()
+    except ResourceError as exc:
+        raise ResourceError(f"--cluster auto: RAY_ADDRESS is not set and {exc.message}", hint=hint) from None
+    if not _HOST_PORT.match(text):
+        raise ResourceError(f"--cluster auto: {path} does not hold a HOST:PORT address", hint=hint)
+    return text
+
+
+def _private_token_file() -> None:
+    """Make Ray's default token file (``~/.ray/auth_token``, written mode 0644) private to its owner."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        import stat
+
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == getattr(os, "geteuid", lambda: st.st_uid)():
+            os.chmod(path, 0o600)
 
 
 def connect(address: str) -> bool:
@@ -131,12 +350,14 @@ def connect(address: str) -> bool:
     if address == "local":
         start_local()  # imports Ray (after telling it to keep to the loopback interface)
         return True
+    target = auto_address() if address == "auto" else address
+    _private_token_file()
     ray = import_ray()
     try:
-        ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False, logging_level="warning")
+        ray.init(address=target, runtime_env=_runtime_env(), log_to_driver=False, logging_level="warning")
     except Exception as exc:  # noqa: BLE001 (ConnectionError, a timeout, a refused handshake: one message)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ResourceError(f"cannot join the Ray cluster at {address}: {first}",
+        raise ResourceError(f"cannot join the Ray cluster at {target}: {first}",
                             hint="start it first (`ray start --head` on one node, `ray start --address HEAD:6379` on the "
                             "others), or use --cluster local for this machine alone") from None
     return True
@@ -415,4 +636,7 @@ def _run_on_cluster(template: SegmentRequest, jobs: list[Job], settings: Cluster
             pool.close()
     finally:
         if disconnect:
-            ray.shutdown()
+            if settings.address == "local":
+                stop_local()
+            else:
+                ray.shutdown()

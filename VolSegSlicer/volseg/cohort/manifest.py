@@ -10,7 +10,7 @@ A row::
 
     {"case": "p001", "status": "done" | "failed" | "not_done" | "skipped",
      "inputs": ["/data/p001.nii.gz"], "outputs": [{"name": "p001.seg.nrrd", "size": 81234,
-     "mtime_ns": ...}], "made_with": {"model": ..., "card_sha256": ..., "checkpoint_sha256": ...,
+     "mtime_ns": ..., "sha256": ...}], "made_with": {"model": ..., "card_sha256": ..., "checkpoint_sha256": ...,
      "options": {...}, "inputs": [...]}, "elapsed_s": 3.2, "timings": {"infer": 2.1, ...},
      "cpu_s": 5.1, "overhead_s": 0.006, "device": "cuda", "where": "ran on cuda", "node": "gpu-3",
      "worker": "pid 1234", "attempts": 1,
@@ -24,10 +24,16 @@ meanwhile, ``overhead_s`` (``--cluster`` runs) the rest of the time from sending
 worker to having its outcome back: scheduling and transfer.
 
 A re-run **skips** a case whose result files are all there,
-unchanged since volseg wrote them (size and modification time), and were made with the same
+unchanged since volseg wrote them (size, modification time and SHA-256 of the content: a row
+can be forged, a file's size and time copied, its content not), and were made with the same
 model card, checkpoint SHA-256, options and input files; a result volseg made with other
 settings is redone and replaced; a file volseg did not make (or that changed since) is never
 replaced without ``--overwrite``.
+
+The manifest is someone else's file until checked: it is opened without following a symlink
+(``volseg-manifest.jsonl -> ~/.bashrc`` is refused, never appended to), only as a regular
+file (a FIFO does not hang the batch) owned by the user; each line is parsed with bounds
+(length, nesting, digits) and a row of the wrong shape is ignored like a broken line.
 """
 
 from __future__ import annotations
@@ -44,9 +50,13 @@ from typing import Any
 
 from volseg import __version__
 from volseg.errors import OutputError
+from volseg.files import open_checked, read_checked
 from volseg.io import atomic_output
 
 MANIFEST_NAME = "volseg-manifest.jsonl"
+#: The largest manifest read (about a million cases) and the longest row.
+MAX_MANIFEST_BYTES = 1 << 30
+MAX_ROW_CHARS = 1 << 20
 
 DONE, FAILED, NOT_DONE, SKIPPED = "done", "failed", "not_done", "skipped"
 
@@ -73,15 +83,30 @@ def input_signature(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return signature
 
 
+def file_sha256(path: Path) -> str | None:
+    """SHA-256 of the regular file ``path`` (not following a final symlink); None if it cannot be read."""
+    try:
+        fd = open_checked(path, "result", follow=False)
+    except Exception:  # noqa: BLE001 (missing, a link, a FIFO: not a file volseg wrote)
+        return None
+    digest = hashlib.sha256()
+    with os.fdopen(fd, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_records(out_dir: Path, names: Iterable[str]) -> list[dict[str, Any]] | None:
-    """``[{"name", "size", "mtime_ns"}]`` of the files ``names`` in ``out_dir``; None if one is missing."""
+    """``[{"name", "size", "mtime_ns", "sha256"}]`` of the files ``names`` in ``out_dir``; None
+    if one is missing."""
     records = []
     for name in names:
         try:
             st = os.stat(out_dir / name)
         except OSError:
             return None
-        records.append({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        records.append({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "sha256": file_sha256(out_dir / name)})
     return records
 
 
@@ -116,11 +141,9 @@ class Manifest:
     # -- opening, appending, closing -----------------------------------------------------------
     def __enter__(self) -> Manifest:  # noqa: PYI034 (Self needs Python 3.11)
         self.rows, self.unreadable_lines = read_rows(self.path)
-        try:
-            self._stream = open(self.path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise OutputError(f"cannot write the manifest {self.path}: {exc.strerror or exc}",
-                              hint="check the permissions of the output folder") from None
+        # Never through a symlink, never into a FIFO or another user's file (see the module docstring).
+        fd = open_checked(self.path, "the manifest", append=True, follow=False, owned=True, error=OutputError)
+        self._stream = os.fdopen(fd, "a", encoding="utf-8")
         _lock_or_refuse(self._stream, self.path)
         return self
 
@@ -179,6 +202,8 @@ class Manifest:
             r = recorded.get(name)
             if r is None or r.get("size") != st.st_size or r.get("mtime_ns") != st.st_mtime_ns:
                 return False
+            if not isinstance(r.get("sha256"), str) or r["sha256"] != file_sha256(path):
+                return False  # same size and time, other content (or a row without a hash)
         return True
 
     def kept_result(self, case: str, outputs: list[str]) -> dict[str, Any]:
@@ -192,29 +217,52 @@ class Manifest:
 
 def read_rows(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """The latest row per case in the manifest at ``path`` (none if missing) and how many lines
-    could not be read (a line cut short by a killed run, or a hand edit)."""
+    could not be read (a line cut short by a killed run, a hand edit, a row of the wrong shape).
+
+    Raises:
+        OutputError: the manifest is a symlink, not a regular file, another user's, or unreadable.
+    """
     rows: dict[str, dict[str, Any]] = {}
     bad = 0
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return rows, 0
-    except OSError as exc:
-        raise OutputError(f"cannot read the manifest {path}: {exc.strerror or exc}") from None
-    for line in text.splitlines():
+    data = read_checked(path, "the manifest", MAX_MANIFEST_BYTES, follow=False, owned=True, error=OutputError)
+    for line in data.decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("case"), str):
+        row = _parse_row(line)
+        if row is None:
             bad += 1
             continue
         rows.pop(row["case"], None)
         rows[row["case"]] = row
     return rows, bad
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """The row on ``line``, or None when it is not one: not JSON, too long, too deep, numbers of
+    thousands of digits, or fields of the wrong type (``"outputs": 5``)."""
+    if len(line) > MAX_ROW_CHARS:
+        return None
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer past Python's digit limit
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("case"), str):
+        return None
+    outputs = row.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and all(_is_record(r) for r in outputs)):
+        return None
+    if row.get("made_with") is not None and not isinstance(row["made_with"], dict):
+        return None
+    return row
+
+
+def _is_record(record: Any) -> bool:
+    """Whether ``record`` is a ``{"name", "size", "mtime_ns", ["sha256"]}`` of :func:`file_records`."""
+    return (isinstance(record, dict) and isinstance(record.get("name"), str)
+            and all(type(record.get(k)) is int for k in ("size", "mtime_ns"))
+            and isinstance(record.get("sha256", ""), (str, type(None))))
 
 
 def _lock_or_refuse(stream: Any, path: Path) -> None:

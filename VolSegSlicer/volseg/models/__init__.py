@@ -18,6 +18,7 @@ __all__ = [
     "Architecture",
     "Match",
     "all_architectures",
+    "check_network_size",
     "check_state_dict",
     "compare_keys",
     "create",
@@ -27,6 +28,7 @@ __all__ = [
     "load",
     "match",
     "names",
+    "parameter_count",
     "register",
 ]
 

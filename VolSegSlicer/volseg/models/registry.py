@@ -221,10 +221,59 @@ def load(name: str, state_dict: StateDict, **kwargs: Any) -> nn.Module:
     variants = [arch.prepare_state_dict(v) if arch.prepare_state_dict else v for v in prefix_variants(state_dict)]
     chosen = next((v for v in variants if _fits(arch, v, _config_for(arch, v, kwargs))), variants[0])
     config = _config_for(arch, chosen, kwargs)
+    # The card's config is data from elsewhere: built first without memory (on the meta device),
+    # the network is checked against the checkpoint and its size against the memory available,
+    # and only then built for real.
+    skeleton = _skeleton(arch, config)
+    if skeleton is not None:
+        check_state_dict(skeleton, chosen, arch_name=arch.name, config=config)
+        check_network_size(arch.name, skeleton)
     model = create(arch.name, **config)
     check_state_dict(model, chosen, arch_name=arch.name, config=config, given=kwargs)
     model.load_state_dict(chosen, strict=True)
     return model.eval()
+
+
+def _skeleton(arch: Architecture, config: Mapping[str, Any]) -> nn.Module | None:
+    """``arch`` built with ``config`` on the meta device (shapes, no memory); None when the
+    family cannot be built there (it is then checked after the real build, as before)."""
+    try:
+        with torch.device("meta"):
+            return create(arch.name, **config)
+    except ArchitectureError:
+        raise
+    except Exception:  # noqa: BLE001 (an operation the meta device does not support)
+        return None
+
+
+def parameter_count(name: str, **config: Any) -> int:
+    """The number of parameters (and buffers) of ``name`` built with ``config``, found without
+    allocating them (built on the meta device).
+
+    Raises:
+        ArchitectureError: the config is not one ``name`` accepts.
+    """
+    with torch.device("meta"):
+        model = create(name, **config)
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+
+
+def check_network_size(name: str, skeleton: nn.Module) -> None:
+    """Refuse a network whose weights alone need more memory than is available.
+
+    Raises:
+        ResourceError: naming the architecture, its parameter count and the memory it needs.
+    """
+    from volseg.errors import ResourceError
+    from volseg.memory import check_allocation
+
+    count = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+    nbytes = sum(t.numel() * t.element_size() for t in (*skeleton.parameters(), *skeleton.buffers()))
+    try:
+        check_allocation(nbytes, f"the network {name} ({count:,} parameters)")
+    except ResourceError as exc:
+        raise ResourceError(exc.message, hint="the model card's architecture.config (or --arch-config) makes this "
+                            "network: check it; a smaller ROI does not help here") from None
 
 
 @dataclass

@@ -156,9 +156,55 @@ def all_masks(context: MRMLContext, segmentation_node: Any, volume: Any) -> dict
     return {segment_id: segment_mask(context, segmentation_node, segment_id, volume) for segment_id in ids}
 
 
+def reference_geometry(segmentation_node: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The segmentation's "Reference image geometry" conversion parameter: its image-to-RAS
+    matrix (4x4, in the segmentation node's own coordinates) and its extent."""
+    text = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
+    values = [float(v) for v in text.strip(";").split(";")]
+    if len(values) != 22:
+        raise AssertionError(f"the segmentation has no reference image geometry ({text!r})")
+    return np.array(values[:16]).reshape(4, 4), tuple(int(v) for v in values[16:])
+
+
+def editor_canvas(context: MRMLContext, segmentation_node: Any, volume: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The grid Segment Editor paints on with ``volume`` as its source volume: the image-to-RAS
+    matrix (segmentation coordinates) and extent of ``vtkSlicerSegmentEditorLogic``'s reference
+    geometry image, which its effects' modifier labelmaps take."""
+    import slicer
+    import vtk
+
+    with context.temporary_additions():
+        logic = slicer.vtkSlicerSegmentEditorLogic()
+        logic.SetMRMLScene(context.scene)
+        logic.SetSegmentEditorNode(context.add_node("vtkMRMLSegmentEditorNode", "VolSegSlicer canvas check",
+                                                    hidden=True))
+        logic.SetSegmentationNode(segmentation_node)
+        logic.SetSourceVolumeNode(volume)
+        if not logic.UpdateReferenceGeometryImage():
+            raise AssertionError("Segment Editor found no geometry to paint on")
+        image = logic.GetReferenceGeometryImage()
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        return matrix_array(matrix), tuple(image.GetExtent())
+
+
+def check_geometry(tc: Any, context: MRMLContext, segmentation_node: Any, volume: Any) -> None:
+    """The segmentation lies on the volume's grid, once: under the volume's parent transform, its
+    reference image geometry and Segment Editor's canvas are the volume's own IJK-to-RAS and
+    extent (in local coordinates; the shared transform places both in the world)."""
+    extent = tuple(v for n in volume.GetImageData().GetDimensions() for v in (0, n - 1))
+    tc.assertEqual(segmentation_node.GetTransformNodeID(), volume.GetTransformNodeID())
+    for what, (matrix, grid) in (("reference image geometry", reference_geometry(segmentation_node)),
+                                 ("Segment Editor canvas", editor_canvas(context, segmentation_node, volume))):
+        tc.assertTrue(np.allclose(matrix, ijk_to_ras(volume), atol=1e-4),
+                      f"the {what} is not the volume's IJK-to-RAS:\n{matrix}\n!=\n{ijk_to_ras(volume)}")
+        tc.assertEqual(grid, extent, f"the {what} extent is not the volume's")
+
+
 def check_result(tc: Any, context: MRMLContext, segmentation_node: Any, model: dict, volume: Any) -> None:
     """A fresh result: one segment per card label with the card's name, colour, terminology and
-    our tags, on the volume's geometry, under its transform and in its folder/study."""
+    our tags, on the volume's geometry (:func:`check_geometry`), under its transform and in its
+    folder/study."""
     tc.assertIsNotNone(segmentation_node, "no segmentation node was made")
     rows = segment_rows(model)
     segmentation = segmentation_node.GetSegmentation()
@@ -172,7 +218,7 @@ def check_result(tc: Any, context: MRMLContext, segmentation_node: Any, model: d
         tc.assertEqual(segment_tag(segment, TAG_LABEL_VALUE), str(row["value"]))
         tc.assertEqual(segment_tag(segment, TAG_MODEL_ID), model["id"])
     tc.assertIs(reference_volume(segmentation_node), volume)
-    tc.assertEqual(segmentation_node.GetTransformNodeID(), volume.GetTransformNodeID())
+    check_geometry(tc, context, segmentation_node, volume)
     hierarchy = context.subject_hierarchy
     tc.assertEqual(hierarchy.GetItemParent(subject_hierarchy_item(context, segmentation_node)),
                    hierarchy.GetItemParent(subject_hierarchy_item(context, volume)))
@@ -184,6 +230,7 @@ def check_replaced(tc: Any, context: MRMLContext, segmentation_node: Any, volume
                    fresh_masks: dict) -> None:
     """After a 'replace' re-run: the model's segments are the model's again (the painted sphere
     and erased slab are gone), the user's segment is exactly as it was, in its place."""
+    check_geometry(tc, context, segmentation_node, volume)
     masks = all_masks(context, segmentation_node, volume)
     tc.assertIn(edits.user_segment, masks, "the user's segment was removed")
     tc.assertTrue(np.array_equal(masks[edits.user_segment], edits.user_mask), "the user's segment changed")
@@ -232,6 +279,25 @@ def check_seg_nrrd_export(tc: Any, path: str, model: dict, edits: Edits, volume:
     tc.assertIsNotNone(lung_mask)
     tc.assertEqual(lung_mask.shape, volume_array(volume).shape)
     tc.assertTrue(np.all(lung_mask[edits.sphere]), "the painted sphere is missing from the .seg.nrrd")
+    check_seg_nrrd_grid(tc, path, volume)
+
+
+def check_seg_nrrd_grid(tc: Any, path: str, volume: Any) -> None:
+    """An exported ``.seg.nrrd`` lies on the volume's grid where it is shown: its header's sizes
+    are the volume's, its space directions and origin (LPS) are the volume's IJK-to-RAS with its
+    parent transforms applied (the file is hardened, nothing resampled)."""
+    import nrrd
+
+    header = nrrd.read_header(str(path))
+    sizes = [int(n) for n in header["sizes"]][-3:]
+    tc.assertEqual(tuple(sizes), tuple(volume.GetImageData().GetDimensions()), "the .seg.nrrd grid was resampled")
+    directions = np.asarray(header["space directions"], float)[-3:]
+    tc.assertIn(header.get("space"), ("left-posterior-superior", "LPS"))
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3], ijk_to_lps[:3, 3] = directions.T, np.asarray(header["space origin"], float)
+    expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ world_matrix(volume) @ ijk_to_ras(volume)
+    tc.assertTrue(np.allclose(ijk_to_lps, expected, atol=1e-3),
+                  f"the .seg.nrrd is not on the volume's grid in world coordinates:\n{ijk_to_lps}\n!=\n{expected}")
 
 
 def scene_snapshot(context: MRMLContext) -> dict:

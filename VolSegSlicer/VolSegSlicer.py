@@ -489,7 +489,7 @@ class VolSegSlicerTest(ScriptedLoadableModuleTest):
                           "then click 'Check Python packages' in the VolSegSlicer panel")
         logic = VolSegSlicerLogic()
         try:
-            self.delayDisplay("Segment the sample CT, correct, re-run, export")
+            self.delayDisplay("Segment the sample CT, correct, re-run, export; then a 4x finer copy of it")
             testing.run_module_chain(self, logic, slicer.util.loadVolume, slicer.app.processEvents,
                                      tempfile.mkdtemp(prefix="VolSegSlicerTest-"))
         finally:

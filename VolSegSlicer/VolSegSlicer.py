@@ -8,28 +8,39 @@ slicer-core, and by the engine ``volseg``, run as a background process so the GU
 
 import os
 import sys
-import tempfile
-import unittest
-from typing import Annotated, Any, Callable, Optional
 
-import qt
 import slicer
-import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.i18n import tr as _
-from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:  # Slicer adds it; keeps `import VolSegSlicerLib` working everywhere
+    sys.path.insert(0, MODULE_DIR)
+
+# First, before anything written for Python 3.10+: a Slicer older than 5.10 gets a clear message
+# (in the log and, once Slicer has started, in a dialog) and the module is not loaded.
+from VolSegSlicerLib.slicer_version import announce_refusal, refusal  # noqa: E402
+
+_TOO_OLD = refusal(getattr(getattr(slicer, "app", None), "applicationVersion", ""))
+if _TOO_OLD:
+    announce_refusal(slicer, _TOO_OLD)
+    raise ImportError(_TOO_OLD)
+
+import tempfile  # noqa: E402
+import unittest  # noqa: E402
+from typing import Annotated, Any, Callable, Optional  # noqa: E402
+
+import qt  # noqa: E402
+import vtk  # noqa: E402
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402
+from slicer.i18n import tr as _  # noqa: E402
+from slicer.i18n import translate  # noqa: E402
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
-
-MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-if MODULE_DIR not in sys.path:  # Slicer adds it; keeps `import VolSegSlicerLib` working everywhere
-    sys.path.insert(0, MODULE_DIR)
+from slicer.util import VTKObservationMixin  # noqa: E402
 
 from VolSegSlicerLib import catalog, dicom, export, mrml, panel, resources, results, settings, testing  # noqa: E402
 from VolSegSlicerLib.devices import DeviceChoices, fallback_choices  # noqa: E402

@@ -6,6 +6,7 @@ re-runs, exports), written against the scene and logics it is given and tested w
 slicer-core, and by the engine ``volseg``, run as a background process so the GUI never waits.
 """
 
+import logging
 import os
 import sys
 
@@ -376,7 +377,8 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed."), waitCursor=True):
             if self.logic.ensureDependencies():
                 self._dependenciesChecked = True
-                slicer.util.infoDisplay(_("PyTorch and the packages the engine needs are installed."))
+                slicer.util.infoDisplay(_("PyTorch and the packages the engine needs are installed.") + "\n\n" +
+                                        getattr(self.logic, "installReport", ""))
                 self.refreshModels()
                 self.logic.runner.query_devices(self.showDevices)
 
@@ -465,8 +467,12 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self) -> bool:
         """PyTorch (from the PyTorch extension) and the engine's packages; False if declined."""
+        def report(text: str) -> None:
+            self.installReport = text
+            logging.info(text)
+
         return resources.ensure_requirements(moduleResourcePath("requirements.txt"), slicer.util.confirmOkCancelDisplay,
-                                   slicer.util.pip_install)
+                                             slicer.util.pip_install, report=report)
 
     def shutdown(self) -> None:
         self._timer.stop()

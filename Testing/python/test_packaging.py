@@ -42,3 +42,17 @@ def test_slicer_requirements_and_pyproject_ask_for_the_same_versions():
     slicer = {Requirement(line).name.lower(): str(Requirement(line).specifier)
               for line in lines if line and not line.startswith("-")}
     assert slicer and {name: spec for name, spec in slicer.items() if engine.get(name) != spec} == {}
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The developers' command at the top of the README installs and runs what `.ci/run` does."""
+    import shlex
+
+    run = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    install = re.search(r"pip install (?:--\S+ )*(torch==\S+ -e \S+)", run).group(1)
+    pytest_line = next(line.strip() for line in run.splitlines() if " -m pytest " in line)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    top = readme.split("```bash", 1)[1].split("```", 1)[0]
+    developer = next(line for line in top.splitlines() if "pytest" in line)
+    assert f"python3 -m pip install {install} && {pytest_line}" == developer.strip()
+    assert shlex.split(install)[-1] == '.[test,cluster,onnx]'

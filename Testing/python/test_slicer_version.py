@@ -81,5 +81,5 @@ def test_the_check_comes_before_anything_written_for_new_python():
     order = [(node.lineno, ast.unparse(node)) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom, ast.If))]
     check = next(n for n, text in order if text.startswith("if _TOO_OLD"))
     before = [text for n, text in order if n < check]
-    assert before == ["import os", "import sys", "import slicer", "if MODULE_DIR not in sys.path:\n    sys.path.insert(0, MODULE_DIR)",
+    assert before == ["import logging", "import os", "import sys", "import slicer", "if MODULE_DIR not in sys.path:\n    sys.path.insert(0, MODULE_DIR)",
                       "from VolSegSlicerLib.slicer_version import announce_refusal, refusal"], before

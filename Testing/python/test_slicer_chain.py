@@ -208,6 +208,7 @@ def test_the_demo_gives_the_native_answer_on_a_4x_finer_ct(context, runner_facto
     dice = testing.check_finer_resolution(CHECK, context, lambda fine: run(runner, demo, fine, wait_s=900), demo,
                                           volume, native.segmentationNode)
     assert set(dice) == set(testing.RESOLUTION_DICE)
+    print("Dice per label, 4x finer CT against the native run:", {k: round(v, 3) for k, v in dice.items()})
 
 
 # ------------------------------------------------------------------------------------------ DICOM

@@ -6,30 +6,42 @@ re-runs, exports), written against the scene and logics it is given and tested w
 slicer-core, and by the engine ``volseg``, run as a background process so the GUI never waits.
 """
 
+import logging
 import os
 import sys
-import tempfile
-import unittest
-from typing import Annotated, Any, Callable, Optional
 
-import qt
 import slicer
-import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.i18n import tr as _
-from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:  # Slicer adds it; keeps `import VolSegSlicerLib` working everywhere
+    sys.path.insert(0, MODULE_DIR)
+
+# First, before anything written for Python 3.10+: a Slicer older than 5.10 gets a clear message
+# (in the log and, once Slicer has started, in a dialog) and the module is not loaded.
+from VolSegSlicerLib.slicer_version import announce_refusal, refusal  # noqa: E402
+
+_TOO_OLD = refusal(getattr(getattr(slicer, "app", None), "applicationVersion", ""))
+if _TOO_OLD:
+    announce_refusal(slicer, _TOO_OLD)
+    raise ImportError(_TOO_OLD)
+
+import tempfile  # noqa: E402
+import unittest  # noqa: E402
+from typing import Annotated, Any, Callable, Optional  # noqa: E402
+
+import qt  # noqa: E402
+import vtk  # noqa: E402
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402
+from slicer.i18n import tr as _  # noqa: E402
+from slicer.i18n import translate  # noqa: E402
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
-
-MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-if MODULE_DIR not in sys.path:  # Slicer adds it; keeps `import VolSegSlicerLib` working everywhere
-    sys.path.insert(0, MODULE_DIR)
+from slicer.util import VTKObservationMixin  # noqa: E402
 
 from VolSegSlicerLib import catalog, dicom, export, mrml, panel, remote, resources, results, settings, testing  # noqa: E402
 from VolSegSlicerLib.devices import DeviceChoices, fallback_choices  # noqa: E402
@@ -428,7 +440,8 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed."), waitCursor=True):
             if self.logic.ensureDependencies():
                 self._dependenciesChecked = True
-                slicer.util.infoDisplay(_("PyTorch and the packages the engine needs are installed."))
+                slicer.util.infoDisplay(_("PyTorch and the packages the engine needs are installed.") + "\n\n" +
+                                        getattr(self.logic, "installReport", ""))
                 self.refreshModels()
                 self.logic.runner.query_devices(self.showDevices)
 
@@ -517,8 +530,12 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self) -> bool:
         """PyTorch (from the PyTorch extension) and the engine's packages; False if declined."""
+        def report(text: str) -> None:
+            self.installReport = text
+            logging.info(text)
+
         return resources.ensure_requirements(moduleResourcePath("requirements.txt"), slicer.util.confirmOkCancelDisplay,
-                                   slicer.util.pip_install)
+                                             slicer.util.pip_install, report=report)
 
     def shutdown(self) -> None:
         self._timer.stop()
@@ -552,7 +569,7 @@ class VolSegSlicerTest(ScriptedLoadableModuleTest):
                           "then click 'Check Python packages' in the VolSegSlicer panel")
         logic = VolSegSlicerLogic()
         try:
-            self.delayDisplay("Segment the sample CT, correct, re-run, export")
+            self.delayDisplay("Segment the sample CT, correct, re-run, export; then a 4x finer copy of it")
             testing.run_module_chain(self, logic, slicer.util.loadVolume, slicer.app.processEvents,
                                      tempfile.mkdtemp(prefix="VolSegSlicerTest-"))
         finally:

@@ -147,3 +147,50 @@ def test_demo_overwrite_replaces_earlier_results_only_when_asked(tmp_path, capsy
         assert im.format == "PNG"
     seg = slicerio.read_segmentation(str(folder / "CTChest4-demo.seg.nrrd"))
     assert [s["name"] for s in seg["segments"]] == [lab.name for lab in load_card("demo").labels]
+
+
+def test_demo_label_colours_tell_the_bones_apart():
+    """Ribs and the three spine sections were four near-identical pale yellows: every pair of the
+    demo's label colours is now far apart (Euclidean RGB distance)."""
+    import itertools
+
+    colours = {label.name: np.asarray(label.color, float) for label in load_card("demo").labels}
+    distances = {(a, b): float(np.linalg.norm(colours[a] - colours[b])) for a, b in itertools.combinations(colours, 2)}
+    assert min(distances.values()) > 100, min(distances.items(), key=lambda item: item[1])
+
+
+def test_demo_card_resamples_to_the_spacing_it_was_trained_at(ct_path):
+    """The first step resamples to CTChest4's own spacing (so the native CT is unchanged and any
+    other resolution of it is brought to the grid the model knows), and the result is mapped back."""
+    from volseg.io import read_volume
+
+    card = load_card("demo")
+    first = card.preprocessing[0]
+    assert first["name"] == "Spacing"
+    volume = read_volume(ct_path)
+    np.testing.assert_allclose(first["args"]["pixdim"], volume.spacing, rtol=1e-6)
+
+
+def test_picture_numbers_slices_says_which_way_and_marks_where_they_cut(tmp_path, monkeypatch):
+    from volseg.demo import picture as demo_picture
+
+    ct = np.full((40, 30, 12), 0.0)
+    labels = np.zeros(ct.shape, np.uint8)
+    captions = []
+    real_text = demo_picture._text
+    monkeypatch.setattr(demo_picture, "_text",
+                        lambda draw, xy, text, *a, **k: (captions.append(text), real_text(draw, xy, text, *a, **k)))
+    monkeypatch.setattr(demo_picture, "_letters", lambda *a: None)  # only the reference lines in yellow/pink
+    demo_picture.overview_png(ct, labels, [], tmp_path / "p.png", spacing=(1.0, 1.0, 4.0), tile_height=96,
+                              notice="", title="")
+    assert captions[:4] == ["axial 4/12 (1 = inferior)", "axial 7/12 (1 = inferior)", "axial 10/12 (1 = inferior)",
+                            "coronal 16/30 (1 = anterior)"]
+    with Image.open(tmp_path / "p.png") as im:
+        rgb = np.asarray(im.convert("RGB"))
+    yellow = np.flatnonzero((rgb == demo_picture.AXIAL_LINE).all(axis=-1).any(axis=1))  # rows with an axial line
+    pink = np.flatnonzero((rgb == demo_picture.CORONAL_LINE).all(axis=-1).any(axis=1))
+    assert len(yellow) == 3 and len(pink) == 1  # three axial slices on the coronal, the coronal on each axial
+    top = 18  # the caption row above the slices (no band, no title)
+    h = round(12 * 4.0 * 96 / max(30 * 1.0, 12 * 4.0))  # the coronal tile's height: 48 mm at 96 px for 48 mm
+    expected = [top + int((12 - 1 - z + 0.5) * h / 12) for z in (9, 6, 3)]
+    assert list(yellow) == expected

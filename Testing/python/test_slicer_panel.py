@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from importlib.metadata import version
 from types import SimpleNamespace
 
 import pytest
@@ -114,17 +115,40 @@ def test_dependencies_pytorch_extension_first_then_requirements(tmp_path: Path, 
     declined = _TorchLogic(installed=False, accept=False)
     assert ensure_requirements(str(requirements), lambda text: True, lambda pkgs: None, lambda: declined, None) is False
     assert declined.asked == [">=2.1"]
-    installed, asked = [], []
-    ok = ensure_requirements(str(requirements), lambda text: asked.append(text) or True, installed.extend,
-                             lambda: _TorchLogic(True, True), None)
-    assert ok and installed == ["surely-not-installed-package>=1"] and "surely-not-installed-package" in asked[0]
-    assert ensure_requirements(str(requirements), lambda text: False, installed.extend, lambda: _TorchLogic(True, True),
+    installed, asked, reports = [], [], []
+
+    def pip_install(args):  # what slicer.util.pip_install gets: pip arguments after "install"
+        installed.append((list(args), Path(args[1]).read_text(encoding="utf-8")))
+
+    ok = ensure_requirements(str(requirements), lambda text: asked.append(text) or True, pip_install,
+                             lambda: _TorchLogic(True, True), None, report=reports.append)
+    (args, constraints), = installed
+    # The torch that is there is pinned (pip must not replace the extension's build); only the missing package asked.
+    assert ok and args[0] == "-c" and args[2:] == ["surely-not-installed-package>=1"]
+    assert f"torch=={version('torch')}" in constraints.splitlines()
+    assert not Path(args[1]).exists()  # the constraints file lived in a private temporary folder
+    assert "surely-not-installed-package" in asked[0] and f"torch=={version('torch')} kept as installed" in asked[0]
+    assert reports == [f"Python packages for VolSegSlicer, chosen to work with torch {version('torch')} (kept as the "
+                       f"PyTorch extension installed it): numpy {version('numpy')}, surely-not-installed-package "
+                       "(not installed)."]
+    assert ensure_requirements(str(requirements), lambda text: False, pip_install, lambda: _TorchLogic(True, True),
                                None) is False
     ensured = []
-    packaging = SimpleNamespace(load_requirements=lambda path: ["from " + path],
-                                pip_ensure=lambda reqs, requester: ensured.append((reqs, requester)))
+    packaging = SimpleNamespace(
+        load_requirements=lambda path: ["from " + path],
+        pip_ensure=lambda reqs, constraints, requester: ensured.append((reqs, Path(constraints).read_text(), requester)))
     assert ensure_requirements(str(requirements), lambda t: False, None, lambda: _TorchLogic(True, True), packaging)
-    assert ensured == [([f"from {requirements}"], "VolSegSlicer")]
+    assert ensured == [([f"from {requirements}"], f"torch=={version('torch')}\n", "VolSegSlicer")]
+
+
+def test_module_asks_the_pytorch_extension_for_pyprojects_torch() -> None:
+    import tomllib
+
+    from VolSegSlicerLib.resources import TORCH_REQUIREMENT
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    torch = next(d for d in project["dependencies"] if d.startswith("torch"))
+    assert torch == "torch" + TORCH_REQUIREMENT
 
 
 def test_diagnostics_name_versions_devices_and_log() -> None:

@@ -118,27 +118,71 @@ def _pytorch_utils_logic() -> Any:
 
 
 def _slicer_packaging() -> Any:
-    try:
-        import slicer.packaging as packaging  # Slicer 5.12+
-    except ImportError:
-        return None
-    return packaging
+    """Slicer's package helper with ``pip_ensure``: ``slicer.pydeps`` (5.11+) or ``slicer.packaging``."""
+    import importlib
+
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+#: What the module asks the PyTorch extension for (pyproject.toml's torch requirement; a test
+#: keeps the two equal).
+TORCH_REQUIREMENT = ">=2.1"
+#: Packages the PyTorch extension installs, kept exactly as they are when the requirements are
+#: installed (pip picks versions of the others that work with them).
+TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
+
+
+def torch_pins() -> list[str]:
+    """``name==version`` of each installed :data:`TORCH_PACKAGES` (e.g. ``torch==2.4.1+cu121``)."""
+    from importlib import metadata
+
+    pins = []
+    for name in TORCH_PACKAGES:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def installed_versions(requirements: list[str]) -> list[str]:
+    """``"name version"`` of each requirement as installed now (``"name (not installed)"`` if not)."""
+    from importlib import metadata
+
+    versions = []
+    for requirement in requirements:
+        name = requirement_name(requirement)
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    return versions
 
 
 def ensure_requirements(requirements_path: str, confirm: Any, pip_install: Any, torch_installer: Any = None,
-                        packaging: Any = "slicer") -> bool:
+                        packaging: Any = "slicer", report: Any = None) -> bool:
     """Make sure PyTorch and the engine's packages are installed; False if the user declined.
 
     PyTorch comes first, from the PyTorch extension's installer (``torch_installer()`` returns
     its ``PyTorchUtilsLogic``, or raises ImportError when the extension is missing), which picks
-    the build that fits the GPU driver. The rest comes from ``requirements_path`` with Slicer's
-    ``packaging.pip_ensure`` (5.12+) where there is one, else by asking ``confirm(text)`` and
-    calling ``pip_install(list)`` for the missing ones.
+    the build that fits the GPU driver. The rest comes from ``requirements_path`` with the
+    installed torch (and torchvision/torchaudio) **pinned** by a pip constraints file, so pip
+    never replaces the extension's torch build: it picks versions of the other packages that
+    work with it (MONAI 1.6 needs torch 2.8+; with torch 2.4 or 2.6 pip picks MONAI 1.5.2, with
+    torch 2.1 MONAI 1.4.0). Slicer's ``pip_ensure`` (``slicer.pydeps``, 5.11+) is used where
+    there is one, else ``confirm(text)`` is asked and ``pip_install(["-c", constraints,
+    *missing])`` called. ``report(text)`` is told which versions are installed afterwards.
 
     Raises:
         RuntimeError: the PyTorch extension is missing (the message says what to install).
     """
     import importlib.util
+    import tempfile
 
     if importlib.util.find_spec("torch") is None:
         try:
@@ -147,16 +191,33 @@ def ensure_requirements(requirements_path: str, confirm: Any, pip_install: Any, 
             raise RuntimeError("VolSegSlicer needs PyTorch: install the 'PyTorch' extension with the "
                                "Extensions Manager, restart Slicer and try again.") from None
         if not torch_logic.torchInstalled():
-            if torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
+            if torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 return False
     packaging = _slicer_packaging() if packaging == "slicer" else packaging
-    if packaging is not None and hasattr(packaging, "pip_ensure"):
-        packaging.pip_ensure(packaging.load_requirements(requirements_path), requester="VolSegSlicer")
-        return True
-    missing = missing_requirements(read_requirements(requirements_path))
-    if not missing:
-        return True
-    if not confirm("VolSegSlicer needs these Python packages:\n" + "\n".join(missing) + "\n\nInstall them now?"):
-        return False
-    pip_install(missing)
+    requirements = read_requirements(requirements_path)
+    pins = torch_pins()
+    with tempfile.TemporaryDirectory(prefix="VolSegSlicer-pip-") as folder:  # private (0700)
+        constraints = os.path.join(folder, "constraints.txt")
+        Path(constraints).write_text("".join(pin + "\n" for pin in pins), encoding="utf-8")
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure(packaging.load_requirements(requirements_path), constraints=constraints,
+                                 requester="VolSegSlicer")
+        else:
+            missing = missing_requirements(requirements)
+            if not missing:
+                return True
+            kept = f" ({', '.join(pins)} kept as installed)" if pins else ""
+            if not confirm("VolSegSlicer needs these Python packages:\n" + "\n".join(missing) +
+                           f"\n\nInstall them now{kept}?"):
+                return False
+            pip_install(["-c", constraints, *missing])
+    if report is not None:
+        report(install_report(requirements, pins))
     return True
+
+
+def install_report(requirements: list[str], pins: list[str]) -> str:
+    """What is installed now, for the user: the kept torch build and the versions pip chose."""
+    kept = ", ".join(pin.replace("==", " ") for pin in pins) or "no torch"
+    return (f"Python packages for VolSegSlicer, chosen to work with {kept} (kept as the PyTorch extension "
+            f"installed it): " + ", ".join(installed_versions(requirements)) + ".")

@@ -60,6 +60,15 @@ def _fill_staging(context: MRMLContext, labelmap: Any, voxels: np.ndarray, rows:
                   segment_ids: Sequence[str], model_id: str, input_volume: Any) -> Any:
     """A hidden segmentation node with one segment per card label, filled from ``labelmap``."""
     staging = context.add_node("vtkMRMLSegmentationNode", "VolSegSlicer staging", hidden=True)
+    # The staging node and the label map go under the input's parent transform *before* the
+    # geometry is set and the voxels imported: Slicer expresses the reference geometry, and
+    # resamples an imported label map, in the segmentation node's own coordinates, composing
+    # whatever transform lies between the two nodes. Under the same transform there is none, so
+    # the reference geometry is exactly the volume's IJK-to-RAS and the voxels are copied as they
+    # are (set afterwards, the transform would be applied twice).
+    transform_id = input_volume.GetTransformNodeID()
+    staging.SetAndObserveTransformNodeID(transform_id)
+    labelmap.SetAndObserveTransformNodeID(transform_id)
     staging.SetReferenceImageGeometryParameterFromVolumeNode(input_volume)
     segmentation = staging.GetSegmentation()
     terminology = terminology_tag_name()
@@ -147,13 +156,13 @@ def import_result(context: MRMLContext, labelmap_path: str, model: Mapping[str, 
 
 
 def _commit_new(context: MRMLContext, staging: Any, name: str, input_volume: Any) -> None:
-    """Turn the staging node into the node the user sees: named, shown, on the input's geometry,
-    under its parent transform and beside it in the subject hierarchy."""
+    """Turn the staging node into the node the user sees: named, shown, referencing the input
+    volume and beside it in the subject hierarchy (it is under the input's parent transform
+    already, see :func:`_fill_staging`)."""
     staging.SetName(context.scene.GenerateUniqueName(name))
     staging.SetHideFromEditors(False)
     staging.CreateDefaultDisplayNodes()
     staging.SetNodeReferenceID(staging.GetReferenceImageGeometryReferenceRole(), input_volume.GetID())
-    staging.SetAndObserveTransformNodeID(input_volume.GetTransformNodeID())
     place_beside(context, staging, input_volume)
 
 

@@ -1,7 +1,9 @@
 """The demo's picture: a few CT slices with the labels overlaid, a colour key and a notice.
 
 :func:`overview_png` draws three axial slices (at 25, 50 and 75 % of the superior axis) and a
-coronal slice through the middle, all at one physical scale, in radiological display (the
+coronal slice through the middle, all at one physical scale, each captioned with its number
+and the way numbering runs (axial slices from the feet, 1 = inferior; coronal from the front,
+1 = anterior), with dashed reference lines where the others cut it, in radiological display (the
 patient's right on the left of each slice), with orientation letters on every side. Labels
 are filled half-transparent; a label covering much of the volume (the demo's "tissue") is drawn
 as an outline over a faint fill, so that the CT under it stays readable. A key names each
@@ -19,6 +21,28 @@ import numpy as np
 from volseg.io.atomic import atomic_output
 
 NOT_FOR_CLINICAL_USE = "Demonstration model - NOT FOR CLINICAL USE"
+
+
+#: Reference lines (dashed, as a viewer shows slice intersections): on the coronal slice where the
+#: axial slices cut it, on the axial slices where the coronal slice cuts them.
+AXIAL_LINE = (255, 255, 0)
+CORONAL_LINE = (255, 128, 255)
+
+
+def _dashed(draw, x0: int, x1: int, y: int, color: tuple[int, int, int], dash: int = 6) -> None:
+    """A horizontal dashed line from ``x0`` to ``x1`` at ``y``, one pixel thick."""
+    for x in range(x0, x1, 2 * dash):
+        draw.line((x, y, min(x + dash - 1, x1 - 1), y), fill=color, width=1)
+
+
+def axial_caption(z: int, nz: int) -> str:
+    """The axial slice's caption: its number (from 1) and which way numbering runs."""
+    return f"axial {z + 1}/{nz} (1 = inferior)"
+
+
+def coronal_caption(j: int, ny: int) -> str:
+    """The coronal slice's caption: its number (from 1) and which way numbering runs."""
+    return f"coronal {j + 1}/{ny} (1 = anterior)"
 
 
 @dataclass(frozen=True)
@@ -148,13 +172,13 @@ def overview_png(ct: np.ndarray, labels: np.ndarray, key: Sequence[KeyEntry], pa
     axial_size = (max(1, round(nx * sx * mm)), max(1, round(ny * sy * mm)))
     coronal_size = (max(1, round(nx * sx * mm)), max(1, round(nz * sz * mm)))
     tiles: list[tuple[np.ndarray, tuple[str, str, str, str], str]] = []
-    for frac in (0.25, 0.5, 0.75):
-        z = min(nz - 1, int(frac * nz))
+    axial = [min(nz - 1, int(frac * nz)) for frac in (0.25, 0.5, 0.75)]
+    for z in axial:
         tiles.append((_render(gray[:, :, z].T, labels[:, :, z].T, key, outlined, axial_size, alpha),
-                      ("R", "A", "L", "P"), f"axial {z + 1}/{nz}"))
+                      ("R", "A", "L", "P"), axial_caption(z, nz)))
     j = ny // 2
     tiles.append((_render(gray[:, j, :].T[::-1], labels[:, j, :].T[::-1], key, outlined, coronal_size, alpha),
-                  ("R", "S", "L", "I"), "coronal"))
+                  ("R", "S", "L", "I"), coronal_caption(j, ny)))
 
     font, small = _font(16), _font(13)
     gap, margin = 6, 8
@@ -173,10 +197,15 @@ def overview_png(ct: np.ndarray, labels: np.ndarray, key: Sequence[KeyEntry], pa
     if title:
         _text(draw, (margin, band + header // 2), title, small, "lm")
     x, top = margin, band + header + caption
-    for rgb, letters, name in tiles:
+    for n, (rgb, letters, name) in enumerate(tiles):
         h, w = rgb.shape[:2]
         canvas.paste(Image.fromarray(rgb), (x, top))
         _text(draw, (x, top - caption // 2), name, small, "lm", fill=(200, 200, 200))
+        if n == len(tiles) - 1:  # the coronal slice: where the axial slices cut it
+            for z in axial:
+                _dashed(draw, x, x + w, top + int((nz - 1 - z + 0.5) * h / nz), AXIAL_LINE)
+        else:  # each axial slice: where the coronal slice cuts it
+            _dashed(draw, x, x + w, top + int((j + 0.5) * h / ny), CORONAL_LINE)
         _letters(draw, (x, top, x + w, top + h), letters, font)
         x += w + gap
     y = top + row_h + margin

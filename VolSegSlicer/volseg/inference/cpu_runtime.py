@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from volseg.inference.telemetry import telemetry_allowed, telemetry_off
+
 __all__ = ["MIN_VOXELS", "PREFERRED", "RuntimeNet", "cache_dir", "library_logs", "runtime_candidates", "select_runtime"]
 
 #: Runtimes tried per architecture, best first. OpenVINO first: it was the faster of the two in
@@ -123,6 +125,8 @@ class RuntimeNet(nn.Module):
 def _onnxruntime(path: Path, threads: int):
     import onnxruntime as ort
 
+    if not telemetry_allowed():
+        ort.disable_telemetry_events()  # the platform's event telemetry (Windows), besides the device id
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -169,6 +173,7 @@ def compile_for_cpu(model: nn.Module, runtime: str, shape: Sequence[int], folder
         Exception: whatever the export or the runtime raised.
     """
     loader = _LOADERS[runtime]
+    telemetry_off()  # before the export or a runtime imports onnxruntime / openvino
     shape = (1, *tuple(shape)[1:])  # exported for one window; RuntimeNet runs a batch window by window
     folder = folder or cache_dir()
     key = _fingerprint(model, shape, select)

@@ -31,14 +31,18 @@ class WindowPredictor:
     """Wraps the network for MONAI: selects the output, counts windows, honours cancellation."""
 
     def __init__(self, model: torch.nn.Module, options: InferenceOptions, total: int,
-                 reporter: Reporter | None, cancel: threading.Event | None) -> None:
+                 reporter: Reporter | None, cancel: threading.Event | None,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.model, self.options, self.total = model, options, total
+        self.memory_format = memory_format
         self.reporter, self.cancel = reporter, cancel
         self.done = 0
 
     def __call__(self, patches: torch.Tensor) -> torch.Tensor:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled()
+        if self.memory_format is not torch.contiguous_format:
+            patches = patches.contiguous(memory_format=self.memory_format)
         try:
             out = self.model(patches)
         except torch.OutOfMemoryError:
@@ -57,7 +61,8 @@ class WindowPredictor:
                              hint="volseg needs a network that returns logits (B, C, ...) or a list of them")
         if self.done == 0:
             self._check_first(out, patches)
-        out = out.float()
+        if out.dtype != torch.float32:
+            out = out.float()
         if self.options.activation_per_window:
             out = activate(out, self.options.activation)
         self.done += patches.shape[0]

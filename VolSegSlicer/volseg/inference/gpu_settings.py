@@ -1,0 +1,97 @@
+"""The settings a run changes on a CUDA GPU, for its duration only, and the window batch it picks.
+
+- :func:`run_settings`: TF32 off when the precision is ``fp32``
+  (:func:`volseg.inference.precision.exact_fp32`), cuDNN autotuning (``cudnn.benchmark``) per
+  ``options.cudnn_benchmark``; the process's own settings come back afterwards.
+- :func:`resolve_window_batch`: with ``options.sw_batch_auto`` on CUDA, the window batch sized
+  from the free memory (:mod:`volseg.inference.window_batch`).
+- :func:`to_device`: one copy of the image to the device (asynchronous from pinned memory).
+- :class:`_Clock`: per-step seconds for benchmarks (synchronising the device only when asked).
+
+On the CPU each is a no-op, so the CPU path is exactly what it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+
+from volseg.inference.precision import autocast_dtype, exact_fp32
+from volseg.inference.window_batch import measure_window_bytes, stitch_bytes, window_batch_size
+from volseg.options import InferenceOptions
+
+__all__ = ["resolve_window_batch", "run_settings", "to_device", "memory_format"]
+
+
+def memory_format(options: InferenceOptions, device: torch.device) -> torch.memory_format:
+    """channels-last 3D (NDHWC) for the windows and the network when the options ask and the device is CUDA."""
+    if options.channels_last and device.type == "cuda":
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def run_settings(device: torch.device, precision: str, options: InferenceOptions) -> Iterator[None]:
+    """TF32 off for ``fp32`` and cuDNN autotuning as ``options`` say, on CUDA, for the block only."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(options.cudnn_benchmark)
+    try:
+        with exact_fp32(precision == "fp32"):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def to_device(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``image`` (MetaTensor bookkeeping dropped) on ``device``: one copy, non-blocking from pinned memory."""
+    plain = image.as_tensor() if hasattr(image, "as_tensor") else image
+    if plain.device == device:
+        return plain
+    return plain.to(device, non_blocking=device.type == "cuda" and plain.is_pinned())
+
+
+def resolve_window_batch(model, image: torch.Tensor, options: InferenceOptions, device: torch.device,
+                         precision: str, windows: int) -> InferenceOptions:
+    """``options`` with ``sw_batch_size`` chosen from the GPU's free memory when
+    ``options.sw_batch_auto`` and ``device`` is a CUDA GPU (one window's forward pass is measured
+    once per network and window size); otherwise ``options`` unchanged."""
+    if not (options.sw_batch_auto and device.type == "cuda" and isinstance(model, torch.nn.Module)
+            and torch.cuda.is_available()):
+        return options
+    window = measure_window_bytes(model, image.shape[0], tuple(options.roi_size), device, autocast_dtype(precision),
+                                  memory_format(options, device))
+    passes = 1 + len(options.flips)
+    reserved = stitch_bytes(tuple(max(s, r) for s, r in zip(image.shape[1:], options.roi_size)), image.shape[0],
+                            options.out_channels or 2, passes)
+    free, _ = torch.cuda.mem_get_info(device)
+    return replace(options, sw_batch_size=window_batch_size(free, window, windows, reserved), sw_batch_auto=False)
+
+
+class _Clock:
+    """Seconds per step into ``stats["seconds"]`` (the device synchronised at each mark); no-op without stats."""
+
+    def __init__(self, stats: dict | None, device: torch.device) -> None:
+        self.stats, self.device = stats, device
+        if stats is not None:
+            stats.setdefault("seconds", {})
+            self._sync()
+        self.last = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mark(self, name: str) -> None:
+        if self.stats is None:
+            return
+        self._sync()
+        now = time.perf_counter()
+        self.stats["seconds"][name] = self.stats["seconds"].get(name, 0.0) + now - self.last
+        self.last = now

@@ -1,0 +1,85 @@
+"""How many windows one forward pass runs on a GPU: sized from its free memory.
+
+A card's ``sw_batch_size`` (1-4) suits a small GPU; a big one runs many windows at once. On
+CUDA (unless the user fixed ``--sw-batch-size``) the batch is the largest that fits in a share
+of the free memory, from the memory one window costs (measured once per network, window size,
+input channels and precision, by one forward pass of one window), evened out so that every
+forward pass has about the same number of windows (fewer distinct shapes: fewer cuDNN
+autotuning runs, no tiny last batch).
+
+:func:`window_batch_size` is plain arithmetic on a free-memory figure, tested on the CPU;
+:func:`measure_window_bytes` needs a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+__all__ = ["MAX_WINDOW_BATCH", "stitch_bytes", "measure_window_bytes", "window_batch_size"]
+
+#: The most windows per forward pass: beyond this a GPU gains nothing more, only memory.
+MAX_WINDOW_BATCH = 16
+#: The share of the free memory the window batch may use (the rest: stitching, fragmentation, other work).
+MEMORY_SHARE = 0.5
+
+_measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def window_batch_size(free_bytes: int, window_bytes: int, windows: int, reserved_bytes: int = 0,
+                      share: float = MEMORY_SHARE, maximum: int = MAX_WINDOW_BATCH) -> int:
+    """Windows per forward pass for a device with ``free_bytes`` free.
+
+    Args:
+        free_bytes: the device's free memory now (``torch.cuda.mem_get_info()[0]``).
+        window_bytes: the memory one window's forward pass needs (input, activations, output).
+        windows: windows in one pass over the image (no point batching more).
+        reserved_bytes: memory the run needs besides the windows (input, sums, weights).
+        share: the share of ``free_bytes - reserved_bytes`` the windows may use.
+        maximum: an upper bound (:data:`MAX_WINDOW_BATCH`).
+
+    Returns:
+        At least 1 (a GPU too small for one window is the out-of-memory fallback's business),
+        at most ``min(maximum, windows)``; evened out: ``ceil(windows / passes)`` with the
+        fewest forward passes that fit.
+    """
+    if window_bytes <= 0:
+        raise ValueError(f"window_bytes must be positive, got {window_bytes}")
+    budget = max(0.0, (free_bytes - reserved_bytes) * share)
+    fit = max(1, min(int(budget // window_bytes), maximum, max(1, windows)))
+    passes = math.ceil(max(1, windows) / fit)
+    return math.ceil(max(1, windows) / passes)
+
+
+def stitch_bytes(image_shape: tuple[int, ...], in_channels: int, out_channels: int, passes: int = 1) -> int:
+    """Bytes of the float32 tensors kept on the device for the whole run: the input, the
+    blended sum, the weights, and the running mean when there are test-time flips."""
+    voxels = math.prod(image_shape)
+    return 4 * voxels * (in_channels + out_channels + 1 + (out_channels if passes > 1 else 0))
+
+
+def measure_window_bytes(model: torch.nn.Module, in_channels: int, roi_size: tuple[int, ...],
+                         device: torch.device, autocast_dtype: torch.dtype | None,
+                         memory_format: torch.memory_format = torch.contiguous_format) -> int:
+    """Peak memory of one window's forward pass on a CUDA ``device`` (measured once, cached per network).
+
+    The peak includes the cuDNN workspace, so it overestimates a window's share of a batch a
+    little: the batch errs on the small side.
+    """
+    key = (tuple(roi_size), in_channels, str(device), autocast_dtype, memory_format)
+    cache = _measured.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.zeros((1, in_channels, *roi_size), device=device).to(memory_format=memory_format)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=autocast_dtype or torch.float16,
+                                                 enabled=autocast_dtype is not None):
+        out = model(x)
+        del out
+    torch.cuda.synchronize(device)
+    cache[key] = max(1, torch.cuda.max_memory_allocated(device) - before)
+    return cache[key]

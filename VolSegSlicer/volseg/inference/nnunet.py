@@ -156,7 +156,7 @@ def predict_nnunet(model: torch.nn.Module, image: torch.Tensor, options: Inferen
     predictor = WindowPredictor(model, replace(options, activation_per_window=True), len(windows) * len(passes),
                                 reporter, cancel, memory_format(options, device))
     model.to(device)
-    autocast = autocast_dtype is not None and device.type == "cuda"
+    autocast = autocast_dtype is not None
     acc: torch.Tensor | None = None
     weights = torch.zeros(x.shape[1:], dtype=torch.float32, device=stitch)
     batch_size = max(1, int(options.sw_batch_size))

@@ -142,14 +142,18 @@ def predict_with_fallback(model: torch.nn.Module, image: torch.Tensor, options: 
     ``stats`` receives ``precision`` (what the successful attempt ran in) and ``sw_batch_size``.
     Returns the result and a sentence saying what ran where.
     """
+    precision, reason = run_precision(options, device)
+    if reporter is not None:
+        reporter.log(f"precision {precision}: {reason}")
     if device.type == "cuda" and options.sw_batch_auto and isinstance(model, torch.nn.Module) \
             and torch.cuda.is_available():
-        precision, _ = run_precision(options, device)
         with run_settings(device, precision, options):
             model.to(device)
             windows = count_windows(image.shape[1:], options.roi_size, options.overlap, options.mode)
             try:
                 options = resolve_window_batch(model, image, options, device, precision, windows)
+                if reporter is not None:
+                    reporter.log(f"window batch {options.sw_batch_size} (sized from the free GPU memory)")
             except torch.OutOfMemoryError:  # not even one window fits: the fallback below takes over
                 torch.cuda.empty_cache()
                 options = replace(options, sw_batch_auto=False)

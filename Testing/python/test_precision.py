@@ -17,7 +17,7 @@ from volseg.cli.main import main
 from volseg.inference.gpu_settings import memory_format, resolve_window_batch, run_settings
 from volseg.inference.precision import autocast_dtype, choose_precision, exact_fp32, requested_precision
 from volseg.inference.sliding_window import InferenceOptions, predict, predict_with_fallback, run_precision
-from volseg.inference.window_batch import stitch_bytes, window_batch_size
+from volseg.inference.window_batch import available_bytes, stitch_bytes, window_batch_size
 from volseg.inference.window_predictor import WindowPredictor
 from volseg.pipeline import inference_options
 from volseg.request import Overrides
@@ -154,6 +154,15 @@ def test_reserved_memory_comes_off_first():
 def test_stitch_bytes_counts_input_sums_weights_and_the_flip_mean():
     assert stitch_bytes((10, 10, 10), 1, 3) == 4 * 1000 * (1 + 3 + 1)
     assert stitch_bytes((10, 10, 10), 4, 3, passes=8) == 4 * 1000 * (4 + 3 + 1 + 3)
+
+
+def test_available_memory_counts_cached_blocks_and_the_per_process_cap():
+    # 100 GiB free on the device, 2 GiB cached by this process but not in use
+    assert available_bytes(100 * GiB, 141 * GiB, allocated=GiB, reserved=3 * GiB) == 102 * GiB
+    # a cap of 4 GiB (set_per_process_memory_fraction) with 1 GiB already allocated
+    assert available_bytes(100 * GiB, 140 * GiB, GiB, 3 * GiB, fraction=4 / 140) == 3 * GiB
+    assert available_bytes(100 * GiB, 140 * GiB, 5 * GiB, 5 * GiB, fraction=4 / 140) == 0
+    assert available_bytes(10 * GiB, 140 * GiB, 0, 0, fraction=1.0) == 10 * GiB
 
 
 def test_no_sizing_off_cuda():

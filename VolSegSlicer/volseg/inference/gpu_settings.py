@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from volseg.inference.precision import autocast_dtype, exact_fp32
-from volseg.inference.window_batch import measure_window_bytes, stitch_bytes, window_batch_size
+from volseg.inference.window_batch import gpu_available_bytes, measure_window_bytes, stitch_bytes, window_batch_size
 from volseg.options import InferenceOptions
 
 __all__ = ["resolve_window_batch", "run_settings", "to_device", "memory_format"]
@@ -70,7 +70,7 @@ def resolve_window_batch(model, image: torch.Tensor, options: InferenceOptions, 
     passes = 1 + len(options.flips)
     reserved = stitch_bytes(tuple(max(s, r) for s, r in zip(image.shape[1:], options.roi_size)), image.shape[0],
                             options.out_channels or 2, passes)
-    free, _ = torch.cuda.mem_get_info(device)
+    free = gpu_available_bytes(device)
     return replace(options, sw_batch_size=window_batch_size(free, window, windows, reserved), sw_batch_auto=False)
 
 

@@ -84,9 +84,8 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
     precision, _ = run_precision(options, device)
     with run_settings(device, precision, options):
         model.to(device)
-        fmt = memory_format(options, device)
-        if fmt is not torch.contiguous_format:
-            model.to(memory_format=fmt)
+        if device.type == "cuda" and isinstance(model, torch.nn.Module):  # the weights in the windows' layout
+            model.to(memory_format=memory_format(options, device))
         windows = count_windows(image.shape[1:], options.roi_size, options.overlap, options.mode)
         options = resolve_window_batch(model, image, options, device, precision, windows)
         clock = _Clock(stats, device)

@@ -151,6 +151,13 @@ def test_reserved_memory_comes_off_first():
         window_batch_size(GiB, 0, 4)
 
 
+def test_a_memory_limit_caps_the_batch_whatever_is_free():
+    # the official recipe's peak: 4 windows of 1 GiB in fp32 = 4 GiB; under bf16 a window takes 0.5 GiB
+    assert window_batch_size(141 * GiB, GiB // 2, windows=100, limit_bytes=4 * GiB) == 8
+    assert window_batch_size(6 * GiB, GiB // 2, windows=100, limit_bytes=4 * GiB) == 6  # less is free
+    assert window_batch_size(141 * GiB, GiB // 2, windows=18, limit_bytes=4 * GiB) == 6  # 3 passes of 6
+
+
 def test_stitch_bytes_counts_input_sums_weights_and_the_flip_mean():
     assert stitch_bytes((10, 10, 10), 1, 3) == 4 * 1000 * (1 + 3 + 1)
     assert stitch_bytes((10, 10, 10), 4, 3, passes=8) == 4 * 1000 * (4 + 3 + 1 + 3)
@@ -165,10 +172,12 @@ def test_available_memory_counts_cached_blocks_and_the_per_process_cap():
     assert available_bytes(10 * GiB, 140 * GiB, 0, 0, fraction=1.0) == 10 * GiB
 
 
-def test_no_sizing_off_cuda():
+def test_no_sizing_off_cuda_nor_for_batch_dependent_networks():
     opts = InferenceOptions(sw_batch_size=3, sw_batch_auto=True)
     net = torch.nn.Conv3d(1, 2, 1)
     assert resolve_window_batch(net, torch.zeros(1, 8, 8, 8), opts, torch.device("cpu"), "fp32", 4) is opts
+    net.batch_dependent = True  # DeformUX-Net's repository-source offsets: its batch is part of the answer
+    assert resolve_window_batch(net, torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "bf16", 4) is opts
 
 
 # -- channels-last -----------------------------------------------------------------------------------

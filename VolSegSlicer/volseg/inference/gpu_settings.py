@@ -61,17 +61,24 @@ def resolve_window_batch(model, image: torch.Tensor, options: InferenceOptions, 
                          precision: str, windows: int) -> InferenceOptions:
     """``options`` with ``sw_batch_size`` chosen from the GPU's free memory when
     ``options.sw_batch_auto`` and ``device`` is a CUDA GPU (one window's forward pass is measured
-    once per network and window size); otherwise ``options`` unchanged."""
+    once per network and window size); otherwise ``options`` unchanged.
+
+    A batch may use half the free memory, and at most what the card's batch uses in float32 (the
+    official recipe's peak: issue 16's memory target). Under autocast a window takes about half
+    of that, so the batch grows to about twice the card's on a big GPU, and shrinks on a small
+    one. Networks whose output depends on the rest of the batch keep theirs.
+    """
     if not (options.sw_batch_auto and device.type == "cuda" and isinstance(model, torch.nn.Module)
-            and torch.cuda.is_available()):
+            and torch.cuda.is_available()) or getattr(model, "batch_dependent", False):
         return options
-    window = measure_window_bytes(model, image.shape[0], tuple(options.roi_size), device, autocast_dtype(precision),
+    dtype = autocast_dtype(precision)
+    window = measure_window_bytes(model, image.shape[0], tuple(options.roi_size), device, dtype,
                                   memory_format(options, device))
-    passes = 1 + len(options.flips)
+    limit = max(1, options.sw_batch_size) * window * (2 if dtype is not None else 1)
     reserved = stitch_bytes(tuple(max(s, r) for s, r in zip(image.shape[1:], options.roi_size)), image.shape[0],
-                            options.out_channels or 2, passes)
-    free = gpu_available_bytes(device)
-    return replace(options, sw_batch_size=window_batch_size(free, window, windows, reserved), sw_batch_auto=False)
+                            options.out_channels or 2, 1 + len(options.flips))
+    batch = window_batch_size(gpu_available_bytes(device), window, windows, reserved, limit_bytes=limit)
+    return replace(options, sw_batch_size=batch, sw_batch_auto=False)
 
 
 class _Clock:

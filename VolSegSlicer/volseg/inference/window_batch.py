@@ -1,8 +1,9 @@
 """How many windows one forward pass runs on a GPU: sized from its free memory.
 
-A card's ``sw_batch_size`` (1-4) suits a small GPU; a big one runs many windows at once. On
+A card's ``sw_batch_size`` (1-4) suits a small GPU; a big one runs more windows at once. On
 CUDA (unless the user fixed ``--sw-batch-size``) the batch is the largest that fits in a share
-of the free memory, from the memory one window costs (measured once per network, window size,
+of the free memory and in the memory the card's batch takes in float32 (see
+:func:`volseg.inference.gpu_settings.resolve_window_batch`), from the memory one window costs (measured once per network, window size,
 input channels and precision, by one forward pass of one window), evened out so that every
 forward pass has about the same number of windows (fewer distinct shapes: fewer cuDNN
 autotuning runs, no tiny last batch).
@@ -30,7 +31,8 @@ _measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def window_batch_size(free_bytes: int, window_bytes: int, windows: int, reserved_bytes: int = 0,
-                      share: float = MEMORY_SHARE, maximum: int = MAX_WINDOW_BATCH) -> int:
+                      share: float = MEMORY_SHARE, maximum: int = MAX_WINDOW_BATCH,
+                      limit_bytes: int | None = None) -> int:
     """Windows per forward pass for a device with ``free_bytes`` free.
 
     Args:
@@ -40,6 +42,8 @@ def window_batch_size(free_bytes: int, window_bytes: int, windows: int, reserved
         reserved_bytes: memory the run needs besides the windows (input, sums, weights).
         share: the share of ``free_bytes - reserved_bytes`` the windows may use.
         maximum: an upper bound (:data:`MAX_WINDOW_BATCH`).
+        limit_bytes: at most this much for the batch whatever is free (e.g. what the official
+            recipe's batch takes: issue 16's peak-memory target).
 
     Returns:
         At least 1 (a GPU too small for one window is the out-of-memory fallback's business),
@@ -49,6 +53,8 @@ def window_batch_size(free_bytes: int, window_bytes: int, windows: int, reserved
     if window_bytes <= 0:
         raise ValueError(f"window_bytes must be positive, got {window_bytes}")
     budget = max(0.0, (free_bytes - reserved_bytes) * share)
+    if limit_bytes is not None:
+        budget = min(budget, limit_bytes)
     fit = max(1, min(int(budget // window_bytes), maximum, max(1, windows)))
     passes = math.ceil(max(1, windows) / fit)
     return math.ceil(max(1, windows) / passes)

@@ -196,6 +196,19 @@ def test_channels_last_only_on_cuda_and_it_changes_no_result():
     torch.testing.assert_close(last, plain, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_layout_follows_the_option_and_comes_back():
+    from volseg.inference.gpu_settings import set_weight_layout
+
+    net = torch.nn.Conv3d(2, 4, 3)
+    set_weight_layout(net, torch.contiguous_format)  # never converted: untouched
+    assert net.weight.is_contiguous()
+    set_weight_layout(net, torch.channels_last_3d)
+    assert net.weight.is_contiguous(memory_format=torch.channels_last_3d) and not net.weight.is_contiguous()
+    set_weight_layout(net, torch.contiguous_format)
+    assert net.weight.is_contiguous()
+    set_weight_layout(None, torch.channels_last_3d)  # a CPU runtime's network: nothing to do
+
+
 # -- the CPU path is what it was -----------------------------------------------------------------------
 class _Net(torch.nn.Module):
     def __init__(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -24,7 +25,7 @@ from volseg.inference.precision import autocast_dtype, exact_fp32
 from volseg.inference.window_batch import gpu_available_bytes, measure_window_bytes, stitch_bytes, window_batch_size
 from volseg.options import InferenceOptions
 
-__all__ = ["resolve_window_batch", "run_settings", "to_device", "memory_format"]
+__all__ = ["memory_format", "resolve_window_batch", "run_settings", "set_weight_layout", "to_device"]
 
 
 def memory_format(options: InferenceOptions, device: torch.device) -> torch.memory_format:
@@ -32,6 +33,22 @@ def memory_format(options: InferenceOptions, device: torch.device) -> torch.memo
     if options.channels_last and device.type == "cuda":
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+_channels_last_models: weakref.WeakSet = weakref.WeakSet()
+
+
+def set_weight_layout(model, fmt: torch.memory_format) -> None:
+    """Put a network's weights in the windows' memory format: channels-last 3D when asked, and
+    back to contiguous for a network an earlier run converted (others are left untouched)."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    if fmt is torch.channels_last_3d:
+        model.to(memory_format=fmt)
+        _channels_last_models.add(model)
+    elif model in _channels_last_models:
+        model.to(memory_format=torch.contiguous_format)
+        _channels_last_models.discard(model)
 
 
 @contextlib.contextmanager

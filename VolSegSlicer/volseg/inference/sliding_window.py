@@ -19,7 +19,14 @@ from volseg.errors import ResourceError
 from volseg.inference.nnunet import count_windows_nnunet, predict_nnunet
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
-from volseg.inference.gpu_settings import _Clock, memory_format, resolve_window_batch, run_settings, to_device
+from volseg.inference.gpu_settings import (
+    _Clock,
+    memory_format,
+    resolve_window_batch,
+    run_settings,
+    set_weight_layout,
+    to_device,
+)
 from volseg.inference.precision import autocast_dtype, choose_precision, requested_precision
 from volseg.inference.window_predictor import WindowPredictor, activate
 
@@ -84,8 +91,7 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
     precision, _ = run_precision(options, device)
     with run_settings(device, precision, options):
         model.to(device)
-        if device.type == "cuda" and isinstance(model, torch.nn.Module):  # the weights in the windows' layout
-            model.to(memory_format=memory_format(options, device))
+        set_weight_layout(model, memory_format(options, device))
         windows = count_windows(image.shape[1:], options.roi_size, options.overlap, options.mode)
         options = resolve_window_batch(model, image, options, device, precision, windows)
         clock = _Clock(stats, device)

@@ -181,7 +181,8 @@ def official_cuda(arch: str, model, image, options, device, stats: dict):
     x = image[None].to(device)
     clock.mark("to_device")
     with torch.inference_mode():
-        logits = sliding_window_inference(x, list(options.roi_size), 4, model, overlap=0.5, mode="constant")
+        logits = sliding_window_inference(x, list(options.roi_size), 4, lambda w: clock.network(model, w),
+                                          overlap=0.5, mode="constant")
         clock.mark("windows_and_blending")
         probs = torch.softmax(logits, 1) if options.activation == "softmax" else torch.sigmoid(logits)
     clock.mark("activation")

@@ -6,7 +6,8 @@
 - :func:`resolve_window_batch`: with ``options.sw_batch_auto`` on CUDA, the window batch sized
   from the free memory (:mod:`volseg.inference.window_batch`).
 - :func:`to_device`: one copy of the image to the device (asynchronous from pinned memory).
-- :class:`_Clock`: per-step seconds for benchmarks (synchronising the device only when asked).
+- :class:`_Clock`: per-step seconds for benchmarks (synchronising the device only when asked),
+  and the network's own seconds within them.
 
 On the CPU each is a no-op, so the CPU path is exactly what it was.
 """
@@ -119,3 +120,27 @@ class _Clock:
         now = time.perf_counter()
         self.stats["seconds"][name] = self.stats["seconds"].get(name, 0.0) + now - self.last
         self.last = now
+        self._add_network()
+
+    def network(self, model, x: torch.Tensor):
+        """``model(x)``, its time added to ``stats["seconds"]["network"]`` at the next mark (CUDA
+        events on a GPU: no synchronisation between windows, the copies still overlap)."""
+        if self.stats is None:
+            return model(x)
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            out = model(x)
+            self._cpu_network = getattr(self, "_cpu_network", 0.0) + time.perf_counter() - t0
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model(x)
+        end.record()
+        self.__dict__.setdefault("_events", []).append((start, end))
+        return out
+
+    def _add_network(self) -> None:
+        seconds = getattr(self, "_cpu_network", 0.0) + sum(s.elapsed_time(e) / 1000 for s, e in getattr(self, "_events", []))
+        if seconds:
+            self.stats["seconds"]["network"] = self.stats["seconds"].get("network", 0.0) + seconds
+        self._cpu_network, self._events = 0.0, []

@@ -154,7 +154,7 @@ def predict_nnunet(model: torch.nn.Module, image: torch.Tensor, options: Inferen
     gaussian = nnunet_gaussian(roi, options.sigma_scale).to(stitch) if len(windows) > 1 else None
     passes = _nnunet_order(options.flips)
     predictor = WindowPredictor(model, replace(options, activation_per_window=True), len(windows) * len(passes),
-                                reporter, cancel, memory_format(options, device))
+                                reporter, cancel, memory_format(options, device), clock)
     model.to(device)
     autocast = autocast_dtype is not None
     acc: torch.Tensor | None = None

@@ -112,7 +112,7 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
 def _predict_monai(model, image, options, device, reporter, cancel, stitch_device, dtype, clock):
     passes = [()] + [tuple(f) for f in options.flips]
     total = count_windows(image.shape[1:], options.roi_size, options.overlap) * len(passes)
-    predictor = WindowPredictor(model, options, total, reporter, cancel, memory_format(options, device))
+    predictor = WindowPredictor(model, options, total, reporter, cancel, memory_format(options, device), clock)
     stitch = stitch_device or device
     batch = to_device(image, stitch)[None]
     clock.mark("to_device")

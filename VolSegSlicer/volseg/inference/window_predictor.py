@@ -32,9 +32,9 @@ class WindowPredictor:
 
     def __init__(self, model: torch.nn.Module, options: InferenceOptions, total: int,
                  reporter: Reporter | None, cancel: threading.Event | None,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format, clock=None) -> None:
         self.model, self.options, self.total = model, options, total
-        self.memory_format = memory_format
+        self.memory_format, self.clock = memory_format, clock
         self.reporter, self.cancel = reporter, cancel
         self.done = 0
 
@@ -44,7 +44,7 @@ class WindowPredictor:
         if self.memory_format is not torch.contiguous_format:
             patches = patches.contiguous(memory_format=self.memory_format)
         try:
-            out = self.model(patches)
+            out = self.model(patches) if self.clock is None else self.clock.network(self.model, patches)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError) as exc:

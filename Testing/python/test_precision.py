@@ -209,6 +209,18 @@ def test_weight_layout_follows_the_option_and_comes_back():
     set_weight_layout(None, torch.channels_last_3d)  # a CPU runtime's network: nothing to do
 
 
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_activation_in_place_slab_by_slab_equals_the_whole(activation):
+    """The GPU path activates the blended volume in place (one volume less at the peak)."""
+    from volseg.inference.window_predictor import activate, activate_
+
+    x = torch.randn(1, 5, 13, 7, 6, generator=torch.Generator().manual_seed(3)) * 4
+    whole = activate(x, activation)
+    y = x.clone()
+    assert activate_(y, activation, slab_voxels=50) is y  # slabs of one I-row (42 voxels) at a time
+    torch.testing.assert_close(y, whole, rtol=0, atol=1e-6)
+
+
 # -- the CPU path is what it was -----------------------------------------------------------------------
 class _Net(torch.nn.Module):
     def __init__(self) -> None:

@@ -28,7 +28,7 @@ from volseg.inference.gpu_settings import (
     to_device,
 )
 from volseg.inference.precision import autocast_dtype, choose_precision, requested_precision
-from volseg.inference.window_predictor import WindowPredictor, activate
+from volseg.inference.window_predictor import WindowPredictor, activate, activate_
 
 __all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback", "run_precision"]
 
@@ -50,8 +50,12 @@ def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
 
 def _one_pass(image, options, predictor, device, sw_device, flip_axes, dtype):
     x = image if not flip_axes else torch.flip(image, dims=[a + 2 for a in flip_axes])
-    with torch.inference_mode(), torch.autocast(device_type=sw_device.type, dtype=dtype or torch.float16,
-                                                 enabled=dtype is not None):
+    # On a GPU the blended output is a normal tensor (no_grad, not inference_mode), so the
+    # activation can overwrite it in place (one volume of probabilities less at the peak) and the
+    # way back may do the same.
+    grad_off = torch.no_grad() if device.type == "cuda" else torch.inference_mode()
+    with grad_off, torch.autocast(device_type=sw_device.type, dtype=dtype or torch.float16,
+                                  enabled=dtype is not None):
         y = sliding_window_inference(
             x, roi_size=list(options.roi_size), sw_batch_size=options.sw_batch_size, predictor=predictor,
             overlap=options.overlap, mode=options.mode, sigma_scale=options.sigma_scale,
@@ -120,7 +124,7 @@ def _predict_monai(model, image, options, device, reporter, cancel, stitch_devic
     for axes in passes:
         y = _one_pass(batch, options, predictor, stitch, device, axes, dtype)
         if not options.activation_per_window:
-            y = activate(y, options.activation)
+            y = activate_(y, options.activation) if y.device.type == "cuda" else activate(y, options.activation)
         if acc is None:
             acc = y
         else:  # in place where the tensor allows it (not an inference-mode tensor)

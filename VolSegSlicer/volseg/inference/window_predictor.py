@@ -15,7 +15,7 @@ from volseg.errors import Cancelled, CheckpointError, InputError
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
 
-__all__ = ["WindowPredictor", "activate"]
+__all__ = ["WindowPredictor", "activate", "activate_"]
 
 
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -24,6 +24,20 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.softmax(x, dim=1)
     if activation == "sigmoid":
         return torch.sigmoid(x)
+    return x
+
+
+def activate_(x: torch.Tensor, activation: str, slab_voxels: int = 2**20) -> torch.Tensor:
+    """:func:`activate` in place on a (B, C, I, J, K) tensor: sigmoid in place, softmax slab by
+    slab along I (a temporary of ``C * slab_voxels`` values, not a second volume). Returns ``x``."""
+    if activation == "sigmoid":
+        return x.sigmoid_()
+    if activation == "softmax":
+        step = max(1, slab_voxels // max(1, x.shape[3] * x.shape[4]))
+        with torch.no_grad():
+            for start in range(0, x.shape[2], step):
+                slab = x[:, :, start:start + step]
+                slab.copy_(torch.softmax(slab, dim=1))
     return x
 
 

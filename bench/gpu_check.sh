@@ -42,7 +42,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 step cuda-tests 240 "$PY" -m pytest Testing/python/test_cuda.py -m cuda -q -rs -p no:cacheprovider
 if [ "$MODE" = cuda ]; then
-  step speed 300 "$PY" bench/bench_official.py --device cuda --repeats 3
+  step speed 300 "$PY" bench/bench_official.py --device cuda --repeats 2
   step memory 360 "$PY" bench/bench_memory.py --device cuda --compare-size 128 128 100
 else
   step speed 300 "$PY" bench/bench_official.py --quick --runtimes torch

@@ -257,7 +257,7 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     if not all_finite(probs):
         raise CheckpointError(
             "the network produced NaN or infinite values, so no segmentation was written",
-            hint="the checkpoint may be corrupt or not match the card; on a GPU, try --no-amp",
+            hint="the checkpoint may be corrupt or not match the card; on a GPU, try --precision fp32",
         )
 
     checkpoint_stage("postprocess", "postprocessing")

@@ -130,7 +130,7 @@ def _predict_monai(model, image, options, device, reporter, cancel, stitch_devic
         else:  # in place where the tensor allows it (not an inference-mode tensor)
             acc = acc + y if acc.is_inference() else acc.add_(y)
     if len(passes) > 1:
-        acc = acc / len(passes)
+        acc = acc / len(passes) if acc.is_inference() else acc.div_(len(passes))
     elif acc.is_inference():  # activation "none": hand out a normal tensor, as the division did
         acc = acc.clone()
     clock.mark("windows_and_blending")

@@ -96,8 +96,9 @@ def measure_window_bytes(model: torch.nn.Module, in_channels: int, roi_size: tup
                          memory_format: torch.memory_format = torch.contiguous_format) -> int:
     """Peak memory of one window's forward pass on a CUDA ``device`` (measured once, cached per network).
 
-    The peak includes the cuDNN workspace, so it overestimates a window's share of a batch a
-    little: the batch errs on the small side.
+    The window runs twice and the second pass is measured: the first may autotune cuDNN
+    (``cudnn.benchmark``), whose trial workspaces would inflate the figure. The peak still
+    includes the chosen algorithms' workspace, so the batch errs on the small side.
     """
     key = (tuple(roi_size), in_channels, str(device), autocast_dtype, memory_format)
     cache = _measured.setdefault(model, {})
@@ -105,12 +106,13 @@ def measure_window_bytes(model: torch.nn.Module, in_channels: int, roi_size: tup
         return cache[key]
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    x = torch.zeros((1, in_channels, *roi_size), device=device).to(memory_format=memory_format)
     with torch.inference_mode(), torch.autocast("cuda", dtype=autocast_dtype or torch.float16,
                                                  enabled=autocast_dtype is not None):
-        out = model(x)
-        del out
+        for _ in range(2):
+            torch.cuda.reset_peak_memory_stats(device)
+            x = torch.zeros((1, in_channels, *roi_size), device=device).to(memory_format=memory_format)
+            out = model(x)
+            del out, x
     torch.cuda.synchronize(device)
     cache[key] = max(1, torch.cuda.max_memory_allocated(device) - before)
     return cache[key]

@@ -180,6 +180,27 @@ def test_no_sizing_off_cuda_nor_for_batch_dependent_networks():
     assert resolve_window_batch(net, torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "bf16", 4) is opts
 
 
+def test_a_network_failing_on_the_measured_window_leaves_the_error_to_the_window_loop(monkeypatch):
+    """The window loop turns a network failure into a clear error; the sizing must not pre-empt it."""
+    import volseg.inference.gpu_settings as gs
+
+    def wrong_roi(*a, **k):
+        raise RuntimeError("Sizes of tensors must match")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gs, "measure_window_bytes", wrong_roi)
+    opts = InferenceOptions(sw_batch_size=3, sw_batch_auto=True)
+    out = resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "bf16", 4)
+    assert out.sw_batch_size == 3 and out.sw_batch_auto is False
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gs, "measure_window_bytes", oom)  # out of memory: the fallback's business
+    with pytest.raises(torch.OutOfMemoryError):
+        resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "bf16", 4)
+
+
 # -- channels-last -----------------------------------------------------------------------------------
 def test_channels_last_only_on_cuda_and_it_changes_no_result():
     opts = InferenceOptions(roi_size=(8, 8, 8), channels_last=True, activation="none")

@@ -90,8 +90,13 @@ def resolve_window_batch(model, image: torch.Tensor, options: InferenceOptions, 
             and torch.cuda.is_available()) or getattr(model, "batch_dependent", False):
         return options
     dtype = autocast_dtype(precision)
-    window = measure_window_bytes(model, image.shape[0], tuple(options.roi_size), device, dtype,
-                                  memory_format(options, device))
+    try:
+        window = measure_window_bytes(model, image.shape[0], tuple(options.roi_size), device, dtype,
+                                      memory_format(options, device))
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError):  # the window loop says what is wrong, in words
+        return replace(options, sw_batch_auto=False)
     limit = max(1, options.sw_batch_size) * window * (2 if dtype is not None else 1)
     reserved = stitch_bytes(tuple(max(s, r) for s, r in zip(image.shape[1:], options.roi_size)), image.shape[0],
                             options.out_channels or 2, 1 + len(options.flips))

@@ -68,13 +68,16 @@ def figures(name):
         m = re.findall(r"(\d+) (passed|failed|skipped|error)", text)
         return ", ".join(f"{n} {w}" for n, w in m) or "no summary"
     if name == "speed":
-        got = []
+        got, official_peak = [], "?"
         for line in text.splitlines():
             cells = [c.strip() for c in line.strip("|").split("|")]
             if len(cells) > 3 and cells[0].endswith(("cuda amp", "volseg torch")):
                 got.append(f"{cells[0]} {cells[2]} (labels {cells[4]} %)")
+            elif len(cells) > 8 and cells[0].endswith(": official fp32"):
+                official_peak = cells[4]
             elif len(cells) > 8 and cells[0].endswith(": volseg auto"):
-                got.append(f"{cells[0]} {cells[2]}, peak {cells[4]} MiB, {cells[5]} (labels {cells[7]} % / fp32 {cells[8]} %)")
+                got.append(f"{cells[0]} {cells[2]}, peak {cells[4]} MiB (official {official_peak}), {cells[5]} "
+                           f"(labels {cells[7]} % / fp32 {cells[8]} %)")
         return "; ".join(got) or "no table"
     if name == "memory":
         for line in text.splitlines():

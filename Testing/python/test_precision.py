@@ -53,6 +53,14 @@ def test_explicit_choices_on_cuda():
         choose_precision("fp8", "cuda", (9, 0))
 
 
+def test_devices_say_what_auto_runs_there(monkeypatch):
+    from volseg.inference.devices import list_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = list_devices()[-1].as_dict()
+    assert cpu["id"] == "cpu" and cpu["auto_precision"] == "fp32"
+
+
 def test_no_amp_means_fp32():
     assert requested_precision("auto", amp=False) == "fp32"
     assert requested_precision("bf16", amp=False) == "fp32"

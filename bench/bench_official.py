@@ -48,7 +48,7 @@ from common import Column
 from volseg import models
 from volseg.cards import load_card
 from volseg.inference.cpu_runtime import PREFERRED, compile_for_cpu
-from volseg.inference.gpu_settings import _Clock
+from volseg.inference.gpu_settings import StepTimer
 from volseg.inference.nnunet import predict_nnunet
 from volseg.inference.sliding_window import count_windows, predict, run_precision
 
@@ -175,7 +175,7 @@ def official_cuda(arch: str, model, image, options, device, stats: dict):
     """The official recipe as its own code runs it on a GPU: eager PyTorch with torch's default
     flags (cuDNN may use TF32), fp32, the card's window size, the input copied once; the
     probabilities are left on the GPU (as volseg's), so neither side pays the copy back."""
-    clock = _Clock(stats, device)
+    clock = StepTimer(stats, device)
     if arch == "mednext":  # nnU-Net predict_3D: one window at a time, mirroring, fp32
         return predict_nnunet(model, image, replace(options, sw_batch_size=1), device, autocast_dtype=None, clock=clock)
     x = image[None].to(device)

@@ -6,7 +6,7 @@
 - :func:`resolve_window_batch`: with ``options.sw_batch_auto`` on CUDA, the window batch sized
   from the free memory (:mod:`volseg.inference.window_batch`).
 - :func:`to_device`: one copy of the image to the device (asynchronous from pinned memory).
-- :class:`_Clock`: per-step seconds for benchmarks (synchronising the device only when asked),
+- :class:`StepTimer`: per-step seconds for benchmarks (synchronising the device only when asked),
   and the network's own seconds within them.
 
 On the CPU each is a no-op, so the CPU path is exactly what it was.
@@ -26,7 +26,7 @@ from volseg.inference.precision import autocast_dtype, exact_fp32
 from volseg.inference.window_batch import gpu_available_bytes, measure_window_bytes, stitch_bytes, window_batch_size
 from volseg.options import InferenceOptions
 
-__all__ = ["memory_format", "resolve_window_batch", "run_settings", "set_weight_layout", "to_device"]
+__all__ = ["StepTimer", "memory_format", "resolve_window_batch", "run_settings", "set_weight_layout", "to_device"]
 
 
 def memory_format(options: InferenceOptions, device: torch.device) -> torch.memory_format:
@@ -104,11 +104,13 @@ def resolve_window_batch(model, image: torch.Tensor, options: InferenceOptions, 
     return replace(options, sw_batch_size=batch, sw_batch_auto=False)
 
 
-class _Clock:
+class StepTimer:
     """Seconds per step into ``stats["seconds"]`` (the device synchronised at each mark); no-op without stats."""
 
     def __init__(self, stats: dict | None, device: torch.device) -> None:
         self.stats, self.device = stats, device
+        self._cpu_network = 0.0  # seconds of network calls on the CPU since the last mark
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # the same on a GPU, as event pairs
         if stats is not None:
             stats.setdefault("seconds", {})
             self._sync()
@@ -135,17 +137,17 @@ class _Clock:
         if self.device.type != "cuda":
             t0 = time.perf_counter()
             out = model(x)
-            self._cpu_network = getattr(self, "_cpu_network", 0.0) + time.perf_counter() - t0
+            self._cpu_network += time.perf_counter() - t0
             return out
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = model(x)
         end.record()
-        self.__dict__.setdefault("_events", []).append((start, end))
+        self._events.append((start, end))
         return out
 
     def _add_network(self) -> None:
-        seconds = getattr(self, "_cpu_network", 0.0) + sum(s.elapsed_time(e) / 1000 for s, e in getattr(self, "_events", []))
+        seconds = self._cpu_network + sum(start.elapsed_time(end) / 1000 for start, end in self._events)
         if seconds:
             self.stats["seconds"]["network"] = self.stats["seconds"].get("network", 0.0) + seconds
         self._cpu_network, self._events = 0.0, []

@@ -142,7 +142,7 @@ def predict_nnunet(model: torch.nn.Module, image: torch.Tensor, options: Inferen
         stitch_device: where the image and the sums are kept (default ``device``); the result is there.
         autocast_dtype: float16/bfloat16 autocast on CUDA (nnU-Net's ``mixed_precision``), None for float32
             (:func:`volseg.inference.sliding_window.predict` chooses it from ``options.precision``).
-        clock: per-step timing for benchmarks (:class:`volseg.inference.gpu_settings._Clock`).
+        clock: per-step timing for benchmarks (:class:`volseg.inference.gpu_settings.StepTimer`).
     """
     roi = tuple(int(r) for r in options.roi_size)
     stitch = stitch_device or device

@@ -20,7 +20,7 @@ from volseg.inference.nnunet import count_windows_nnunet, predict_nnunet
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
 from volseg.inference.gpu_settings import (
-    _Clock,
+    StepTimer,
     memory_format,
     resolve_window_batch,
     run_settings,
@@ -98,7 +98,7 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
         set_weight_layout(model, memory_format(options, device))
         windows = count_windows(image.shape[1:], options.roi_size, options.overlap, options.mode)
         options = resolve_window_batch(model, image, options, device, precision, windows)
-        clock = _Clock(stats, device)
+        clock = StepTimer(stats, device)
         if options.mode == "nnunet":
             out = predict_nnunet(model, image, options, device, reporter, cancel, stitch_device,
                                  autocast_dtype=autocast_dtype(precision), clock=clock)

@@ -94,7 +94,7 @@ def run(shape: tuple[int, int, int], streamed: bool, device: torch.device) -> di
     pre = preprocess(arr, affine, card.preprocessing)
     del arr
     net = StandIn(card.out_channels).eval()
-    probs = predict(net, pre.image, options, device)
+    probs = predict(net, pre.image, options, device, output_device=torch.device("cpu"))  # the way back reads CPU tensors
     grid = tuple(probs.shape[1:])
     if streamed:
         labels = invert_to_labelmap(probs, pre, card.labels, card.activation, card.threshold)

@@ -267,3 +267,18 @@ def test_server_bench_tiny(bench, capsys):
     assert bs.main(["--quick", "--clients", "2"]) == 0
     out = capsys.readouterr().out
     assert "| server, 2 clients (per job) |" in out and "identical" in out and "DIFFERS" not in out
+
+
+def test_official_bench_gpu_table_runs_its_logic_on_the_cpu(bench, capsys, monkeypatch):
+    """The --device cuda table (official fp32 vs volseg's variants, stages, labels vs fp32), on CPU tensors."""
+    bo = bench("bench_official")
+    args = ["--quick", "--arch", "segformer3d", "--gpu-table-on-cpu", "--threads", str(torch.get_num_threads())]
+    assert bo.main(args) == 0
+    out = capsys.readouterr().out
+    for row in ("official fp32", "volseg auto", "volseg fp32", "volseg fp16", "volseg auto, channels-last"):
+        assert f"| segformer3d: {row} |" in out
+    assert "windows_and_blending" in out and "same labels as volseg fp32 %" in out
+    real = bo.predict
+    monkeypatch.setattr(bo, "predict", lambda *a, **k: 1.0 - real(*a, **k))  # labels flipped: must fail
+    assert bo.main(args) == 1
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out

@@ -1,7 +1,10 @@
 """GPU checks (``-m cuda``; skipped without CUDA, run by ``bench/gpu_check.sh``).
 
-Deformable convolution on CUDA vs CPU, AMP on vs off per architecture (tiny golden networks),
-the out-of-memory fallback forced by a per-process memory cap, and device selection. The last
+Deformable convolution on CUDA vs CPU; per architecture (tiny golden networks) fp32 on CUDA
+within 1e-4 of the CPU (TF32 off) and every precision ``auto`` may pick within its stated bound
+of fp32 with >= 99.9 % identical labels; the window batch sized from free memory and
+channels-last keeping the answer; the out-of-memory fallback forced by a per-process memory
+cap; and device selection. The last
 test (device selection without a GPU) runs everywhere.
 """
 
@@ -48,39 +51,97 @@ def test_deform_conv_cuda_equals_cpu(k, offset_scale):
     assert float((cpu - gpu).abs().max()) <= 1e-4
 
 
+#: What each mixed precision may move a probability by (the labels must agree on >= 99.9 % of voxels).
+AMP_BOUND = {"fp16": 5e-2, "bf16": 1e-1}
+#: The precisions ``auto`` may pick: bf16 on compute capability >= 8.0, fp16 below.
+AUTO_PICKS = ("fp16", "bf16")
+
+
+def _labels(p, activation):
+    return p.argmax(0) if activation == "softmax" else p > 0.5
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("name,in_channels,activation", TINY)
-def test_amp_agrees_with_fp32_per_architecture(golden_dir, name, in_channels, activation):
+def test_fp32_on_cuda_is_fp32(golden_dir, name, in_channels, activation):
+    """TF32 off during the run: the GPU's float32 matches the CPU's to 1e-4, and the flags come back."""
+    net = _tiny(golden_dir, name)
+    image = torch.randn(in_channels, 48, 40, 56, generator=torch.Generator().manual_seed(5))
+    mode = "nnunet" if name.startswith("mednext") else "constant"
+    opts = InferenceOptions(roi_size=(32, 32, 32), sw_batch_size=2, activation=activation, mode=mode,
+                            flips=ALL_FLIPS if mode == "nnunet" else (), precision="fp32")
+    cpu = predict(net, image, opts, torch.device("cpu"))
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    stats: dict = {}
+    fp32 = predict(net, image, opts, torch.device("cuda"), stats=stats)
+    assert fp32.device.type == "cuda"  # the probabilities stay on the device for the way back
+    assert stats["precision"] == "fp32"
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.benchmark) == flags
+    assert float((fp32.cpu() - cpu).abs().max()) <= 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("precision", AUTO_PICKS)
+@pytest.mark.parametrize("name,in_channels,activation", TINY)
+def test_amp_agrees_with_fp32_per_architecture(golden_dir, name, in_channels, activation, precision):
+    if precision == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("auto never picks bf16 on a GPU without native bfloat16")
     net = _tiny(golden_dir, name)
     image = torch.randn(in_channels, 48, 40, 56, generator=torch.Generator().manual_seed(5))
     mode = "nnunet" if name.startswith("mednext") else "constant"
     opts = InferenceOptions(roi_size=(32, 32, 32), sw_batch_size=2, activation=activation, mode=mode,
                             flips=ALL_FLIPS if mode == "nnunet" else ())
-    cpu = predict(net, image, opts, torch.device("cpu"))
-    fp32 = predict(net, image, replace(opts, amp=False), torch.device("cuda"))
-    amp = predict(net, image, opts, torch.device("cuda"))
-    assert float((fp32 - cpu).abs().max()) <= 1e-3  # TF32 convolutions may be on
-    assert float((amp - fp32).abs().max()) <= 5e-2
-    if activation == "softmax":
-        agree = float((amp.argmax(0) == fp32.argmax(0)).float().mean())
-    else:
-        agree = float(((amp > 0.5) == (fp32 > 0.5)).float().mean())
-    assert agree >= 0.99
+    fp32 = predict(net, image, replace(opts, precision="fp32"), torch.device("cuda")).cpu()
+    stats: dict = {}
+    amp = predict(net, image, replace(opts, precision=precision), torch.device("cuda"), stats=stats).cpu()
+    assert stats["precision"] == precision
+    assert float((amp - fp32).abs().max()) <= AMP_BOUND[precision]
+    agree = float((_labels(amp, activation) == _labels(fp32, activation)).float().mean())
+    assert agree >= 0.999
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_window_batch_from_free_memory_and_channels_last_keep_the_answer(golden_dir):
+    net = _tiny(golden_dir, "uxnet_small")
+    image = torch.randn(1, 64, 64, 64, generator=torch.Generator().manual_seed(2))  # 27 windows of 32^3
+    card = InferenceOptions(roi_size=(32, 32, 32), sw_batch_size=2, sw_batch_auto=False)
+    for precision in ("fp32", "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"):
+        opts = replace(card, precision=precision)
+        fixed = predict(net, image, opts, torch.device("cuda")).cpu()
+        stats: dict = {}
+        auto, what = predict_with_fallback(net, image, replace(opts, sw_batch_auto=True), torch.device("cuda"),
+                                           stats=stats)
+        assert what == "ran on cuda"
+        if precision == "fp32":  # no more than the card's batch takes in fp32 (the official recipe's peak)
+            assert stats["sw_batch_size"] <= 2
+            assert float((auto.cpu() - fixed).abs().max()) <= 1e-5
+        else:  # a window takes about half: twice the card's batch on a big GPU
+            assert stats["sw_batch_size"] > 2
+            agree = float((auto.cpu().argmax(0) == fixed.argmax(0)).float().mean())
+            assert float((auto.cpu() - fixed).abs().max()) <= AMP_BOUND[precision] and agree >= 0.999
+    fp32 = predict(net, image, replace(card, precision="fp32"), torch.device("cuda")).cpu()
+    last = predict(net, image, replace(card, precision="fp32", channels_last=True), torch.device("cuda")).cpu()
+    assert float((last - fp32).abs().max()) <= 1e-4
 
 
 _OOM_SCRIPT = textwrap.dedent("""
     import sys, torch
     from volseg.inference.sliding_window import InferenceOptions, predict_with_fallback
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(256 * 2**20 / total, 0)   # a 256 MiB GPU
+    cap_mib = 256 if sys.argv[1] == "fixed" else 2048
+    torch.cuda.set_per_process_memory_fraction(cap_mib * 2**20 / total, 0)   # a 256 MiB (2 GiB) GPU
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 64, 3, padding=1), torch.nn.Conv3d(64, 2, 1)).eval()
     image = torch.randn(1, 160, 160, 96)
-    opts = InferenceOptions(roi_size=(96, 96, 96), sw_batch_size=8, activation="softmax", amp=False)
+    opts = InferenceOptions(roi_size=(96, 96, 96), sw_batch_size=8, activation="softmax", amp=False,
+                            sw_batch_auto=sys.argv[1] == "auto")
     out, what = predict_with_fallback(net, image, opts, torch.device("cuda"))
     ref, _ = predict_with_fallback(net, image, opts, torch.device("cpu"))
     print("WHAT", what)
-    print("DIFF", float((out - ref).abs().max()))
+    print("DIFF", float((out.cpu() - ref).abs().max()))
 """)
 
 
@@ -88,11 +149,26 @@ _OOM_SCRIPT = textwrap.dedent("""
 @needs_cuda
 def test_oom_fallback_under_a_memory_cap():
     """A per-process cap (in a child process, so the cap does not leak) forces the fallback."""
-    run = subprocess.run([sys.executable, "-c", _OOM_SCRIPT], capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run([sys.executable, "-c", _OOM_SCRIPT, "fixed"], capture_output=True, text=True, timeout=600,
+                         check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     what = next(line[5:] for line in run.stdout.splitlines() if line.startswith("WHAT "))
     diff = float(next(line[5:] for line in run.stdout.splitlines() if line.startswith("DIFF ")))
     assert "out of GPU memory" in what
+    assert diff <= 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_window_batch_sized_under_a_memory_cap_needs_no_fallback():
+    """A 2 GiB GPU (a per-process cap: ``mem_get_info`` still sees the whole device), the batch
+    sized from what the cap leaves: no out-of-memory step-down."""
+    run = subprocess.run([sys.executable, "-c", _OOM_SCRIPT, "auto"], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    what = next(line[5:] for line in run.stdout.splitlines() if line.startswith("WHAT "))
+    diff = float(next(line[5:] for line in run.stdout.splitlines() if line.startswith("DIFF ")))
+    assert what == "ran on cuda"  # never tried more windows than fit
     assert diff <= 1e-4
 
 

@@ -23,6 +23,11 @@ class InferenceOptions:
     ``out_channels``, when given, is checked against the first window's output; ``runtime``
     picks the CPU inference runtime (:mod:`volseg.inference.cpu_runtime`; ``"auto"`` converts only large
     jobs of architectures known to gain, always checked against PyTorch, else PyTorch).
+
+    On a CUDA GPU: ``precision`` (``auto`` picks bf16 or fp16 autocast by the GPU, ``fp32`` is
+    float32 with TF32 off; ``amp=False`` asks for ``fp32``), ``sw_batch_auto`` (the window batch
+    sized from the free memory instead of ``sw_batch_size``), ``cudnn_benchmark`` and
+    ``channels_last``. None of these changes a CPU run.
     """
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
@@ -38,3 +43,7 @@ class InferenceOptions:
     select_output: int = 0
     out_channels: int | None = None  # checked on the first window, so a mismatch fails early
     runtime: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only; volseg.inference.cpu_runtime)
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (volseg.inference.precision); amp=False means fp32
+    sw_batch_auto: bool = True  # on CUDA: size the window batch from free memory (volseg.inference.window_batch)
+    cudnn_benchmark: bool = True  # on CUDA: let cuDNN time its algorithms per window shape
+    channels_last: bool = False  # on CUDA: windows and network in channels-last 3D (NDHWC)

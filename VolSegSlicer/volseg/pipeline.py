@@ -113,8 +113,10 @@ def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
         roi_size=tuple(o.roi_size or s.roi_size),
         overlap=s.overlap if o.overlap is None else o.overlap,
         sw_batch_size=o.sw_batch_size or s.sw_batch_size,
+        sw_batch_auto=s.sw_batch_auto and not o.sw_batch_size,  # --sw-batch-size fixes the GPU's window batch
         flips=s.flips if o.flips in (None, True) else (),
-        amp=s.amp if o.amp is None else o.amp,
+        amp=(o.precision != "fp32") if o.precision else (s.amp if o.amp is None else o.amp),
+        precision=o.precision or ("fp32" if o.amp is False else s.precision if o.amp is None else "auto"),
     )
 
 
@@ -258,17 +260,20 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     if getattr(model, "batch_dependent", False) and options.sw_batch_size > 1:
         reporter.log("this checkpoint's outputs depend on the other windows in a batch (DeformUX-Net repository-"
                      "source offsets); running windows one at a time so each gets its batch-1 output", "warning")
-        options = replace(options, sw_batch_size=1)
+        options = replace(options, sw_batch_size=1, sw_batch_auto=False)
     check_memory(pre.image.shape[1:], len(card.inputs), card.out_channels, 1 + len(options.flips),
                  options.roi_size, options.sw_batch_size)
     windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap, options.mode) * (1 + len(options.flips))
     network = choose_network(model, card, options, device, windows, reporter, begin_stage=checkpoint_stage)
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
-    probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel)
+    ran: dict[str, Any] = {}
+    # The way back (volseg.postprocessing) reads CPU tensors for now: ask for the probabilities there.
+    probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel,
+                                         output_device=torch.device("cpu"), stats=ran)
     if not all_finite(probs):
         raise CheckpointError(
             "the network produced NaN or infinite values, so no segmentation was written",
-            hint="the checkpoint may be corrupt or not match the card; on a GPU, try --no-amp",
+            hint="the checkpoint may be corrupt or not match the card; on a GPU, try --precision fp32",
         )
 
     checkpoint_stage("postprocess", "postprocessing")
@@ -292,7 +297,8 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     outputs = write_outputs(request, labelmap, probs, volume, provenance, cancel)
     present = sorted(int(v) for v in np.unique(labelmap) if v)
     relay()
-    result = {"outputs": outputs, "device": str(device), "where": where, "labels_present": present}
+    result = {"outputs": outputs, "device": str(device), "where": where, "precision": ran.get("precision"),
+              "labels_present": present}
     reporter.done(**result)
     return result
 

@@ -45,6 +45,7 @@ class Overrides:
     sw_batch_size: int | None = None
     flips: bool | None = None
     amp: bool | None = None
+    precision: str | None = None  # auto | fp32 | fp16 | bf16 (volseg.inference.precision)
     keep_largest: bool | None = None
     fill_holes: bool | None = None
     min_island_mm3: float | None = None

@@ -48,7 +48,8 @@ def request_from_args(args: argparse.Namespace, reporter=None):
         raise VolSegError(f"--roi-size {args.roi_size} must be positive")
     overrides = Overrides(
         roi_size=tuple(args.roi_size) if args.roi_size else None, overlap=args.overlap,
-        sw_batch_size=args.sw_batch_size, flips=args.flips, amp=args.amp, keep_largest=args.keep_largest,
+        sw_batch_size=args.sw_batch_size, flips=args.flips, amp=args.amp,
+        precision=getattr(args, "precision", None), keep_largest=args.keep_largest,
         fill_holes=args.fill_holes, min_island_mm3=args.min_island_mm3)
     return SegmentRequest(inputs=args.inputs, card=card, output=args.output, checkpoint=args.checkpoint,
                           probabilities=getattr(args, "probabilities", None), overwrite=args.overwrite, device=args.device,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from volseg.errors import ResourceError
+from volseg.inference.precision import choose_precision
 
 
 @dataclass(frozen=True)
@@ -15,10 +16,11 @@ class DeviceInfo:
     name: str
     total_memory_mb: int | None = None
     free_memory_mb: int | None = None
+    auto_precision: str | None = None  # what --precision auto runs there (volseg.inference.precision)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "total_memory_mb": self.total_memory_mb,
-                "free_memory_mb": self.free_memory_mb}
+                "free_memory_mb": self.free_memory_mb, "auto_precision": self.auto_precision}
 
 
 def _cpu_info() -> DeviceInfo:
@@ -31,7 +33,7 @@ def _cpu_info() -> DeviceInfo:
         total, free = vm.total // 2**20, vm.available // 2**20
     except ImportError:  # psutil is optional at run time
         total = free = None
-    return DeviceInfo("cpu", f"CPU ({os.cpu_count()} logical cores)", total, free)
+    return DeviceInfo("cpu", f"CPU ({os.cpu_count()} logical cores)", total, free, "fp32")
 
 
 def list_devices() -> list[DeviceInfo]:
@@ -40,9 +42,11 @@ def list_devices() -> list[DeviceInfo]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
-            devices.append(DeviceInfo(f"cuda:{i}", torch.cuda.get_device_name(i), total // 2**20, free // 2**20))
+            precision = choose_precision("auto", "cuda", torch.cuda.get_device_capability(i))[0]
+            devices.append(DeviceInfo(f"cuda:{i}", torch.cuda.get_device_name(i), total // 2**20, free // 2**20,
+                                      precision))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append(DeviceInfo("mps", "Apple Metal (MPS)"))
+        devices.append(DeviceInfo("mps", "Apple Metal (MPS)", auto_precision="fp32"))
     devices.append(_cpu_info())
     return devices
 

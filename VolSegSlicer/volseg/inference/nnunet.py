@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
+from volseg.inference.gpu_settings import memory_format, to_device
 from volseg.inference.window_predictor import WindowPredictor
 
 __all__ = ["ALL_FLIPS", "count_windows_nnunet", "nnunet_gaussian", "nnunet_steps", "predict_nnunet"]
@@ -125,32 +126,37 @@ def _pad_to_window(x: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, l
 
 def predict_nnunet(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptions, device: torch.device,
                    reporter: Reporter | None = None, cancel: threading.Event | None = None,
-                   stitch_device: torch.device | None = None) -> torch.Tensor:
-    """Run the network over a (C, I, J, K) image with nnU-Net's tiling; (C_out, I, J, K) float32 on the CPU.
+                   stitch_device: torch.device | None = None, autocast_dtype: torch.dtype | None = None,
+                   clock=None) -> torch.Tensor:
+    """Run the network over a (C, I, J, K) image with nnU-Net's tiling; (C_out, I, J, K) float32 on the stitch device.
 
     Args:
         model: the network (eval mode); a list output is reduced to ``options.select_output``.
         image: the preprocessed image.
         options: ``roi_size`` (nnU-Net's patch size), ``overlap`` (``1 - step_size``),
             ``sigma_scale``, ``flips`` (the mirroring; :data:`ALL_FLIPS` for nnU-Net's default),
-            ``sw_batch_size`` (windows per forward call; nnU-Net runs one), ``amp`` (autocast on
-            CUDA, as nnU-Net's ``mixed_precision``) and ``activation`` (applied per window).
+            ``sw_batch_size`` (windows per forward call; nnU-Net runs one) and ``activation``
+            (applied per window).
         device: where the network runs.
         reporter, cancel: progress per window and a cancel request between windows.
-        stitch_device: where the sums are kept (default ``device``).
+        stitch_device: where the image and the sums are kept (default ``device``); the result is there.
+        autocast_dtype: float16/bfloat16 autocast on CUDA (nnU-Net's ``mixed_precision``), None for float32
+            (:func:`volseg.inference.sliding_window.predict` chooses it from ``options.precision``).
+        clock: per-step timing for benchmarks (:class:`volseg.inference.gpu_settings.StepTimer`).
     """
     roi = tuple(int(r) for r in options.roi_size)
     stitch = stitch_device or device
-    plain = image.as_tensor() if hasattr(image, "as_tensor") else image
-    x, crop = _pad_to_window(plain.float(), roi)
+    x, crop = _pad_to_window(to_device(image, stitch).float(), roi)
+    if clock is not None:
+        clock.mark("to_device")
     steps = nnunet_steps(x.shape[1:], roi, 1.0 - options.overlap)
     windows = list(itertools.product(*steps))
     gaussian = nnunet_gaussian(roi, options.sigma_scale).to(stitch) if len(windows) > 1 else None
     passes = _nnunet_order(options.flips)
     predictor = WindowPredictor(model, replace(options, activation_per_window=True), len(windows) * len(passes),
-                                reporter, cancel)
+                                reporter, cancel, memory_format(options, device), clock)
     model.to(device)
-    autocast = options.amp and device.type == "cuda"
+    autocast = autocast_dtype is not None
     acc: torch.Tensor | None = None
     weights = torch.zeros(x.shape[1:], dtype=torch.float32, device=stitch)
     batch_size = max(1, int(options.sw_batch_size))
@@ -158,7 +164,8 @@ def predict_nnunet(model: torch.nn.Module, image: torch.Tensor, options: Inferen
         batch = windows[start:start + batch_size]
         regions = [tuple(slice(p, p + r) for p, r in zip(pos, roi)) for pos in batch]
         patches = torch.stack([x[(slice(None), *reg)] for reg in regions]).to(device)
-        with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=autocast):
+        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float16,
+                                                     enabled=autocast):
             mean = None
             for axes in passes:
                 dims = [a + 2 for a in axes]
@@ -175,4 +182,6 @@ def predict_nnunet(model: torch.nn.Module, image: torch.Tensor, options: Inferen
             weights[reg] += 1.0 if gaussian is None else gaussian
     assert acc is not None
     acc /= weights
-    return acc[(slice(None), *crop)].cpu().contiguous()
+    if clock is not None:
+        clock.mark("windows_and_blending")
+    return acc[(slice(None), *crop)].contiguous()

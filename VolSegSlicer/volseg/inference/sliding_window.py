@@ -19,9 +19,18 @@ from volseg.errors import ResourceError
 from volseg.inference.nnunet import count_windows_nnunet, predict_nnunet
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
-from volseg.inference.window_predictor import WindowPredictor, activate
+from volseg.inference.gpu_settings import (
+    StepTimer,
+    memory_format,
+    resolve_window_batch,
+    run_settings,
+    set_weight_layout,
+    to_device,
+)
+from volseg.inference.precision import autocast_dtype, choose_precision, requested_precision
+from volseg.inference.window_predictor import WindowPredictor, activate, activate_
 
-__all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback"]
+__all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback", "run_precision"]
 
 
 def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float, mode: str = "constant") -> int:
@@ -39,10 +48,14 @@ def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
     return total
 
 
-def _one_pass(model, image, options, predictor, device, sw_device, flip_axes):
+def _one_pass(image, options, predictor, device, sw_device, flip_axes, dtype):
     x = image if not flip_axes else torch.flip(image, dims=[a + 2 for a in flip_axes])
-    autocast = options.amp and sw_device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device_type=sw_device.type, enabled=autocast):
+    # On a GPU the blended output is a normal tensor (no_grad, not inference_mode), so the
+    # activation can overwrite it in place (one volume of probabilities less at the peak) and the
+    # way back may do the same.
+    grad_off = torch.no_grad() if device.type == "cuda" else torch.inference_mode()
+    with grad_off, torch.autocast(device_type=sw_device.type, dtype=dtype or torch.float16,
+                                  enabled=dtype is not None):
         y = sliding_window_inference(
             x, roi_size=list(options.roi_size), sw_batch_size=options.sw_batch_size, predictor=predictor,
             overlap=options.overlap, mode=options.mode, sigma_scale=options.sigma_scale,
@@ -52,43 +65,107 @@ def _one_pass(model, image, options, predictor, device, sw_device, flip_axes):
     return y if not flip_axes else torch.flip(y, dims=[a + 2 for a in flip_axes])
 
 
+def run_precision(options: InferenceOptions, device: torch.device) -> tuple[str, str]:
+    """The precision ``options`` run in on ``device`` (``fp32``, ``fp16``, ``bf16``) and why
+    (:func:`volseg.inference.precision.choose_precision`)."""
+    capability = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(device)
+    return choose_precision(requested_precision(options.precision, options.amp), device.type, capability)
+
+
 def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptions, device: torch.device,
             reporter: Reporter | None = None, cancel: threading.Event | None = None,
-            stitch_device: torch.device | None = None) -> torch.Tensor:
-    """Run the network over a (C, I, J, K) image; return (C_out, I, J, K) float32 on the CPU.
+            stitch_device: torch.device | None = None, output_device: torch.device | None = None,
+            stats: dict | None = None) -> torch.Tensor:
+    """Run the network over a (C, I, J, K) image; return (C_out, I, J, K) float32 probabilities.
 
     The result holds probabilities (softmax or sigmoid per ``options.activation``), averaged
     over the identity pass and each test-time flip in ``options.flips``. With
     ``options.mode == "nnunet"`` the tiling, weighting and mirroring are nnU-Net's
     (:func:`volseg.inference.nnunet.predict_nnunet`).
+
+    The result stays where it was blended (``stitch_device``, default ``device``: on a GPU the
+    probabilities stay on the GPU for the way back) unless ``output_device`` asks for another.
+    On CUDA the run uses :func:`run_settings` (the precision, TF32 off for fp32, cuDNN
+    autotuning, channels-last) and, with ``options.sw_batch_auto``, a window batch sized from
+    the free memory (:func:`resolve_window_batch`). ``stats``, when given, receives the
+    precision and the seconds of each step (synchronised: for benchmarks).
     """
-    if options.mode == "nnunet":
-        return predict_nnunet(model, image, options, device, reporter, cancel, stitch_device)
+    precision, _ = run_precision(options, device)
+    with run_settings(device, precision, options):
+        model.to(device)
+        set_weight_layout(model, memory_format(options, device))
+        windows = count_windows(image.shape[1:], options.roi_size, options.overlap, options.mode)
+        options = resolve_window_batch(model, image, options, device, precision, windows)
+        clock = StepTimer(stats, device)
+        if options.mode == "nnunet":
+            out = predict_nnunet(model, image, options, device, reporter, cancel, stitch_device,
+                                 autocast_dtype=autocast_dtype(precision), clock=clock)
+        else:
+            out = _predict_monai(model, image, options, device, reporter, cancel, stitch_device,
+                                 autocast_dtype(precision), clock)
+        if output_device is not None:
+            out = out.to(output_device)
+            clock.mark("to_output_device")
+    if stats is not None:
+        stats.update(precision=precision, sw_batch_size=options.sw_batch_size)
+    return out
+
+
+def _predict_monai(model, image, options, device, reporter, cancel, stitch_device, dtype, clock):
     passes = [()] + [tuple(f) for f in options.flips]
     total = count_windows(image.shape[1:], options.roi_size, options.overlap) * len(passes)
-    predictor = WindowPredictor(model, options, total, reporter, cancel)
+    predictor = WindowPredictor(model, options, total, reporter, cancel, memory_format(options, device), clock)
     stitch = stitch_device or device
-    plain = image.as_tensor() if hasattr(image, "as_tensor") else image  # drop MetaTensor bookkeeping
-    batch = plain[None].to(stitch)
-    model.to(device)
+    batch = to_device(image, stitch)[None]
+    clock.mark("to_device")
     acc = None
     for axes in passes:
-        y = _one_pass(model, batch, options, predictor, stitch, device, axes)
+        y = _one_pass(batch, options, predictor, stitch, device, axes, dtype)
         if not options.activation_per_window:
-            y = activate(y, options.activation)
-        acc = y if acc is None else acc + y
-    return (acc / len(passes))[0].cpu()
+            y = activate_(y, options.activation) if y.device.type == "cuda" else activate(y, options.activation)
+        if acc is None:
+            acc = y
+        else:  # in place where the tensor allows it (not an inference-mode tensor)
+            acc = acc + y if acc.is_inference() else acc.add_(y)
+    if len(passes) > 1:
+        acc = acc / len(passes) if acc.is_inference() else acc.div_(len(passes))
+    elif acc.is_inference():  # activation "none": hand out a normal tensor, as the division did
+        acc = acc.clone()
+    clock.mark("windows_and_blending")
+    return acc[0]
 
 
 def predict_with_fallback(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptions,
                           device: torch.device, reporter: Reporter | None = None,
                           cancel: threading.Event | None = None,
-                          run: Callable[..., torch.Tensor] = predict) -> tuple[torch.Tensor, str]:
+                          run: Callable[..., torch.Tensor] = predict, output_device: torch.device | None = None,
+                          stats: dict | None = None) -> tuple[torch.Tensor, str]:
     """:func:`predict`, stepping down when the GPU runs out of memory.
 
-    Order: smaller window batches, then stitching on the CPU, then everything on the CPU.
+    Order: smaller window batches, then stitching on the CPU, then everything on the CPU. On a
+    CUDA GPU with ``options.sw_batch_auto`` the first attempt's window batch is sized from the
+    free memory, and the smaller ones halve it. The result is where :func:`predict` leaves it
+    (the device, or the CPU after stitching there) unless ``output_device`` is given.
+    ``stats`` receives ``precision`` (what the successful attempt ran in) and ``sw_batch_size``.
     Returns the result and a sentence saying what ran where.
     """
+    precision, reason = run_precision(options, device)
+    if reporter is not None:
+        reporter.log(f"precision {precision}: {reason}")
+    if device.type == "cuda" and options.sw_batch_auto and isinstance(model, torch.nn.Module) \
+            and torch.cuda.is_available():
+        with run_settings(device, precision, options):
+            model.to(device)
+            windows = count_windows(image.shape[1:], options.roi_size, options.overlap, options.mode)
+            try:
+                options = resolve_window_batch(model, image, options, device, precision, windows)
+                if reporter is not None:
+                    reporter.log(f"window batch {options.sw_batch_size} (sized from the free GPU memory)")
+            except torch.OutOfMemoryError:  # not even one window fits: the fallback below takes over
+                torch.cuda.empty_cache()
+                options = replace(options, sw_batch_auto=False)
     attempts: list[tuple[InferenceOptions, torch.device, torch.device | None, str]] = [
         (options, device, None, f"ran on {device}")]
     if device.type != "cpu":
@@ -101,12 +178,15 @@ def predict_with_fallback(model: torch.nn.Module, image: torch.Tensor, options: 
                          f"ran windows on {device} and stitched on the CPU after running out of GPU memory"))
         attempts.append((replace(options, sw_batch_size=1, amp=False), torch.device("cpu"), None,
                          "ran on the CPU after running out of GPU memory"))
+    extra = {} if output_device is None else {"output_device": output_device}
     last_error: Exception | None = None
     for opts, dev, stitch, what in attempts:
         try:
-            result = run(model, image, opts, dev, reporter, cancel, stitch_device=stitch)
+            result = run(model, image, opts, dev, reporter, cancel, stitch_device=stitch, **extra)
             if last_error is not None and reporter is not None:
                 reporter.log(what, level="warning")
+            if stats is not None:
+                stats.update(precision=run_precision(opts, dev)[0], sw_batch_size=opts.sw_batch_size)
             return result, what
         except torch.OutOfMemoryError as exc:
             last_error = exc

@@ -15,7 +15,7 @@ from volseg.errors import Cancelled, CheckpointError, InputError
 from volseg.options import InferenceOptions
 from volseg.progress import Reporter
 
-__all__ = ["WindowPredictor", "activate"]
+__all__ = ["WindowPredictor", "activate", "activate_"]
 
 
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -27,20 +27,38 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     return x
 
 
+def activate_(x: torch.Tensor, activation: str, slab_voxels: int = 2**20) -> torch.Tensor:
+    """:func:`activate` in place on a (B, C, I, J, K) tensor: sigmoid in place, softmax slab by
+    slab along I (a temporary of ``C * slab_voxels`` values, not a second volume). Returns ``x``."""
+    if activation == "sigmoid":
+        return x.sigmoid_()
+    if activation == "softmax":
+        step = max(1, slab_voxels // max(1, x.shape[3] * x.shape[4]))
+        with torch.no_grad():
+            for start in range(0, x.shape[2], step):
+                slab = x[:, :, start:start + step]
+                slab.copy_(torch.softmax(slab, dim=1))
+    return x
+
+
 class WindowPredictor:
     """Wraps the network for MONAI: selects the output, counts windows, honours cancellation."""
 
     def __init__(self, model: torch.nn.Module, options: InferenceOptions, total: int,
-                 reporter: Reporter | None, cancel: threading.Event | None) -> None:
+                 reporter: Reporter | None, cancel: threading.Event | None,
+                 memory_format: torch.memory_format = torch.contiguous_format, clock=None) -> None:
         self.model, self.options, self.total = model, options, total
+        self.memory_format, self.clock = memory_format, clock
         self.reporter, self.cancel = reporter, cancel
         self.done = 0
 
     def __call__(self, patches: torch.Tensor) -> torch.Tensor:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled()
+        if self.memory_format is not torch.contiguous_format:
+            patches = patches.contiguous(memory_format=self.memory_format)
         try:
-            out = self.model(patches)
+            out = self.model(patches) if self.clock is None else self.clock.network(self.model, patches)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError) as exc:
@@ -57,7 +75,8 @@ class WindowPredictor:
                              hint="volseg needs a network that returns logits (B, C, ...) or a list of them")
         if self.done == 0:
             self._check_first(out, patches)
-        out = out.float()
+        if out.dtype != torch.float32:
+            out = out.float()
         if self.options.activation_per_window:
             out = activate(out, self.options.activation)
         self.done += patches.shape[0]

@@ -114,10 +114,12 @@ def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mappin
     return Preprocessed(image.float(), transforms, tuple(array.shape[1:]))
 
 
-def invert_partial(output: torch.Tensor, pre: Preprocessed, keep_first: int = 0) -> MetaTensor:
+def invert_partial(output: torch.Tensor, pre: Preprocessed, keep_first: int = 0,
+                   device: torch.device | None = None) -> MetaTensor:
     """Undo every preprocessing step but the first ``keep_first`` (newest first) on a copy of the
-    recorded operations; the result still carries the kept steps' records."""
-    out = MetaTensor(output.float().cpu())
+    recorded operations; the result still carries the kept steps' records. Runs on ``device``
+    (default: the CPU), where MONAI's inverses (crop -> pad, orientation -> flips) work alike."""
+    out = MetaTensor(output.float().to(device or torch.device("cpu")))
     out.copy_meta_from(pre.image, copy_attr=True)
     out.applied_operations = copy.deepcopy(pre.image.applied_operations)
     for t in reversed(pre.transforms[keep_first:]):

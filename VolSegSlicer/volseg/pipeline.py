@@ -50,6 +50,34 @@ from volseg.request import (  # noqa: F401  (part of this module's API since bef
     checkpoint_for,
 )
 from volseg.postprocessing.to_input_grid import all_finite, invert_to_labelmap
+from volseg.postprocessing.export_prediction import labelmap_on_input_grid
+
+
+def exact_stages() -> bool:
+    """``$VOLSEG_EXACT_STAGES=1``: the way in and the way back take MONAI's exact CPU path (float64
+    resampling) instead of volseg's torch path on the run's device (the benchmark's baseline)."""
+    return os.environ.get("VOLSEG_EXACT_STAGES", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def device_failures(device: torch.device):
+    """A GPU that fails mid-run (``CUDA error ...``: lost, reset, an illegal access) becomes one clear
+    :class:`ResourceError` (exit 3); nothing has been written yet, so nothing is left behind."""
+    try:
+        yield
+    except VolSegError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        text = str(exc)
+        if device.type == "cuda" and ("CUDA error" in text or "CUDA driver" in text or "cuDNN error" in text
+                                      or type(exc).__name__ == "AcceleratorError"):
+            raise ResourceError(
+                f"the GPU ({device}) failed during the run: {' '.join(text.split())[:200]}",
+                hint="no output was written; check the GPU (nvidia-smi), then run again, or use --device cpu",
+            ) from None
+        raise
 
 
 class ModelCache:
@@ -248,7 +276,8 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     windows = count_windows(pre.image.shape[1:], options.roi_size, options.overlap, options.mode) * (1 + len(options.flips))
     network = choose_network(model, card, options, device, windows, reporter)
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
-    probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel)
+    with device_failures(device):
+        probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel)
     if not all_finite(probs):
         raise CheckpointError(
             "the network produced NaN or infinite values, so no segmentation was written",
@@ -256,8 +285,21 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
         )
 
     checkpoint_stage("postprocess", "postprocessing")
-    if request.probabilities is None:  # only the label map is wanted: map it back piece by piece
+    if request.probabilities is None and exact_stages():
         labelmap = invert_to_labelmap(probs, pre, card.labels, card.activation, card.threshold)
+        probs = None
+    elif request.probabilities is None:  # only the label map is wanted: the way back on the device
+        back = device if device.type != "cpu" and "on the CPU" not in where else torch.device("cpu")
+
+        def on_step() -> None:
+            if cancel.is_set():
+                raise Cancelled()
+
+        with device_failures(back):
+            labelmap, how = labelmap_on_input_grid(probs, pre, card.labels, card.activation, card.threshold,
+                                                   device=back, warn=lambda m: reporter.log(m, "warning"),
+                                                   on_step=on_step)
+        reporter.log(how)
         probs = None
     else:
         probs = invert(probs, pre)

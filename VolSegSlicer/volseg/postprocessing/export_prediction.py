@@ -166,29 +166,40 @@ def export_labelmap(probs: torch.Tensor, pre: Preprocessed, labels: Sequence[Lab
     groups = [order[i:i + plan.group] for i in range(0, len(order), plan.group)]
     table, dtype = _label_table(labels, channels, device)
     out = torch.zeros(shape, dtype=dtype, device=device)
+    slabs = [slice(s, min(shape[0], s + plan.slab_rows)) for s in range(0, shape[0], plan.slab_rows)]
+    first = _Undo(probs, groups[0], pre, device)
+    if not sigmoid and first.resampler is not None and first.resampler.convex:
+        first = _softmax_by_cells(probs, pre, groups, first, slabs, table, out, device, budget, on_step)
+    if first is not None:
+        _by_slabs(probs, pre, labels, sigmoid, threshold, groups, first, slabs, table, out, device, on_step)
+    return out.cpu().numpy().astype(np.uint16, copy=False)
+
+
+def _by_slabs(probs, pre, labels, sigmoid, threshold, groups, first, slabs, table, out, device, on_step) -> None:
+    """Every class resampled on every voxel of each slab, then argmax / thresholds (splines, oblique
+    mappings, sigmoid cards, cards without ``Spacing``)."""
+    shape = out.shape
     single = len(groups) == 1
     best = winner = None
     if not sigmoid and not single:
         best = torch.empty(shape, dtype=torch.float32, device=device)
-        winner = torch.zeros(shape, dtype=torch.uint8 if channels <= 256 else torch.int32, device=device)
+        winner = torch.zeros(shape, dtype=torch.uint8 if probs.shape[0] <= 256 else torch.int32, device=device)
     values_of = {lab.channel: lab.value for lab in labels}
     for g, group in enumerate(groups):
-        undo = _Undo(probs, group, pre, device)
-        for start in range(0, shape[0], plan.slab_rows):
+        undo = first if g == 0 else _Undo(probs, group, pre, device)
+        for rows in slabs:
             if on_step is not None:
                 on_step()
-            rows = slice(start, min(shape[0], start + plan.slab_rows))
             values = undo.slab(rows)
             if sigmoid:
                 view = out[rows]
                 for k, channel in enumerate(group):
                     view[values[k] > threshold] = values_of[channel]
             elif single:
-                out[rows] = table[torch.argmax(values, dim=0)]
+                out[rows] = table[torch.max(values, dim=0).indices]  # the first of equal maxima
             else:
-                index = torch.argmax(values, dim=0, keepdim=True)  # the first of equal maxima
-                top = torch.gather(values, 0, index)[0]
-                index = index[0] + group[0]
+                top, index = torch.max(values, dim=0)
+                index = index + group[0]
                 if g == 0:
                     best[rows], winner[rows] = top, index.to(winner.dtype)
                 else:
@@ -197,14 +208,89 @@ def export_labelmap(probs: torch.Tensor, pre: Preprocessed, labels: Sequence[Lab
                     best[rows] = torch.maximum(best[rows], top)
             del values
         del undo
+        first = None
     if winner is not None:
         del best
-        for start in range(0, shape[0], plan.slab_rows):
-            rows = slice(start, min(shape[0], start + plan.slab_rows))
+        for rows in slabs:
             out[rows] = table[winner[rows].long()]
-        del winner
-    return out.cpu().numpy().astype(np.uint16, copy=False)
 
+
+#: Above this share of voxels near a class boundary, interpolating every voxel separably is cheaper.
+MIXED_SHARE = 0.12
+
+
+def _softmax_by_cells(probs, pre, groups, first, slabs, table, out, device, budget, on_step) -> _Undo | None:
+    """Softmax cards whose way back is convex (linear, border padding, axis-aligned): a voxel whose
+    2x2x2 source cell has one winning class at every corner takes that class (a convex combination
+    keeps the winner, the first of equal maxima included); only the other voxels -- near class
+    boundaries -- are interpolated, class group by class group, and compared."""
+    resampler = first.resampler
+    winner_src = None
+    best_src = None
+    for g, group in enumerate(groups):  # pass 1: the winning class on the source grid
+        undo = first if g == 0 else _Undo(probs, group, pre, device)
+        undo.values = undo.values.permute(1, 2, 3, 0).contiguous()  # channels last: one row per corner
+        top, index = torch.max(undo.values, dim=-1)
+        index = (index + group[0]).to(torch.int32)
+        if winner_src is None:
+            best_src, winner_src = top, index
+        else:
+            better = top > best_src
+            winner_src = torch.where(better, index, winner_src)
+            best_src = torch.maximum(best_src, top)
+        del undo
+    if len(groups) > 1:  # one group's copy at a time: the first is made again in pass 2
+        first = None
+    del best_src
+    small = winner_src.to(torch.uint8) if probs.shape[0] <= 256 else winner_src
+    boundary = []
+    for rows in slabs:  # uniform cells take their class; the rest are listed
+        if on_step is not None:
+            on_step()
+        lmin, lmax = resampler.cell_extremes(small, rows)
+        mixed = lmin != lmax
+        out[rows] = table[lmin.long()]
+        points = mixed.nonzero()
+        points[:, 0] += rows.start
+        boundary.append(points)
+        del lmin, lmax, mixed
+    points = torch.cat(boundary) if boundary else torch.zeros((0, 3), dtype=torch.int64, device=device)
+    del boundary
+    if points.shape[0] == 0:
+        return None
+    if points.shape[0] > MIXED_SHARE * out.numel():
+        del points
+        return _Undo(probs, groups[0], pre, device) if first is None else _channels_first(first)
+    chunk = max(1, (budget // 2) // (4 * 9 * max(len(g) for g in groups)))
+    best = torch.empty(points.shape[0], dtype=torch.float32, device=device)
+    winner = torch.empty(points.shape[0], dtype=torch.int32, device=device)
+    for g, group in enumerate(groups):  # pass 2: interpolate the listed voxels
+        if first is not None:
+            undo = first
+        else:
+            undo = _Undo(probs, group, pre, device)
+            undo.values = undo.values.permute(1, 2, 3, 0).contiguous()
+        for start in range(0, points.shape[0], chunk):
+            if on_step is not None:
+                on_step()
+            part = slice(start, min(points.shape[0], start + chunk))
+            top, index = torch.max(resampler.point_values(undo.values, points[part]), dim=1)
+            index = (index + group[0]).to(torch.int32)
+            if g == 0:
+                best[part], winner[part] = top, index
+            else:
+                better = top > best[part]  # strict: an earlier class keeps a tie
+                winner[part] = torch.where(better, index, winner[part])
+                best[part] = torch.maximum(best[part], top)
+        del undo
+        first = None
+    out[points[:, 0], points[:, 1], points[:, 2]] = table[winner.long()]
+    return None
+
+
+def _channels_first(undo: _Undo) -> _Undo:
+    undo.values = undo.values.permute(3, 0, 1, 2).contiguous()
+    return undo
 
 def labelmap_on_input_grid(probs: torch.Tensor, pre: Preprocessed, labels: Sequence[Label], activation: str,
                            threshold: float = 0.5, *, device: torch.device | None = None,

@@ -134,9 +134,10 @@ class _AxisOp:
         if isinstance(mode, int) and not isinstance(mode, bool) and mode > 1:
             scipy_mode = _SCIPY_MODES.get(padding, padding)
             w = axis_matrix(coords, n, mode, scipy_mode)
-            nz = np.flatnonzero(np.any(w != 0, axis=0))
-            self._support = (int(nz.min()), int(nz.max()) + 1) if nz.size else (0, 1)
-            self._rows_support = [np.flatnonzero(row) for row in w]
+            nonzero = w != 0
+            any_row = nonzero.any(axis=1)
+            self._row_lo = np.where(any_row, nonzero.argmax(axis=1), n)
+            self._row_hi = np.where(any_row, n - nonzero[:, ::-1].argmax(axis=1), 0)
             self.matrix = torch.as_tensor(w, dtype=torch.float32, device=device)
             self.index = self.weight = None
             return
@@ -148,30 +149,70 @@ class _AxisOp:
         self._index_np = index
         self.index = torch.as_tensor(index, device=device)
         self.weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
+        # the same interpolation as a (sparse, banded) matrix, for the contiguous last axis, where
+        # gathering single floats is slow and a matmul over each block's band is not
+        dense = np.zeros((self.m, n), dtype=np.float64)
+        np.add.at(dense, (np.repeat(np.arange(self.m), index.shape[1]), index.ravel()), weight.ravel())
+        self._row_lo, self._row_hi = index.min(axis=1), index.max(axis=1) + 1
+        self.band = torch.as_tensor(dense, dtype=torch.float32, device=device)
 
     def source_range(self, rows: slice) -> tuple[int, int]:
         """The source indices ``[lo, hi)`` the output rows ``rows`` read."""
-        if self.matrix is not None:
-            cols = np.concatenate([self._rows_support[r] for r in range(rows.start, rows.stop)] + [np.zeros(0, int)])
-            return (int(cols.min()), int(cols.max()) + 1) if cols.size else (0, 1)
-        idx = self._index_np[rows]
-        return int(idx.min()), int(idx.max()) + 1
+        lo, hi = int(self._row_lo[rows].min()), int(self._row_hi[rows].max())
+        return (lo, hi) if hi > lo else (0, 1)
+
+    @property
+    def linear(self) -> bool:
+        return self.matrix is None
 
     def apply(self, x: torch.Tensor, dim: int, rows: slice | None = None, offset: int = 0) -> torch.Tensor:
         """Resample dimension ``dim`` of ``x`` (which holds source indices ``offset ..``) onto ``rows``."""
         rows = rows or slice(0, self.m)
         if self.matrix is not None:
-            w = self.matrix[rows, offset:offset + x.shape[dim]]
-            return torch.movedim(torch.movedim(x, dim, -1) @ w.T, -1, dim)
+            return self._banded_matmul(x, dim, rows, offset, self.matrix)
+        if dim == x.ndim - 1:
+            return self._banded_matmul(x, dim, rows, offset, self.band)
         index = self.index[rows] - offset
         weight = self.weight[rows]
         shape = [1] * x.ndim
         shape[dim] = -1
-        out = x.index_select(dim, index[:, 0].contiguous())
+        lead = (slice(None),) * dim
+        out = x[lead + (index[:, 0],)]  # advanced indexing: a block copy, faster than index_select
         out.mul_(weight[:, 0].reshape(shape))
         for k in range(1, index.shape[1]):
-            out.addcmul_(x.index_select(dim, index[:, k].contiguous()), weight[:, k].reshape(shape))
+            out.addcmul_(x[lead + (index[:, k],)], weight[:, k].reshape(shape))
         return out
+
+    def extremes(self, lmin: torch.Tensor, lmax: torch.Tensor, dim: int, rows: slice | None = None,
+                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Smallest and largest value over each output sample's taps (every tap, even weight 0)."""
+        rows = rows or slice(0, self.m)
+        index = self.index[rows] - offset
+        lead = (slice(None),) * dim
+        lo, hi = lmin[lead + (index[:, 0],)], lmax[lead + (index[:, 0],)]
+        for k in range(1, index.shape[1]):
+            lo = torch.minimum(lo, lmin[lead + (index[:, k],)])
+            hi = torch.maximum(hi, lmax[lead + (index[:, k],)])
+        return lo, hi
+
+    def _banded_matmul(self, x: torch.Tensor, dim: int, rows: slice, offset: int, matrix: torch.Tensor,
+                       block: int = 64) -> torch.Tensor:
+        """``matrix``'s rows ``rows`` times ``x`` along ``dim``, block by block of output rows over
+        the columns each block reads (the band), as (batched) matmuls."""
+        shape = list(x.shape)
+        a, n, b = int(np.prod(shape[:dim])), shape[dim], int(np.prod(shape[dim + 1:]))
+        last = b == 1
+        xv = x.reshape(a, n) if last else x.reshape(a, n, b)
+        pieces = []
+        for r0 in range(rows.start, rows.stop, block):
+            r1 = min(rows.stop, r0 + block)
+            c0, c1 = self.source_range(slice(r0, r1))
+            c0, c1 = max(c0 - offset, 0), min(c1 - offset, n)
+            w = matrix[r0:r1, offset + c0:offset + c1]
+            pieces.append(xv[:, c0:c1] @ w.T if last else torch.matmul(w, xv[:, c0:c1, :]))
+        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        shape[dim] = rows.stop - rows.start
+        return out.reshape(shape)
 
 
 class GridResampler:
@@ -226,7 +267,46 @@ class GridResampler:
             part = self.ops[d].apply(part, 1 + self.axes[d].source)
         part = self.ops[0].apply(part, 1 + first.source, rows, offset=lo)
         order = [0] + [1 + a.source for a in self.axes]
-        return part.permute(order).contiguous()
+        return part if order == [0, 1, 2, 3] else part.permute(order).contiguous()
+
+    @property
+    def convex(self) -> bool:
+        """Each destination value is a convex combination of its source cell's 2x2x2 values
+        (separable linear interpolation with border padding): a class that wins at every corner
+        of the cell wins there too."""
+        return self.separable and self.padding == "border" and all(op.linear for op in self.ops)
+
+    def cell_extremes(self, labels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(*src_shape) integer ``labels`` -> their smallest and largest over the source cell of each
+        destination voxel in ``rows``: two (rows, d1, d2) tensors (only for :attr:`convex` mappings)."""
+        first = self.axes[0]
+        lo, hi = self.ops[0].source_range(rows)
+        lmin = lmax = labels.narrow(first.source, lo, hi - lo)
+        for d in (1, 2):
+            lmin, lmax = self.ops[d].extremes(lmin, lmax, self.axes[d].source)
+        lmin, lmax = self.ops[0].extremes(lmin, lmax, first.source, rows, offset=lo)
+        order = [a.source for a in self.axes]
+        if order != [0, 1, 2]:
+            lmin, lmax = lmin.permute(order), lmax.permute(order)
+        return lmin, lmax
+
+    def point_values(self, values_last: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """(*src_shape, C) channels-last values -> (N, C): the interpolated values at ``points``
+        (N, 3) destination indices (trilinear from the 2x2x2 cell; only for :attr:`convex` mappings).
+        Channels last, so each corner is one contiguous row to gather."""
+        src = self.src_shape
+        strides = (src[1] * src[2], src[2], 1)
+        n = points.shape[0]
+        flat = torch.zeros((n, 1, 1, 1), dtype=torch.int64, device=points.device)
+        weight = torch.ones((n, 1, 1, 1), dtype=torch.float32, device=points.device)
+        for d, a in enumerate(self.axes):
+            shape = [-1, 1, 1, 1]
+            shape[1 + d] = 2
+            flat = flat + (self.ops[d].index[points[:, d]] * strides[a.source]).reshape(shape)
+            weight = weight * self.ops[d].weight[points[:, d]].reshape(shape)
+        channels = values_last.shape[-1]
+        corners = values_last.reshape(-1, channels)[flat.reshape(-1)].reshape(n, 8, channels)
+        return torch.bmm(weight.reshape(n, 1, 8), corners)[:, 0]
 
     def _oblique(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         n_rows = rows.stop - rows.start

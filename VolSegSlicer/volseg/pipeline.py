@@ -59,25 +59,30 @@ def exact_stages() -> bool:
     return os.environ.get("VOLSEG_EXACT_STAGES", "") not in ("", "0")
 
 
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the GPU itself failed (lost, reset, an illegal access, a driver error)."""
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or (
+        isinstance(exc, RuntimeError) and any(k in text for k in ("CUDA error", "CUDA driver", "cuDNN error",
+                                                                   "CUBLAS_STATUS", "device-side assert")))
+
+
 @contextlib.contextmanager
 def device_failures(device: torch.device):
-    """A GPU that fails mid-run (``CUDA error ...``: lost, reset, an illegal access) becomes one clear
-    :class:`ResourceError` (exit 3); nothing has been written yet, so nothing is left behind."""
+    """A GPU that fails mid-run becomes one clear :class:`ResourceError` (exit 3) naming ``device``;
+    nothing has been written yet, so nothing is left behind. Running out of memory is not a
+    failure of the device (the stages step down instead)."""
     try:
         yield
-    except VolSegError:
+    except (VolSegError, torch.OutOfMemoryError):
         raise
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as exc:
-        text = str(exc)
-        if device.type == "cuda" and ("CUDA error" in text or "CUDA driver" in text or "cuDNN error" in text
-                                      or type(exc).__name__ == "AcceleratorError"):
-            raise ResourceError(
-                f"the GPU ({device}) failed during the run: {' '.join(text.split())[:200]}",
-                hint="no output was written; check the GPU (nvidia-smi), then run again, or use --device cpu",
-            ) from None
-        raise
+    except Exception as exc:  # noqa: BLE001 - only device failures are translated, the rest re-raised
+        if not is_device_failure(exc):
+            raise
+        raise ResourceError(
+            f"the GPU ({device}) failed during the run: {' '.join(str(exc).split())[:200]}",
+            hint="no output was written; check the GPU (nvidia-smi), then run again, or use --device cpu",
+        ) from None
 
 
 class ModelCache:
@@ -205,6 +210,23 @@ def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, pass
         )
 
 
+def preprocess_on(device: torch.device, volume, card: ModelCard, reporter: Reporter):
+    """The way in: the card's steps on the run's device (torch, float32 resampling), or MONAI's
+    exact CPU path with ``$VOLSEG_EXACT_STAGES=1``. Out of GPU memory: the exact path on the CPU,
+    with a warning."""
+    if exact_stages():
+        return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+    with device_failures(device):
+        try:
+            return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing, device=device)
+        except torch.OutOfMemoryError:
+            if device.type == "cpu":
+                raise
+            torch.cuda.empty_cache()
+    reporter.log(f"out of GPU memory preprocessing on {device}; preprocessing on the CPU", "warning")
+    return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+
+
 def _relay(caught: list, reporter: Reporter) -> None:
     """Report the library warnings caught so far as warning events (one line each), then forget them."""
     for w in caught:
@@ -264,7 +286,7 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
             cache.put(key, model)
 
     checkpoint_stage("preprocess", "preprocessing")
-    pre = preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+    pre = preprocess_on(device, volume, card, reporter)
     options = inference_options(card, o)
 
     if getattr(model, "batch_dependent", False) and options.sw_batch_size > 1:

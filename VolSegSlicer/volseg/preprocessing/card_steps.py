@@ -94,13 +94,24 @@ def to_metatensor(array: np.ndarray, ijk_to_ras: np.ndarray) -> MetaTensor:
                       affine=torch.as_tensor(ijk_to_ras, dtype=torch.float64), meta={"space": "RAS"})
 
 
-def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mapping[str, Any]]) -> Preprocessed:
-    """Apply the card's steps to a (C, I, J, K) array."""
+def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mapping[str, Any]],
+               device: torch.device | None = None) -> Preprocessed:
+    """Apply the card's steps to a (C, I, J, K) array.
+
+    ``device`` None: MONAI's exact path on the CPU (float64 resampling). A device (``cuda``, or
+    ``cpu`` for the same fast path there): the volume goes there once and every step runs there,
+    ``Spacing`` as float32 separable resampling (:mod:`volseg.preprocessing.on_device`).
+    """
     transforms = build_transforms(steps)
-    image = to_metatensor(array, ijk_to_ras)
+    if device is None:
+        image = to_metatensor(array, ijk_to_ras)
+    else:
+        from volseg.preprocessing.on_device import run_step, to_device
+
+        image = to_device(array, ijk_to_ras, device)
     for t in transforms:
         try:
-            image = t(image)
+            image = t(image) if device is None else run_step(t, image)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ModelCardError(f"preprocessing step {type(t).__name__} failed on this volume: {exc}") from None
         if min(image.shape[1:]) == 0:

@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-back", action="store_true", help="skip part 2 (the way back alone)")
     parser.add_argument("--no-runs", action="store_true", help="skip part 1 (whole runs)")
     args, device = common.start(parser, argv)
+    # the network's own runtime is not what this measures: torch, no ONNX/OpenVINO export on the CPU
+    os.environ.setdefault("VOLSEG_RUNTIME", "torch")
     args.slices = args.slices or (24 if args.quick else 120)
     args.back_slices = args.back_slices or (40 if args.quick else 100)
     rows: list[dict] = []

@@ -97,3 +97,28 @@ def test_gpu_out_of_memory_in_the_way_in_falls_back_to_the_cpu(monkeypatch):
     assert calls == [torch.device("cuda"), None]
     assert logged and logged[0][0] == "warning" and "on the CPU" in logged[0][1]
     assert pre.image.shape[1:] == (10, 11, 10) or pre.image.ndim == 4
+
+
+def test_warm_worker_loads_the_model_once(tmp_path, threshold_torchscript, monkeypatch):
+    """``volseg serve``'s cache: a second run on the same model loads nothing; the module (and so
+    its device copy: ``model.to(device)`` moves it in place) is the one of the first run."""
+    from volseg.cards import load_card
+    from volseg.progress import Reporter
+    from volseg.request import SegmentRequest
+
+    class Quiet(Reporter):
+        def emit(self, event):
+            pass
+
+    src = write_nifti(tmp_path / "in.nii.gz", 0.83 * box_volume(), rotation(0, 0), (1.0, 1.0, 2.0), (0, 0, 0))
+    card = load_card(make_card(tmp_path, preprocessing=SPACING_LINEAR + SCALE))
+    loads = []
+    real = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cache = pipeline.ModelCache()
+    for n in range(2):
+        request = SegmentRequest(inputs=[src], card=card, output=tmp_path / f"o{n}.nii.gz",
+                                 checkpoint=threshold_torchscript, device="cpu")
+        pipeline.segment(request, Quiet(), cache=cache)
+    assert loads == [1]
+    assert read_volume(tmp_path / "o0.nii.gz").array.sum() == read_volume(tmp_path / "o1.nii.gz").array.sum() > 0

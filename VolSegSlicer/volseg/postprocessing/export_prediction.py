@@ -45,6 +45,9 @@ __all__ = ["UnsupportedResampling", "device_free_memory", "export_labelmap", "la
 FREE_FRACTION = 0.5
 #: Upper bound on the CPU for the group and slab temporaries together (the exact path used 1 GiB).
 CPU_BUDGET = 768 * 2**20
+#: Upper bound on a GPU: larger pieces are no faster there, and a 16-class 512x512x800 CT must fit
+#: in 7 GB with the probabilities themselves (issue 15).
+GPU_BUDGET = 5 * 2**30
 
 
 def device_free_memory(device: torch.device) -> int:
@@ -60,7 +63,7 @@ def device_free_memory(device: torch.device) -> int:
 def _budget(device: torch.device) -> int:
     free = device_free_memory(device)
     budget = int(FREE_FRACTION * free)
-    return min(budget, CPU_BUDGET) if device.type == "cpu" else budget
+    return min(budget, CPU_BUDGET if device.type == "cpu" else GPU_BUDGET)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def to_device(array: np.ndarray, ijk_to_ras: np.ndarray, device: torch.device) -
 def _slab_rows(channels: int, dst_shape: Sequence[int], device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(0.25 * free)
+        budget = min(int(0.25 * free), 2 * 2**30)
     else:
         budget = SLAB_BYTES_CPU
     per_row = channels * 4 * 4 * int(np.prod(dst_shape[1:]))

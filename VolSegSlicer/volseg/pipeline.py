@@ -211,11 +211,13 @@ def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, pass
 
 
 def preprocess_on(device: torch.device, volume, card: ModelCard, reporter: Reporter):
-    """The way in: the card's steps on the run's device (torch, float32 resampling), or MONAI's
-    exact CPU path with ``$VOLSEG_EXACT_STAGES=1``. Out of GPU memory: the exact path on the CPU,
+    """The way in: the card's steps on the run's CUDA device, else on the CPU (torch, float32
+    resampling), or MONAI's exact CPU path with ``$VOLSEG_EXACT_STAGES=1``. Out of GPU memory: the exact path on the CPU,
     with a warning."""
     if exact_stages():
         return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+    if device.type != "cuda":  # CPU runs, and MPS (no float64 there for MONAI's intensity steps): the CPU
+        device = torch.device("cpu")
     with device_failures(device):
         try:
             return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing, device=device)
@@ -311,7 +313,7 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
         labelmap = invert_to_labelmap(probs, pre, card.labels, card.activation, card.threshold)
         probs = None
     elif request.probabilities is None:  # only the label map is wanted: the way back on the device
-        back = device if device.type != "cpu" and "on the CPU" not in where else torch.device("cpu")
+        back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
 
         def on_step() -> None:
             if cancel.is_set():

@@ -94,3 +94,14 @@ def test_cuda_way_in_matches_monai(card_id):
     assert fast.image.is_cuda and fast.image.shape == exact.image.shape
     scale = float(exact.image.abs().max())
     assert float((fast.image.cpu() - exact.image).abs().max()) <= _tolerance(steps) * scale
+
+
+def test_read_only_and_big_endian_volumes(recwarn):
+    a = _ct((12, 10, 8))
+    ro = a.copy()
+    ro.flags.writeable = False
+    big = a.astype(">f4")
+    for arr in (ro, big):
+        image = to_device(arr, _affine("axis"), torch.device("cpu"))
+        assert torch.equal(image.as_tensor(), torch.from_numpy(a))
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

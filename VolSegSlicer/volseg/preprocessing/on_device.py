@@ -20,6 +20,7 @@ reflection padding, ``recompute_affine``) is MONAI's own, on the device.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +44,12 @@ SLAB_BYTES_CPU = 256 * 2**20
 def to_device(array: np.ndarray, ijk_to_ras: np.ndarray, device: torch.device) -> MetaTensor:
     """(C, I, J, K) array -> float32 MetaTensor on ``device``: one transfer of the stored dtype
     (pinned on the host for CUDA), the cast to float32 on the device."""
-    host = torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    with warnings.catch_warnings():  # a read-only (memory-mapped) array: only read here, never written
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.from_numpy(array)
     if host.dtype not in (torch.float32, torch.float64, torch.float16, torch.int16, torch.int32, torch.uint8,
                           torch.int8, torch.int64, torch.uint16, torch.bfloat16):
         host = host.float()

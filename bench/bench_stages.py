@@ -27,8 +27,8 @@ growth and agreement.
 stand-in network of the card's output channels (a 1x1x1 convolution and a sine, TorchScript;
 window 64, no flips: the stages around the network are what is timed) and the way back onto
 512 x 512 x 40. ``--device cuda``: the cards' own networks and flips; keep
-``--slices`` such that the run fits the GPU check's time (default 120: about 3 minutes on one
-H200, most of it the baseline's CPU way back).
+``--slices`` such that the run fits the GPU check's time (CUDA default 100: an estimated 3
+minutes on one H200, most of it the baseline's CPU way in and way back).
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ def part2(args, device: torch.device) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, repeats=1)
-    parser.add_argument("--slices", type=int, default=None, help="K of the 512x512xK CT (default 120; --quick 24)")
+    parser.add_argument("--slices", type=int, default=None, help="K of the 512x512xK CT (default 120; CUDA 100; --quick 24)")
     parser.add_argument("--back-slices", type=int, default=None, help="K for the way back alone (default 100; --quick 40)")
     parser.add_argument("--cards", nargs="+", default=list(CARDS), choices=CARDS)
     parser.add_argument("--no-back", action="store_true", help="skip part 2 (the way back alone)")
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args, device = common.start(parser, argv)
     # the network's own runtime is not what this measures: torch, no ONNX/OpenVINO export on the CPU
     os.environ.setdefault("VOLSEG_RUNTIME", "torch")
-    args.slices = args.slices or (24 if args.quick else 120)
+    args.slices = args.slices or (24 if args.quick else 100 if device.type == "cuda" else 120)
     args.back_slices = args.back_slices or (40 if args.quick else 100)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="volseg-bench-stages-") as tmp:

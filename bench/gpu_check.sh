@@ -10,7 +10,7 @@
 #    goal: volseg >= 3x the official fp32 path);
 # 3. the 512x512x800 memory check through the 16-class AMOS card (bench/bench_memory.py --device cuda;
 #    budgets: <= 8 GB RSS, <= 7 GB GPU);
-# 4. every stage of `volseg segment`, today's path vs the torch stages, on 512x512x120
+# 4. every stage of `volseg segment`, today's path vs the torch stages, on 512x512x100
 #    (bench/bench_stages.py --device cuda; issue 15).
 #
 # Without CUDA it runs what the CPU can (the CUDA tests skip except device selection, a tiny speed
@@ -46,7 +46,7 @@ step cuda-tests 240 "$PY" -m pytest Testing/python/test_cuda.py Testing/python/t
 if [ "$MODE" = cuda ]; then
   step speed 300 "$PY" bench/bench_official.py --device cuda
   step memory 360 "$PY" bench/bench_memory.py --device cuda --compare-size 128 128 100
-  step stages 240 "$PY" bench/bench_stages.py --device cuda --slices 120 --back-slices 100
+  step stages 240 "$PY" bench/bench_stages.py --device cuda --slices 100 --back-slices 100
 else
   step speed 300 "$PY" bench/bench_official.py --quick --runtimes torch
   step memory 300 "$PY" bench/bench_memory.py --quick

@@ -105,3 +105,14 @@ def test_read_only_and_big_endian_volumes(recwarn):
         image = to_device(arr, _affine("axis"), torch.device("cpu"))
         assert torch.equal(image.as_tensor(), torch.from_numpy(a))
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_spacing_without_fast_path_is_monais_own():
+    t = build_transforms([{"name": "Spacing", "args": {"pixdim": [1.5, 1.5, 2.0], "mode": "nearest"}}])[0]
+    from volseg.preprocessing.on_device import run_step
+
+    image = to_device(_ct((20, 18, 12)), _affine("axis"), torch.device("cpu"))
+    got = run_step(t, image)
+    want = build_transforms([{"name": "Spacing", "args": {"pixdim": [1.5, 1.5, 2.0], "mode": "nearest"}}])[0](
+        to_device(_ct((20, 18, 12)), _affine("axis"), torch.device("cpu")))
+    assert torch.equal(got.as_tensor(), want.as_tensor())

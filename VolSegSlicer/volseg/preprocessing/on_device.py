@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from monai.utils import TraceKeys
 
 from volseg.preprocessing.resampling import GridResampler, UnsupportedResampling
 
-__all__ = ["resample_spacing", "to_device"]
+__all__ = ["resample_spacing", "run_step", "to_device"]
 
 #: The keys MONAI's lazy resampling adds to a pending operation (``monai.utils.LazyAttr``).
 _LAZY_SHAPE, _LAZY_AFFINE = "lazy_shape", "lazy_affine"
@@ -109,10 +108,6 @@ def run_step(t: Transform, image: MetaTensor) -> MetaTensor:
         try:
             return resample_spacing(t, image)
         except UnsupportedResampling:
-            pass
+            if image.is_cuda:  # MONAI's integer modes need CuPy on a GPU: its CPU path, then back
+                return t(image.cpu()).to(image.device)
     return t(image)
-
-
-def steps_supported(steps: Sequence[Mapping[str, Any]]) -> bool:  # noqa: ARG001 - every card step runs
-    """Every step can run on a device tensor (MONAI's array transforms and volseg's do)."""
-    return True

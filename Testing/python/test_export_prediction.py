@@ -226,3 +226,19 @@ def test_cuda_way_back_matches_the_exact_path(card_id):
     exact = invert_to_labelmap(probs, pre, card.labels, card.activation)
     fast = export_labelmap(probs.cuda(), pre, card.labels, card.activation)
     _compare(fast, exact, invert(probs, pre))
+
+
+@pytest.mark.parametrize("card_id", ["uxnet-amos", "mednext-nnunet-kits19-template", "demo"])
+@pytest.mark.parametrize("budget", [30_000, 2**30])
+def test_probabilities_on_the_input_grid_match_monai(card_id, budget):
+    """``--probabilities``: every class on the input grid, within 1e-4 (linear) / 1e-3 (spline) of MONAI."""
+    from volseg.postprocessing.export_prediction import probabilities_on_input_grid
+
+    card = load_card(card_id)
+    pre = preprocess(_ct((36, 30, 20)), _affine("flipped"), card.preprocessing)
+    probs = _probs(pre.image.shape[1:], card.out_channels, card.activation)
+    exact = invert(probs, pre)
+    got = probabilities_on_input_grid(probs, pre, budget=budget)
+    assert got.shape == exact.shape and got.device.type == "cpu"
+    tol = 1e-3 if card_id.startswith("mednext") else 1e-4
+    assert float((got - exact).abs().max()) <= tol

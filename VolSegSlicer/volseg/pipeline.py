@@ -50,7 +50,11 @@ from volseg.request import (  # noqa: F401  (part of this module's API since bef
     checkpoint_for,
 )
 from volseg.postprocessing.to_input_grid import all_finite, invert_to_labelmap
-from volseg.postprocessing.export_prediction import labelmap_on_input_grid
+from volseg.postprocessing.export_prediction import (
+    UnsupportedResampling,
+    labelmap_on_input_grid,
+    probabilities_on_input_grid,
+)
 
 
 def exact_stages() -> bool:
@@ -325,8 +329,16 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
                                                    on_step=on_step)
         reporter.log(how)
         probs = None
-    else:
+    elif exact_stages():
         probs = invert(probs, pre)
+        labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
+    else:  # --probabilities: every class on the input grid, undone on the device in float32
+        back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
+        with device_failures(back):
+            try:
+                probs = probabilities_on_input_grid(probs, pre, device=back)
+            except (UnsupportedResampling, torch.OutOfMemoryError):
+                probs = invert(probs, pre)
         labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
     p = card.postprocessing
     labelmap = postprocess(

@@ -10,7 +10,9 @@
 #    issue 16: volseg auto >= 2x the official fp32 recipe at realistic volumes, labels >= 99.9 % as fp32,
 #    peak GPU memory no higher; about 3 minutes);
 # 3. the 512x512x800 memory check through the 16-class AMOS card (bench/bench_memory.py --device cuda;
-#    budgets: <= 8 GB RSS, <= 7 GB GPU).
+#    budgets: <= 8 GB RSS, <= 7 GB GPU);
+# 4. every stage of `volseg segment`, today's path vs the torch stages, on 512x512x100
+#    (bench/bench_stages.py --device cuda; issue 15).
 #
 # Without CUDA it runs what the CPU can (the CUDA tests skip except device selection, a tiny speed
 # run, the memory check at small sizes) and says so in the table.
@@ -40,13 +42,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   echo "  $name: exit $rc ($(( $(date +%s) - t0 )) s)"
 }
 
-step cuda-tests 240 "$PY" -m pytest Testing/python/test_cuda.py -m cuda -q -rs -p no:cacheprovider
+step cuda-tests 240 "$PY" -m pytest Testing/python/test_cuda.py Testing/python/test_export_prediction.py \
+  Testing/python/test_on_device.py -m cuda -q -rs -p no:cacheprovider
 if [ "$MODE" = cuda ]; then
   step speed 300 "$PY" bench/bench_official.py --device cuda --repeats 2
   step memory 360 "$PY" bench/bench_memory.py --device cuda --compare-size 128 128 100
+  step stages 240 "$PY" bench/bench_stages.py --device cuda --slices 100 --back-slices 100
 else
   step speed 300 "$PY" bench/bench_official.py --quick --runtimes torch
   step memory 300 "$PY" bench/bench_memory.py --quick
+  step stages 300 "$PY" bench/bench_stages.py --quick
 fi
 
 "$PY" - "$OUT" "$MODE" <<'EOF'
@@ -89,6 +94,16 @@ def figures(name):
             if len(cells) > 8 and cells[0] == "one class at a time":
                 return f"{cells[1]}: peak RSS {cells[4]} MiB, {cells[6]} B/voxel, labels {cells[-1]}"
         return "no table"
+    if name == "stages":
+        got = []
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) == 15 and cells[1] == "volseg":
+                got.append(f"{cells[0]}: whole {cells[8]} s ({cells[10]}), pre+post {cells[9]} s ({cells[11]}), "
+                           f"GPU {cells[13]} MiB, agree {cells[14]} %")
+            elif len(cells) == 6 and cells[0].startswith("volseg: export_labelmap"):
+                got.append(f"way back alone {cells[1]} s ({cells[2]})")
+        return "; ".join(got) or "no table"
     return ""
 
 

@@ -282,3 +282,14 @@ def test_official_bench_gpu_table_runs_its_logic_on_the_cpu(bench, capsys, monke
     monkeypatch.setattr(bo, "predict", lambda *a, **k: 1.0 - real(*a, **k))  # labels flipped: must fail
     assert bo.main(args) == 1
     assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out
+
+
+def test_stages_bench_tiny_and_its_check(bench, capsys, monkeypatch):
+    """bench_stages: one tiny whole run of the demo card both ways and the way back alone; the
+    agreement check fails when the torch way back gives another label map."""
+    stages = bench("bench_stages")
+    assert stages.main(["--quick", "--cards", "demo", "--slices", "6", "--back-slices", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "| demo | baseline |" in out and "| demo | volseg |" in out and "The way back alone" in out
+    monkeypatch.setattr(stages, "export_labelmap", lambda *a, **k: np.zeros((512, 512, 6), np.uint16))
+    assert stages.main(["--quick", "--no-runs", "--back-slices", "6"]) == 1

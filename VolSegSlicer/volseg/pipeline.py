@@ -51,6 +51,43 @@ from volseg.request import (  # noqa: F401  (part of this module's API since bef
     checkpoint_for,
 )
 from volseg.postprocessing.to_input_grid import all_finite, invert_to_labelmap
+from volseg.postprocessing.export_prediction import (
+    UnsupportedResampling,
+    labelmap_on_input_grid,
+    probabilities_on_input_grid,
+)
+
+
+def exact_stages() -> bool:
+    """``$VOLSEG_EXACT_STAGES=1``: the way in and the way back take MONAI's exact CPU path (float64
+    resampling) instead of volseg's torch path on the run's device (the benchmark's baseline)."""
+    return os.environ.get("VOLSEG_EXACT_STAGES", "") not in ("", "0")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the GPU itself failed (lost, reset, an illegal access, a driver error)."""
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or (
+        isinstance(exc, RuntimeError) and any(k in text for k in ("CUDA error", "CUDA driver", "cuDNN error",
+                                                                   "CUBLAS_STATUS", "device-side assert")))
+
+
+@contextlib.contextmanager
+def device_failures(device: torch.device):
+    """A GPU that fails mid-run becomes one clear :class:`ResourceError` (exit 3) naming ``device``;
+    nothing has been written yet, so nothing is left behind. Running out of memory is not a
+    failure of the device (the stages step down instead)."""
+    try:
+        yield
+    except (VolSegError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - only device failures are translated, the rest re-raised
+        if not is_device_failure(exc):
+            raise
+        raise ResourceError(
+            f"the GPU ({device}) failed during the run: {' '.join(str(exc).split())[:200]}",
+            hint="no output was written; check the GPU (nvidia-smi), then run again, or use --device cpu",
+        ) from None
 
 
 class ModelCache:
@@ -188,6 +225,25 @@ def check_memory(shape: Sequence[int], in_channels: int, out_channels: int, pass
         )
 
 
+def preprocess_on(device: torch.device, volume, card: ModelCard, reporter: Reporter):
+    """The way in: the card's steps on the run's CUDA device, else on the CPU (torch, float32
+    resampling), or MONAI's exact CPU path with ``$VOLSEG_EXACT_STAGES=1``. Out of GPU memory: the exact path on the CPU,
+    with a warning."""
+    if exact_stages():
+        return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+    if device.type != "cuda":  # CPU runs, and MPS (no float64 there for MONAI's intensity steps): the CPU
+        device = torch.device("cpu")
+    with device_failures(device):
+        try:
+            return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing, device=device)
+        except torch.OutOfMemoryError:
+            if device.type == "cpu":
+                raise
+            torch.cuda.empty_cache()
+    reporter.log(f"out of GPU memory preprocessing on {device}; preprocessing on the CPU", "warning")
+    return preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+
+
 def _relay(caught: list, reporter: Reporter) -> None:
     """Report the library warnings caught so far as warning events (one line each), then forget them."""
     for w in caught:
@@ -254,7 +310,7 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
             cache.put(key, model)
 
     checkpoint_stage("preprocess", "preprocessing")
-    pre = preprocess(volume.array, volume.ijk_to_ras, card.preprocessing)
+    pre = preprocess_on(device, volume, card, reporter)
     options = inference_options(card, o)
 
     if getattr(model, "batch_dependent", False) and options.sw_batch_size > 1:
@@ -267,9 +323,8 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     network = choose_network(model, card, options, device, windows, reporter, begin_stage=checkpoint_stage)
     checkpoint_stage("infer", f"inference: {windows} windows of {list(options.roi_size)} on {device}")
     ran: dict[str, Any] = {}
-    # The way back (volseg.postprocessing) reads CPU tensors for now: ask for the probabilities there.
-    probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel,
-                                         output_device=torch.device("cpu"), stats=ran)
+    with device_failures(device):  # the probabilities stay on the device for the way back
+        probs, where = predict_with_fallback(network, pre.image, options, device, reporter, cancel, stats=ran)
     if not all_finite(probs):
         raise CheckpointError(
             "the network produced NaN or infinite values, so no segmentation was written",
@@ -277,11 +332,32 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
         )
 
     checkpoint_stage("postprocess", "postprocessing")
-    if request.probabilities is None:  # only the label map is wanted: map it back piece by piece
-        labelmap = invert_to_labelmap(probs, pre, card.labels, card.activation, card.threshold)
+    if request.probabilities is None and exact_stages():
+        labelmap = invert_to_labelmap(probs.cpu(), pre, card.labels, card.activation, card.threshold)
         probs = None
-    else:
-        probs = invert(probs, pre)
+    elif request.probabilities is None:  # only the label map is wanted: the way back on the device
+        back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
+
+        def on_step() -> None:
+            if cancel.is_set():
+                raise Cancelled()
+
+        with device_failures(back):
+            labelmap, how = labelmap_on_input_grid(probs, pre, card.labels, card.activation, card.threshold,
+                                                   device=back, warn=lambda m: reporter.log(m, "warning"),
+                                                   on_step=on_step)
+        reporter.log(how)
+        probs = None
+    elif exact_stages():
+        probs = invert(probs.cpu(), pre)
+        labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
+    else:  # --probabilities: every class on the input grid, undone on the device in float32
+        back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
+        with device_failures(back):
+            try:
+                probs = probabilities_on_input_grid(probs, pre, device=back)
+            except (UnsupportedResampling, torch.OutOfMemoryError):
+                probs = invert(probs.cpu(), pre)
         labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
     p = card.postprocessing
     labelmap = postprocess(

@@ -94,13 +94,24 @@ def to_metatensor(array: np.ndarray, ijk_to_ras: np.ndarray) -> MetaTensor:
                       affine=torch.as_tensor(ijk_to_ras, dtype=torch.float64), meta={"space": "RAS"})
 
 
-def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mapping[str, Any]]) -> Preprocessed:
-    """Apply the card's steps to a (C, I, J, K) array."""
+def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mapping[str, Any]],
+               device: torch.device | None = None) -> Preprocessed:
+    """Apply the card's steps to a (C, I, J, K) array.
+
+    ``device`` None: MONAI's exact path on the CPU (float64 resampling). A device (``cuda``, or
+    ``cpu`` for the same fast path there): the volume goes there once and every step runs there,
+    ``Spacing`` as float32 separable resampling (:mod:`volseg.preprocessing.on_device`).
+    """
     transforms = build_transforms(steps)
-    image = to_metatensor(array, ijk_to_ras)
+    if device is None:
+        image = to_metatensor(array, ijk_to_ras)
+    else:
+        from volseg.preprocessing.on_device import run_step, to_device
+
+        image = to_device(array, ijk_to_ras, device)
     for t in transforms:
         try:
-            image = t(image)
+            image = t(image) if device is None else run_step(t, image)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ModelCardError(f"preprocessing step {type(t).__name__} failed on this volume: {exc}") from None
         if min(image.shape[1:]) == 0:
@@ -114,10 +125,12 @@ def preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, steps: Sequence[Mappin
     return Preprocessed(image.float(), transforms, tuple(array.shape[1:]))
 
 
-def invert_partial(output: torch.Tensor, pre: Preprocessed, keep_first: int = 0) -> MetaTensor:
+def invert_partial(output: torch.Tensor, pre: Preprocessed, keep_first: int = 0,
+                   device: torch.device | None = None) -> MetaTensor:
     """Undo every preprocessing step but the first ``keep_first`` (newest first) on a copy of the
-    recorded operations; the result still carries the kept steps' records."""
-    out = MetaTensor(output.float().cpu())
+    recorded operations; the result still carries the kept steps' records. Runs on ``device``
+    (default: the CPU), where MONAI's inverses (crop -> pad, orientation -> flips) work alike."""
+    out = MetaTensor(output.float().to(device or torch.device("cpu")))
     out.copy_meta_from(pre.image, copy_attr=True)
     out.applied_operations = copy.deepcopy(pre.image.applied_operations)
     for t in reversed(pre.transforms[keep_first:]):

@@ -186,6 +186,10 @@ def part1(args, folder: Path) -> list[dict]:
                          "rss": max(r["rss"] for r in runs), "gpu": max((r["gpu"] or 0) for r in runs) or None,
                          "agree": agree, "ok": agree >= 99.99 and stray == 0,
                          "outside": int((~inside).sum()), "stray": stray, "notes": "; ".join(runs[-1]["notes"])})
+            r = rows[-1]  # as each card finishes, so a run cut short by a time limit still says something
+            print(f"  {card_id} {name}: whole {r['whole']:.2f} s; " + ", ".join(
+                f"{s} {r[s]:.2f}" for s in STAGES if r[s] == r[s]) + f"; GPU peak "
+                f"{(r['gpu'] or 0) / 2**20:.0f} MiB; agree {r['agree']:.4f} %", flush=True)
             del runs
     return rows
 

@@ -26,11 +26,11 @@ GiB = 2**30
 
 
 # -- which precision ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 9), "bf16"),
-                                                 ((7, 5), "fp16"), ((6, 1), "fp16"), (None, "fp16")])
-def test_auto_is_bf16_from_compute_capability_8_else_fp16(capability, expected):
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0), (8, 9), (7, 5), (6, 1), None])
+def test_auto_is_fp16_on_every_gpu(capability):
+    """bf16 changed 0.1-0.5 % of the labels on an H200 where fp16 kept 99.9 %: auto never picks it."""
     precision, reason = choose_precision("auto", "cuda", capability)
-    assert precision == expected and expected in reason
+    assert precision == "fp16" and "fp16" in reason
 
 
 @pytest.mark.parametrize("requested", ["auto", "fp32", "fp16", "bf16"])

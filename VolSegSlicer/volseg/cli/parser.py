@@ -68,8 +68,8 @@ def add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) 
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                      help="mixed precision on GPU (--no-amp: the same as --precision fp32)")
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=None,
-                     help="on a CUDA GPU: auto (the card's default: bf16 autocast on GPUs with compute capability "
-                     ">= 8.0, else fp16), fp32 (true float32, TF32 off), fp16 or bf16 autocast; the CPU runs fp32")
+                     help="on a CUDA GPU: auto (the card's default: fp16 autocast, which kept the labels where bf16 "
+                     "changed up to 0.5 %%), fp32 (true float32, TF32 off), fp16 or bf16 autocast; the CPU runs fp32")
     post = p.add_argument_group("postprocessing")
     post.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
                       help="keep the largest connected component of each label")

@@ -276,7 +276,7 @@ def test_atomic_output_cleans_up_on_failure(tmp_path, error):
 
 
 def test_failed_writer_leaves_no_files(tmp_path, monkeypatch):
-    def half_write(image, path, useCompression=False):
+    def half_write(image, path, useCompression=False, compressionLevel=-1):
         Path(path).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
@@ -365,7 +365,7 @@ def test_atomic_temp_file_has_lower_case_suffix(tmp_path):
 
 
 def test_image_failure_commits_no_colour_table_and_no_sibling(tmp_path, monkeypatch):
-    def writes_header_and_data_then_fails(image, path, useCompression=False):
+    def writes_header_and_data_then_fails(image, path, useCompression=False, compressionLevel=-1):
         # Like ITK's MetaImage writer: a header plus a detached data file, then an error.
         Path(path).write_text("header")
         Path(str(path)[: -len(".mha")] + ".zraw").write_bytes(b"data")
@@ -378,7 +378,7 @@ def test_image_failure_commits_no_colour_table_and_no_sibling(tmp_path, monkeypa
 
 
 def test_image_writing_no_file_commits_no_colour_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(writers.sitk, "WriteImage", lambda image, path, useCompression=False: None)
+    monkeypatch.setattr(writers.sitk, "WriteImage", lambda image, path, useCompression=False, compressionLevel=-1: None)
     with pytest.raises(OutputError, match="no file was produced"):
         write_segmentation(tmp_path / "a.nrrd", _labels(), _reference(), SEGMENTS)
     assert list(tmp_path.iterdir()) == []
@@ -423,7 +423,7 @@ def test_cleanup_spares_unrelated_hidden_files(tmp_path):
 
 
 def test_disk_full_is_an_output_error_naming_the_file(tmp_path, monkeypatch):
-    def disk_full(image, path, useCompression=False):
+    def disk_full(image, path, useCompression=False, compressionLevel=-1):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
@@ -524,3 +524,32 @@ def test_probabilities_store_their_channel_names(tmp_path, name):
         assert image.header["descrip"].tobytes().startswith(b"channels: background, liver")
     with pytest.raises(OutputError, match="2 channel names for 3"):
         write_probabilities(tmp_path / ("q" + name[1:]), probs, ref, channel_names=names[:2])
+
+
+def _gzip_streams(data: bytes) -> list[int]:
+    """The XFL byte of every gzip member in ``data``: 4 = fastest (level 1), 2 = best (level 9), 0 = other."""
+    flags, start = [], data.find(b"\x1f\x8b\x08")
+    while start >= 0:
+        flags.append(data[start + 8])
+        start = data.find(b"\x1f\x8b\x08", start + 10)
+    return flags
+
+
+@pytest.mark.parametrize("name", ["seg.seg.nrrd"])
+def test_labels_are_written_with_fast_compression(tmp_path, name):
+    """gzip level 9 took 4.5 s (10 s on the H200 machine) for one noisy 512x512x100 label map:
+    volseg writes level 1 (writers.COMPRESSION_LEVEL), and the file still reads back exactly.
+    (ITK's writers get the same level; their gzip headers do not record it, so only the .seg.nrrd,
+    written through zlib, is checked here.)"""
+    ref, labels = _reference(), _labels()
+    out = write_segmentation(tmp_path / name, labels, ref, SEGMENTS)
+    raw = out.read_bytes()
+    if name.endswith(".nrrd"):
+        assert b"encoding: gzip" in raw[:4096]
+    xfl = _gzip_streams(raw)
+    assert xfl and all(flag == 4 for flag in xfl), xfl  # zlib marks level 1 with XFL 4
+    if name == "seg.seg.nrrd":
+        back = slicerio.read_segmentation(str(out))["voxels"]
+    else:
+        back = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).transpose(2, 1, 0)
+    np.testing.assert_array_equal(back, labels)

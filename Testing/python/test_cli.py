@@ -503,3 +503,33 @@ def test_listing_commands_report_a_bug_in_one_line(monkeypatch, capsys):
     assert main(["devices"]) == 1
     err = capsys.readouterr().err
     assert "internal error (KeyError" in err and "VOLSEG_DEBUG" in err
+
+
+@pytest.mark.parametrize("code,ignored", [(0, True), (2, False)])
+def test_a_finished_command_ignores_a_late_signal(code, ignored):
+    """After `done` the process still exits for up to a second (PyTorch's teardown): a SIGINT
+    there killed it (-2 / 130) although the result was written. The console script and
+    `python -m volseg` ignore signals once a command has finished with 0, not after a failure."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import signal, sys\n"
+              "from volseg.cli import main as m\n"
+              f"m.main = lambda argv=None: {code}\n"
+              "try:\n    m.entry_point()\n"
+              "except SystemExit as e:\n"
+              "    print(e.code, signal.getsignal(signal.SIGINT) == signal.SIG_IGN,"
+              " signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == [str(code), str(ignored), str(ignored)], done.stderr
+
+
+def test_a_huge_roi_size_is_a_bad_argument(ct_path, tmp_path):
+    """--roi-size 100000^3 was reported as the volume needing 102 million GiB (exit 3, 'crop the
+    volume'); the window is what is wrong: exit 2, said before any work."""
+    r = run_cli("segment", str(ct_path), "--model", "demo", "-o", str(tmp_path / "o.seg.nrrd"),
+                "--roi-size", "100000", "100000", "100000")
+    assert r.returncode == 2
+    assert "larger than any network window" in r.stderr and "GiB" not in r.stderr
+    assert not list(tmp_path.iterdir())

@@ -15,4 +15,6 @@ try:
     code = signals.report_cancelled(sys.argv[1:]) if signals.pending() else main()
 except KeyboardInterrupt:
     code = signals.report_cancelled(sys.argv[1:])
+if code == 0:
+    signals.ignore_from_now()  # finished: a signal during the exit cancels nothing
 sys.exit(code)

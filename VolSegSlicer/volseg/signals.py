@@ -60,6 +60,16 @@ def _handle(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def ignore_from_now() -> None:
+    """The command has finished and said so: the process only exits now (which can take a second
+    of PyTorch's teardown), so a late signal cancels nothing and must not turn exit 0 into 130 or
+    a kill while the outputs stay. Main thread only; used by the process entry points, not by
+    :func:`volseg.cli.main.main` (which tests and the warm worker call in-process)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in _signals():
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def pending() -> bool:
     """Whether a signal arrived during an import and has not been acted on by raising."""
     return _state["pending"] and cancel_event.is_set()

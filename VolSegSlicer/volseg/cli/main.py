@@ -69,5 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  hint: {err.hint}", file=sys.stderr)
     return err.exit_code
 
+def entry_point() -> None:
+    """The ``volseg`` console script: :func:`main`, and once a command has finished (exit 0) a
+    late SIGINT/SIGTERM is ignored while the interpreter exits (see :func:`signals.ignore_from_now`)."""
+    code = main()
+    if code == 0:
+        signals.ignore_from_now()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

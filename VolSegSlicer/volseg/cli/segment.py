@@ -9,6 +9,10 @@ from volseg.cli.running import cancel_on_signal, run_reported
 from volseg.errors import InputError, VolSegError
 
 
+#: The largest sliding-window side accepted (published windows are 64-160 voxels).
+MAX_ROI = 1024
+
+
 def request_from_args(args: argparse.Namespace, reporter=None):
     from volseg.cards import card_from_arguments, load_card
     from volseg.errors import ModelCardError
@@ -46,6 +50,11 @@ def request_from_args(args: argparse.Namespace, reporter=None):
             raise VolSegError(f"--{name.replace('_', '-')} {value} is out of range")
     if args.roi_size is not None and min(args.roi_size) < 1:
         raise VolSegError(f"--roi-size {args.roi_size} must be positive")
+    if args.roi_size is not None and max(args.roi_size) > MAX_ROI:
+        raise InputError(f"--roi-size {' '.join(map(str, args.roi_size))} is larger than any network window "
+                         f"(at most {MAX_ROI} voxels per axis)",
+                         hint="give the window the network was trained with (the card's inference.roi_size), "
+                         "e.g. --roi-size 96 96 96")
     overrides = Overrides(
         roi_size=tuple(args.roi_size) if args.roi_size else None, overlap=args.overlap,
         sw_batch_size=args.sw_batch_size, flips=args.flips, amp=args.amp,

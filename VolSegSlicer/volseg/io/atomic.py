@@ -227,8 +227,7 @@ def check_output_folder(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output folder {folder} is a file",
-                          hint="batch writes one result per case into a folder: give a folder with -o "
-                          "(it is created if missing)")
+                          hint="the results go into a folder: give a folder with -o (it is created if missing)")
 
 
 def make_output_folder(folder: str | os.PathLike) -> Path:

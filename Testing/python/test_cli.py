@@ -533,3 +533,13 @@ def test_a_huge_roi_size_is_a_bad_argument(ct_path, tmp_path):
     assert r.returncode == 2
     assert "larger than any network window" in r.stderr and "GiB" not in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_an_empty_input_file_is_refused_before_the_imports(tmp_path):
+    """A 0-byte input got ITK's 'Unable to determine ImageIO reader' after 4 s of imports."""
+    empty = tmp_path / "empty.nrrd"
+    empty.write_bytes(b"")
+    r = run_cli("segment", str(empty), "--model", "demo", "-o", str(tmp_path / "o.seg.nrrd"))
+    assert r.returncode == 2
+    assert "is empty (0 bytes)" in r.stderr and "ImageIO" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.nrrd"]

@@ -126,6 +126,9 @@ def check_input_content(path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         return
+    if path.stat().st_size == 0:  # ITK would say only that it found no reader for it
+        raise InputError(f"{path} is empty (0 bytes): it holds no volume",
+                         hint="copy or export the volume again; an interrupted download or copy leaves such files")
     found = sniff(path)
     by_name = image_format(path)
     if found.kind == "nifti" and path.name.lower().endswith(_NIFTI_PAIR):

@@ -293,3 +293,12 @@ def test_stages_bench_tiny_and_its_check(bench, capsys, monkeypatch):
     assert "| demo | baseline |" in out and "| demo | volseg |" in out and "The way back alone" in out
     monkeypatch.setattr(stages, "export_labelmap", lambda *a, **k: np.zeros((512, 512, 6), np.uint16))
     assert stages.main(["--quick", "--no-runs", "--back-slices", "6"]) == 1
+
+
+def test_panel_bench_tiny(bench, capsys):
+    """bench_panel: the demo card on the native CTChest4 through the module's runner on slicer-core."""
+    pytest.importorskip("slicer", reason="slicer-core is part of the [test] extra")
+    bp = bench("bench_panel")
+    assert bp.main(["--factor", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| panel overhead (export, poll, read, import) |" in out and "7 segments" in out

@@ -261,3 +261,13 @@ def test_a_picture_is_called_a_picture(tmp_path):
             read_inputs([tmp_path / name])
         assert words in info.value.message and "not a 3D CT or MRI volume" in info.value.message
         assert "multi-component" not in info.value.message and "NRRD" in info.value.hint
+
+
+def test_a_cut_short_gzip_nrrd_is_called_truncated(tmp_path, ct_path):
+    """The first 300,000 bytes of CTChest4 gave teem's '_nrrdEncodingGzip_read: expected 2228224
+    bytes but received 896392': say in words that the file is cut short, and what to do."""
+    path = tmp_path / "cut.nrrd"
+    path.write_bytes(ct_path.read_bytes()[:300_000])
+    with pytest.raises(InputError, match=r"cut.nrrd is truncated: its header promises 2,228,224 bytes") as info:
+        read_inputs([path])
+    assert "_nrrdEncoding" not in info.value.message and "copy or export it again" in info.value.hint

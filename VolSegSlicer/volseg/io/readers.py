@@ -108,6 +108,13 @@ def _raise_read_error(error: RuntimeError, path: Path) -> None:
             f"{path}: the voxel axes are sheared (direction cosines are not orthonormal)",
             hint="resample the image onto an orthogonal grid first",
         ) from None
+    short = re.search(r"expected (\d+) bytes but received (\d+)", text)  # teem's gzip/raw reader, cut short
+    if short:
+        raise InputError(
+            f"{path} is truncated: its header promises {int(short.group(1)):,} bytes of voxel data but only "
+            f"{int(short.group(2)):,} are there",
+            hint="the file was cut short (an interrupted copy or download): copy or export it again",
+        ) from None
     raise InputError(
         f"cannot read {path} as an image: {_itk_error_text(error)}",
         hint="check that the file is a complete NIfTI, NRRD, MHA or a DICOM series folder",

@@ -50,7 +50,9 @@ def test_rerun_skips_what_is_done_and_redoes_what_changed(cohort, capsys, tmp_pa
     for row in rows.values():  # per-case figures, not accumulated over the cohort
         assert row["status"] == "done" and row["attempts"] == 1 and row["device"] == "cpu" and row["error"] is None
         assert [o["name"] for o in row["outputs"]] == [f"{row['case']}.seg.nrrd"]
-        assert 0 < sum(row["timings"].values()) <= row["elapsed_s"] + 1e-3 and row["cpu_s"] > 0
+        # each stage and the total are rounded to 1 ms: the sum may exceed the total by half a ms a term
+        assert 0 < sum(row["timings"].values()) <= row["elapsed_s"] + 5e-4 * (len(row["timings"]) + 1) + 1e-9
+        assert row["cpu_s"] > 0
     first = mtimes(out)
 
     assert run() == 0  # same everything: nothing runs, no model is loaded

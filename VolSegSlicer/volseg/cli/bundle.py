@@ -56,5 +56,6 @@ def cmd_bundle_card(args: argparse.Namespace) -> int:
         _say(None, note)
     with atomic_output(args.output, overwrite=args.overwrite) as tmp:
         tmp.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.output} (model {card['id']}: {len(card['labels'])} labels)")
+    n = len(card['labels'])
+    print(f"wrote {args.output} (model {card['id']}: {n} label{'' if n == 1 else 's'})")
     return 0

@@ -44,7 +44,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     bundles, bundle_problems = list_bundles(args.cards_dir)
     problems += bundle_problems
     for p in problems:
-        print(f"warning: skipped invalid card {p}", file=sys.stderr)
+        print(f"warning: skipped: {p}", file=sys.stderr)
     if args.json:
         print(json.dumps({"models": [c.summary() for c in cards] + bundles, "problems": problems}, indent=1))
         return 0

@@ -17,7 +17,8 @@ from volseg.cli.main import main
 from volseg.inference.gpu_settings import memory_format, resolve_window_batch, run_settings
 from volseg.inference.precision import autocast_dtype, choose_precision, exact_fp32, requested_precision
 from volseg.inference.sliding_window import InferenceOptions, predict, predict_with_fallback, run_precision
-from volseg.inference.window_batch import available_bytes, stitch_bytes, window_batch_size
+from volseg.inference.window_batch import stitch_bytes, window_batch_size
+from volseg.memory import available_bytes
 from volseg.inference.window_predictor import WindowPredictor
 from volseg.pipeline import inference_options
 from volseg.request import Overrides
@@ -350,7 +351,7 @@ def test_precision_option_reaches_the_done_event(tmp_path, threshold_torchscript
 def test_gpu_available_bytes_passes_a_device_index(monkeypatch):
     """torch.cuda.get_per_process_memory_fraction refuses ``torch.device("cuda")`` (no index): on
     the H200 this failed 17 CUDA tests. Every CUDA memory query must get an index."""
-    from volseg.inference import window_batch
+    from volseg import memory
 
     def index_only(result):
         def query(device):
@@ -365,5 +366,5 @@ def test_gpu_available_bytes_passes_a_device_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", index_only(1 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", index_only(2 << 30))
     # free 6 GiB + cached 1 GiB, capped at half of 16 GiB minus the 1 GiB allocated
-    assert window_batch.gpu_available_bytes(torch.device("cuda")) == 7 << 30
-    assert window_batch.gpu_available_bytes(torch.device("cuda", 0)) == 7 << 30
+    assert memory.gpu_available_bytes(torch.device("cuda")) == 7 << 30
+    assert memory.gpu_available_bytes(torch.device("cuda", 0)) == 7 << 30

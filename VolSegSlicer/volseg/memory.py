@@ -82,3 +82,31 @@ def require_regular_file(path: str | os.PathLike, what: str = "input",
                 "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
         raise error(f"{what} {path} is {kind}, not a regular file", hint="give the path of a file")
     return st
+
+
+def available_bytes(free: int, total: int, allocated: int, reserved: int, fraction: float | None = None) -> int:
+    """Memory this process can still allocate on a GPU.
+
+    Args:
+        free, total: ``torch.cuda.mem_get_info`` (the whole device).
+        allocated, reserved: this process's ``torch.cuda.memory_allocated`` / ``memory_reserved``
+            (the caching allocator's free blocks, ``reserved - allocated``, are ours to reuse).
+        fraction: the cap of ``torch.cuda.set_per_process_memory_fraction``, if any (1.0: none).
+    """
+    usable = free + max(0, reserved - allocated)
+    if fraction is not None and fraction < 1.0:
+        usable = min(usable, int(fraction * total) - allocated)
+    return max(0, usable)
+
+
+def gpu_available_bytes(device) -> int:
+    """:func:`available_bytes` for a CUDA ``device`` (a ``torch.device``), now: what the window batch,
+    the way in and the way back may size their pieces from."""
+    import torch  # only here: this module is read before torch is imported
+
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names none
+    free, total = torch.cuda.mem_get_info(index)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(index) if get_fraction is not None else None  # refuses a device without an index
+    return available_bytes(free, total, torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index),
+                           fraction)

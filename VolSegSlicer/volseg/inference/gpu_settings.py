@@ -23,7 +23,8 @@ from dataclasses import replace
 import torch
 
 from volseg.inference.precision import autocast_dtype, exact_fp32
-from volseg.inference.window_batch import gpu_available_bytes, measure_window_bytes, stitch_bytes, window_batch_size
+from volseg.inference.window_batch import measure_window_bytes, stitch_bytes, window_batch_size
+from volseg.memory import gpu_available_bytes
 from volseg.options import InferenceOptions
 
 __all__ = ["StepTimer", "memory_format", "resolve_window_batch", "run_settings", "set_weight_layout", "to_device"]

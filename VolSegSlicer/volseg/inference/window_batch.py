@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-__all__ = ["MAX_WINDOW_BATCH", "available_bytes", "gpu_available_bytes", "measure_window_bytes", "stitch_bytes",
+__all__ = ["MAX_WINDOW_BATCH", "measure_window_bytes", "stitch_bytes",
            "window_batch_size"]
 
 #: The most windows per forward pass: beyond this a GPU gains nothing more, only memory.
@@ -65,31 +65,6 @@ def stitch_bytes(image_shape: tuple[int, ...], in_channels: int, out_channels: i
     blended sum, the weights, and the running mean when there are test-time flips."""
     voxels = math.prod(image_shape)
     return 4 * voxels * (in_channels + out_channels + 1 + (out_channels if passes > 1 else 0))
-
-
-def available_bytes(free: int, total: int, allocated: int, reserved: int, fraction: float | None = None) -> int:
-    """Memory this process can still allocate on a GPU.
-
-    Args:
-        free, total: ``torch.cuda.mem_get_info`` (the whole device).
-        allocated, reserved: this process's ``torch.cuda.memory_allocated`` / ``memory_reserved``
-            (the caching allocator's free blocks, ``reserved - allocated``, are ours to reuse).
-        fraction: the cap of ``torch.cuda.set_per_process_memory_fraction``, if any (1.0: none).
-    """
-    usable = free + max(0, reserved - allocated)
-    if fraction is not None and fraction < 1.0:
-        usable = min(usable, int(fraction * total) - allocated)
-    return max(0, usable)
-
-
-def gpu_available_bytes(device: torch.device) -> int:
-    """:func:`available_bytes` for a CUDA ``device``, now."""
-    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names none
-    free, total = torch.cuda.mem_get_info(index)
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = get_fraction(index) if get_fraction is not None else None  # refuses a device without an index
-    return available_bytes(free, total, torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index),
-                           fraction)
 
 
 def measure_window_bytes(model: torch.nn.Module, in_channels: int, roi_size: tuple[int, ...],

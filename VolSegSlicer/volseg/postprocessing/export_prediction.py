@@ -35,7 +35,7 @@ from monai.transforms import Spacing
 from monai.utils import TraceKeys
 
 from volseg.cards import Label
-from volseg.memory import available_memory
+from volseg.memory import available_memory, gpu_available_bytes
 from volseg.preprocessing.card_steps import Preprocessed, invert_partial
 from volseg.preprocessing.resampling import GridResampler, UnsupportedResampling
 
@@ -52,11 +52,10 @@ GPU_BUDGET = 5 * 2**30
 
 
 def device_free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` (plus what torch's cache holds) on CUDA,
-    the available RAM on the CPU (4 GiB when unknown)."""
+    """Bytes free on ``device``: what this process can still allocate on a CUDA GPU (its free memory,
+    torch's cached blocks, a per-process cap), the available RAM on the CPU (4 GiB when unknown)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        return gpu_available_bytes(device)
     free = available_memory()
     return int(free) if free is not None else 4 * 2**30
 

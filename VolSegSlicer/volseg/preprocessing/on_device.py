@@ -29,6 +29,8 @@ from monai.data import MetaTensor
 from monai.transforms import Spacing, Transform
 from monai.utils import TraceKeys
 
+from volseg.memory import gpu_available_bytes
+
 from volseg.preprocessing.resampling import GridResampler, UnsupportedResampling
 
 __all__ = ["resample_spacing", "run_step", "to_device"]
@@ -60,8 +62,7 @@ def to_device(array: np.ndarray, ijk_to_ras: np.ndarray, device: torch.device) -
 
 def _slab_rows(channels: int, dst_shape: Sequence[int], device: torch.device) -> int:
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(int(0.25 * free), 2 * 2**30)
+        budget = min(int(0.25 * gpu_available_bytes(device)), 2 * 2**30)
     else:
         budget = SLAB_BYTES_CPU
     per_row = channels * 4 * 4 * int(np.prod(dst_shape[1:]))

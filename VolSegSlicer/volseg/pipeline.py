@@ -332,11 +332,12 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
         )
 
     checkpoint_stage("postprocess", "postprocessing")
+    # the way back runs where the probabilities are: the GPU, unless inference fell back to the CPU
+    back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
     if request.probabilities is None and exact_stages():
         labelmap = invert_to_labelmap(probs.cpu(), pre, card.labels, card.activation, card.threshold)
         probs = None
     elif request.probabilities is None:  # only the label map is wanted: the way back on the device
-        back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
 
         def on_step() -> None:
             if cancel.is_set():
@@ -352,7 +353,6 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
         probs = invert(probs.cpu(), pre)
         labelmap = to_labelmap(probs, card.labels, card.activation, card.threshold)
     else:  # --probabilities: every class on the input grid, undone on the device in float32
-        back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
         with device_failures(back):
             try:
                 probs = probabilities_on_input_grid(probs, pre, device=back)

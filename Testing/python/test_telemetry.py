@@ -28,6 +28,8 @@ except ImportError:
 else:
     assert not hidden
 print("openvino_telemetry hidden" if hidden else "openvino_telemetry left alone")
+import os
+print("ORT_DISABLE_TELEMETRY=" + os.environ.get("ORT_DISABLE_TELEMETRY", "<unset>"))
 """
 
 
@@ -60,15 +62,20 @@ def test_onnx_runtime_writes_no_device_id_and_openvino_telemetry_is_hidden(tmp_p
     written, out = _run(tmp_path, allow=False)
     assert written == [], written  # nothing in the user's home: no device id, no ~/intel/stats
     assert "openvino_telemetry hidden" in out
+    assert "ORT_DISABLE_TELEMETRY=1" in out  # set before onnxruntime was imported
 
 
 def test_volseg_allow_telemetry_leaves_the_runtimes_to_their_own_settings(tmp_path):
-    """The control: the same run with VOLSEG_ALLOW_TELEMETRY=1 writes ONNX Runtime's device id,
-    so the test above would see it if telemetry were on."""
+    """The control: with VOLSEG_ALLOW_TELEMETRY=1 volseg sets nothing and hides nothing.
+
+    ONNX Runtime then usually writes its device id under the home folder, but it does so from a
+    background thread that may not finish before a short process exits (seen on a busy 2-core CI
+    run), so the file is not required here; what volseg itself does to the process is."""
     _require_onnxruntime()
     written, out = _run(tmp_path, allow=True)
-    assert any(path.endswith("deviceid") for path in written), written
     assert "openvino_telemetry left alone" in out
+    assert "ORT_DISABLE_TELEMETRY=<unset>" in out
+    assert all("intel" in path or ".onnxruntime" in path for path in written), written
 
 
 def test_telemetry_off_respects_an_explicit_setting(monkeypatch):

@@ -36,19 +36,50 @@ def test_typo_in_a_key_names_the_key_and_the_allowed_ones(tmp_path):
 
 @pytest.mark.parametrize("fields,needle", [
     ({"labels": [{"value": 1, "name": "a"}, {"value": 1, "name": "b"}]}, "more than once"),
-    ({"labels": [{"value": 0, "name": "background"}]}, "labels/0/value"),
-    ({"labels": [{"value": 1, "name": "a", "color": [300, 0, 0]}]}, "labels/0/color/0"),
-    ({"inference": {"overlap": 1.0}}, "inference/overlap"),
+    ({"labels": [{"value": 0, "name": "background"}]}, "$.labels[0].value"),
+    ({"labels": [{"value": 1, "name": "a", "color": [300, 0, 0]}]}, "$.labels[0].color[0]"),
+    ({"inference": {"overlap": 1.0}}, "$.inference.overlap"),
     ({"architecture": {"name": "uxnt"}}, "did you mean uxnet"),
     ({"output": {"activation": "softmax", "channels": 1}}, "beyond the 1"),
     ({"id": "Bad Id"}, "id"),
-    ({"output": {"activation": "sigmoid", "threshold": 1.0}}, "output/threshold"),
-    ({"inference": {"padding_mode": "bogus"}}, "inference/padding_mode"),
+    ({"output": {"activation": "sigmoid", "threshold": 1.0}}, "$.output.threshold"),
+    ({"inference": {"padding_mode": "bogus"}}, "$.inference.padding_mode"),
 ])
 def test_invalid_cards_are_explained(tmp_path, fields, needle):
     with pytest.raises(ModelCardError) as err:
         load_card(make_card(tmp_path, **fields))
     assert needle in str(err.value)
+
+
+def test_schema_errors_are_one_a_line_with_their_json_path_and_bounded(tmp_path, capsys):
+    from volseg.cards import MAX_SCHEMA_PROBLEMS
+    from volseg.cli.main import main
+
+    labels = [{"value": "one", "name": 7, "color": [1, 2, "x"]} for _ in range(5)]  # 15 problems
+    path = make_card(tmp_path, labels=labels, title=5)
+    with pytest.raises(ModelCardError) as err:
+        load_card(path)
+    lines = err.value.message.splitlines()
+    assert lines[0].endswith("is not a valid model card:")
+    problems = [line for line in lines[1:] if line.startswith("  - at $")]
+    assert len(problems) == MAX_SCHEMA_PROBLEMS == 10 and lines[-1] == "  and 6 more"
+    assert "  - at $.labels[0].color[2]: 'x' is not of type 'integer'" in lines
+    assert "  - at $.labels[0].value: 'one' is not of type 'integer'" in lines
+    assert len(err.value.problems) == 16 and any(p.startswith("at $.title: 5") for p in err.value.problems)
+    # the command line prints the same lines, one problem a line, without a traceback
+    assert main(["segment", str(tmp_path / "in.nrrd"), "--model", str(path), "-o", str(tmp_path / "o.seg.nrrd")]) == 2
+    err_text = capsys.readouterr().err
+    assert "Traceback" not in err_text and "\n  - at $.labels[0].name: 7 is not of type 'string'\n" in err_text
+
+
+def test_a_long_schema_problem_is_cut(tmp_path):
+    from volseg.cards import MAX_PROBLEM_CHARS
+
+    path = make_card(tmp_path, labels=[{"value": 1, "name": "a", "color": ["x" * 5000, 0, 0]}])
+    with pytest.raises(ModelCardError) as err:
+        load_card(path)
+    lines = err.value.message.splitlines()
+    assert len(lines) == 2 and lines[1].endswith("...") and len(lines[1]) <= MAX_PROBLEM_CHARS + 4
 
 
 def test_invalid_json_says_where(tmp_path):

@@ -156,28 +156,48 @@ def _validator():
     return jsonschema.Draft202012Validator(schema)
 
 
+#: At most this many schema problems are listed, each cut to this many characters.
+MAX_SCHEMA_PROBLEMS = 10
+MAX_PROBLEM_CHARS = 300
+
+
 def _error_path(error) -> str:
-    return "/".join(str(p) for p in error.absolute_path) or "(top level)"
+    """The JSON path of a schema error (``$.labels[0].color``; ``$`` for the card itself)."""
+    return getattr(error, "json_path", None) or "$" + "".join(
+        f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+
+
+class CardSchemaError(ModelCardError):
+    """A card that does not follow the schema: one line saying so, then one line per problem
+    (its JSON path and what is wrong), at most :data:`MAX_SCHEMA_PROBLEMS`, then how many more."""
+
+    def __init__(self, source: str, problems: Sequence[str], hint: str | None = None) -> None:
+        super().__init__(f"{source} is not a valid model card:", hint)
+        self.problems = list(problems)
+        shown = [" ".join(p.split()) for p in self.problems[:MAX_SCHEMA_PROBLEMS]]
+        shown = [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS - 3] + "..." for p in shown]
+        lines = [self.message] + [f"  - {p}" for p in shown]
+        if len(self.problems) > MAX_SCHEMA_PROBLEMS:
+            lines.append(f"  and {len(self.problems) - MAX_SCHEMA_PROBLEMS} more")
+        self.message = "\n".join(lines)  # one problem a line (VolSegError keeps other messages on one)
+        self.args = (self.message,)
 
 
 def validate(raw: Any, source: str = "card") -> None:
-    """Validate ``raw`` against the schema; raise :class:`ModelCardError` listing every problem."""
+    """Validate ``raw`` against the schema; raise :class:`CardSchemaError` listing the problems."""
     try:
         errors = sorted(_validator().iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
     except RecursionError:
         raise ModelCardError(f"{source} is nested too deeply to be a model card") from None
     if errors:
         problems = []
-        for e in errors[:8]:
+        for e in errors:
             msg = e.message
             if e.validator == "additionalProperties":
                 allowed = sorted(e.schema.get("properties", {}))
                 msg += f" (allowed: {', '.join(allowed)})"
-            problems.append(f"  at {_error_path(e)}: {msg}")
-        raise ModelCardError(
-            f"{source} is not a valid model card:\n" + "\n".join(problems),
-            hint=f"see the schema in {SCHEMA_PATH}",
-        )
+            problems.append(f"at {_error_path(e)}: {msg}")
+        raise CardSchemaError(source, problems, hint=f"see the schema in {SCHEMA_PATH}")
 
 
 def builtin_cards_dirs() -> list[Path]:

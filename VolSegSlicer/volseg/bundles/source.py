@@ -12,6 +12,7 @@ Never imports torch: ``volseg models`` lists bundles through this module.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import shutil
 import stat
@@ -108,6 +109,66 @@ def read_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise BundleError(f"{path} is not UTF-8 text") from None
+
+
+#: What :func:`bundle_digest` reads: the folders whose files decide what a bundle's run does.
+DIGEST_FOLDERS = ("configs", "scripts")
+MAX_DIGEST_FILES = 10_000
+MAX_DIGEST_BYTES = 256 * 2**20
+
+
+def bundle_digest(bundle: Bundle) -> str:
+    """``sha256:HEX`` of the bundle's ``configs/`` and ``scripts/`` (every regular file: its path
+    and its bytes, in path order): what a trust decision is bound to, so that an edited config or
+    script is a different bundle. A link, or anything but folders and regular files, is refused;
+    the files read are bounded in number and size."""
+    digest = hashlib.sha256()
+    files: list[tuple[str, Path]] = []
+    for top in DIGEST_FOLDERS:
+        base = bundle.root / top
+        try:
+            st = os.lstat(base)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise BundleError(f"{top} in {bundle.origin} is not a folder (a link?)",
+                              hint="volseg follows no links inside a bundle: copy the real files into it")
+        for folder, dirs, names in os.walk(base, followlinks=False):
+            for name in sorted(dirs + names):
+                path = Path(folder) / name
+                st = os.lstat(path)
+                relative = path.relative_to(bundle.root).as_posix()
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    raise BundleError(f"{relative} in {bundle.origin} is not a regular file (a link?)",
+                                      hint="volseg follows no links inside a bundle: copy the real files into it")
+                files.append((relative, path))
+                if len(files) > MAX_DIGEST_FILES:
+                    raise BundleError(f"{bundle.origin} has more than {MAX_DIGEST_FILES} files under configs/ and scripts/")
+    total = 0
+    for relative, path in sorted(files):
+        data = read_bytes(path, MAX_DIGEST_BYTES - total)
+        total += len(data)
+        name = relative.encode("utf-8", "surrogateescape")
+        digest.update(len(name).to_bytes(8, "big") + name + len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return "sha256:" + digest.hexdigest()
+
+
+def read_bytes(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file, opened without following a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise BundleError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path} makes the bundle's configs and scripts larger than the {MAX_DIGEST_BYTES} bytes allowed")
+    return data
 
 
 def is_bundle_dir(path: Path) -> bool:

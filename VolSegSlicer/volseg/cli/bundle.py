@@ -15,12 +15,23 @@ def _say(reporter, text: str, level: str = "info") -> None:
         print(("warning: " if level == "warning" else "") + text, file=sys.stderr)
 
 
-def card_from_bundle(path: Path, trust: bool, reporter=None, checkpoint: Path | None = None):
-    """The bundle's card; says what was dropped and, trusted, which of the bundle's code runs."""
-    from volseg.bundles.translate import bundle_card
+def card_from_bundle(path: Path, trust: bool, reporter=None, checkpoint: Path | None = None, digest: str | None = None):
+    """The bundle's card; says what was dropped and, trusted, which of the bundle's code runs.
+    ``digest``: the bundle's configs and scripts must still be those (``--bundle-sha256``)."""
+    from volseg.bundles.source import BundleError, bundle_digest, open_bundle
+    from volseg.bundles.translate import translate
+    from volseg.cards import parse_card
 
-    card, translation = bundle_card(path, trust, announce=lambda code: _say(
+    bundle = open_bundle(path)
+    if digest is not None:
+        found = bundle_digest(bundle)
+        if found != digest:
+            raise BundleError(f"the bundle {path} has changed since it was trusted (its configs or scripts are not "
+                              "the ones trusted)", hint="check what changed and trust it again "
+                              f"(`volseg bundle-code {path}` lists its code); nothing of it ran")
+    translation = translate(bundle, trust, announce=lambda code: _say(
         reporter, "--trust-bundle-code: running the bundle's code: " + "; ".join(code), "warning"))
+    card = parse_card(translation.card)
     for note in translation.notes:
         _say(reporter, note)
     if card.checkpoint_path is None and checkpoint is None:
@@ -31,6 +42,23 @@ def card_from_bundle(path: Path, trust: bool, reporter=None, checkpoint: Path | 
                               hint=(f"download {where} into {Path(path) / 'models' / 'model.pt'}" if where
                                     else "put the weights in models/model.pt") + ", or pass --checkpoint FILE")
     return card
+
+
+def cmd_bundle_code(args: argparse.Namespace) -> int:
+    """``volseg bundle-code BUNDLE [--json]``: :func:`volseg.bundles.trust.code_report`."""
+    from volseg.bundles.trust import code_report
+
+    report = code_report(args.bundle)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif not report["needs_trust"]:
+        print(f"{args.bundle} runs without --trust-bundle-code: none of its own code runs")
+    else:
+        print(f"{args.bundle} runs only with --trust-bundle-code, which may run this code of the bundle's own:")
+        for line in report["code"]:
+            print(f"  {line}")
+        print(f"digest: {report['digest']} (pass --bundle-sha256 {report['digest']} to run only this version)")
+    return 0
 
 
 def cmd_bundle_card(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from volseg import signals
 from volseg.cli.batch import cmd_batch
-from volseg.cli.bundle import cmd_bundle_card
+from volseg.cli.bundle import cmd_bundle_card, cmd_bundle_code
 from volseg.cli.catalogue import cmd_devices, cmd_inspect, cmd_models
 from volseg.cli.demo import cmd_demo
 from volseg.cli.parser import build_parser
@@ -38,7 +38,7 @@ from volseg.errors import VolSegError, error_from_exception
 
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "inspect": cmd_inspect, "devices": cmd_devices,
             "demo": cmd_demo, "serve": cmd_serve, "server": cmd_server,
-            "bundle-card": cmd_bundle_card}
+            "bundle-card": cmd_bundle_card, "bundle-code": cmd_bundle_code}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,9 @@ def add_segment_options(p: argparse.ArgumentParser, probabilities: bool = True) 
     model.add_argument("--trust-bundle-code", action="store_true",
                        help="with --bundle: evaluate the bundle's Python expressions (listed before they run); "
                        "use only for bundles you trust")
+    model.add_argument("--bundle-sha256", metavar="DIGEST",
+                       help="with --trust-bundle-code: run the bundle only if its configs and scripts are still the "
+                       "ones trusted (the digest `volseg bundle-code BUNDLE --json` printed)")
     model.add_argument("--activation", choices=("softmax", "sigmoid"),
                        help="output activation for --arch, when the weights cannot tell (SegFormer3D): softmax "
                        "(a background channel plus one per label) or sigmoid (one channel per label)")
@@ -125,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--trust-bundle-code", action="store_true",
                     help="evaluate the bundle's Python expressions the card needs (listed first)")
     bc.add_argument("--overwrite", action="store_true", help="replace an existing card file")
+
+    bcode = sub.add_parser("bundle-code", help="which of a MONAI bundle's own code a trusted run would run",
+                           description="Say whether a MONAI bundle runs without --trust-bundle-code and, if it does "
+                           "not, list every piece of its own code (expressions, import statements, scripts/ files) a "
+                           "run with --trust-bundle-code may execute. Nothing of it runs.")
+    bcode.add_argument("bundle", type=Path, help="the bundle's folder or .zip")
+    bcode.add_argument("--json", action="store_true",
+                       help='print {"bundle", "digest", "needs_trust", "code": [...], "refusal"} as JSON '
+                       "(what the Slicer panel reads)")
 
     ins = sub.add_parser("inspect", help="what a checkpoint holds and which architecture it fits")
     ins.add_argument("checkpoint", type=Path, help="weights file (.pt/.pth/.bin/.ckpt/.model/.safetensors) or folder")

@@ -23,12 +23,15 @@ def request_from_args(args: argparse.Namespace, reporter=None):
         raise ModelCardError("give one of --model, --arch and --bundle")
     if getattr(args, "trust_bundle_code", False) and not bundle:
         raise ModelCardError("--trust-bundle-code goes with --bundle")
+    if getattr(args, "bundle_sha256", None) and not getattr(args, "trust_bundle_code", False):
+        raise ModelCardError("--bundle-sha256 goes with --bundle and --trust-bundle-code")
     if (args.model or bundle) and getattr(args, "activation", None):
         raise ModelCardError("--activation is for --arch runs: a card states its own (output.activation)")
     if bundle:
         from volseg.cli.bundle import card_from_bundle
 
-        card = card_from_bundle(bundle, args.trust_bundle_code, reporter, args.checkpoint)
+        card = card_from_bundle(bundle, args.trust_bundle_code, reporter, args.checkpoint,
+                                getattr(args, "bundle_sha256", None))
     elif args.model:
         card = load_card(args.model, args.cards_dir)
     elif args.arch:

@@ -29,6 +29,9 @@ class SegmentOptions:
         min_island_mm3: remove islands smaller than this (0: off).
         cards_dir: the user's own folder of cards (empty: none).
         overwrite: replace the output file if it exists (the module writes to a fresh temp dir).
+        trusted_bundle_digest: ``model`` is a MONAI bundle whose own code the user trusted at this
+            digest (:mod:`VolSegSlicerLib.bundle_trust`): run it with ``--bundle model
+            --trust-bundle-code --bundle-sha256 DIGEST``; empty: ``--model`` (no bundle code runs).
     """
 
     model: str
@@ -47,6 +50,7 @@ class SegmentOptions:
     min_island_mm3: float = 0.0
     cards_dir: str = ""
     overwrite: bool = False
+    trusted_bundle_digest: str = ""
     extra: list[str] = field(default_factory=list)
 
 
@@ -54,7 +58,11 @@ def segment_args(opts: SegmentOptions) -> list[str]:
     """The arguments after ``volseg`` for one segmentation, always with ``--progress json``."""
     if not opts.inputs:
         raise ValueError("at least one input image is needed")
-    args = ["segment", *[str(p) for p in opts.inputs], "--model", str(opts.model), "-o", str(opts.output),
+    if opts.trusted_bundle_digest:  # the bundle's own code, trusted by the user at this digest
+        model = ["--bundle", str(opts.model), "--trust-bundle-code", "--bundle-sha256", str(opts.trusted_bundle_digest)]
+    else:
+        model = ["--model", str(opts.model)]
+    args = ["segment", *[str(p) for p in opts.inputs], *model, "-o", str(opts.output),
             "--progress", "json", "--device", opts.device or "auto"]
     if opts.checkpoint:
         args += ["--checkpoint", str(opts.checkpoint)]

@@ -21,6 +21,8 @@ import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from VolSegSlicerLib.bundle_trust import (CodeReport, TrustStore, code_query_args, parse_code_report,
+                                          run_arguments, trust_decision)
 from VolSegSlicerLib.catalog import duplicate_inputs, input_titles, parse_models_json
 from VolSegSlicerLib.command import engine_command, engine_environment, segment_args, serve_request_line
 from VolSegSlicerLib.devices import device_choices, fallback_choices
@@ -186,6 +188,13 @@ class EngineRunner:
         self._track(query)
         return query
 
+    def query_bundle_code(self, path: str, callback: Callable[[Optional[CodeReport], str], None]) -> EngineQuery:
+        """Run ``volseg bundle-code PATH --json`` in the background (nothing of the bundle runs);
+        then ``callback(CodeReport or None, error)``."""
+        query = EngineQuery(self.start_engine(code_query_args(path)), parse_code_report, callback)
+        self._track(query)
+        return query
+
     def query_devices(self, callback: Callable) -> EngineQuery:
         """Run ``volseg devices --json`` in the background; then ``callback(DeviceChoices)``."""
 
@@ -200,14 +209,20 @@ class EngineRunner:
     # ------------------------------------------------------------------ segmentation
     def segment(self, model: dict, input_volumes: Sequence[Any], settings: Any, cards_dir: str = "",
                 on_event: Optional[Callable] = None, on_finished: Optional[Callable] = None,
-                wait: bool = False) -> SegmentationJob:
+                wait: bool = False, trust: Optional[TrustStore] = None) -> SegmentationJob:
         """Start segmenting ``input_volumes`` (one per card input) with ``model`` (an entry of
         ``volseg models --json``) and the panel's ``settings`` (a parameter node or
         :class:`RunSettings`). Returns at once unless ``wait``; ``job.segmentationNode`` is set
         once the result is imported.
 
+        ``trust`` (the panel's remembered decisions): a MONAI bundle runs only as
+        :func:`~VolSegSlicerLib.bundle_trust.trust_decision` allows, with its own code only where
+        the user trusted it at its current digest; without ``trust`` no bundle code runs.
+
         Raises:
             ValueError: no model, or the inputs do not fit the card (nothing was started).
+            NeedsTrust: the bundle must be asked about first (a ValueError; nothing was started).
+            BundleError: the bundle's path is a link or the bundle cannot be read.
             OSError: an input could not be written for the engine.
         """
         if not model:
@@ -223,6 +238,9 @@ class EngineRunner:
                 raise ValueError(f"'{volume.GetName()}' has no image data; load or select another volume.")
         settings = RunSettings.of(settings)
         remote = settings.runOn == "server"
+        trusted = {}
+        if trust is not None and not remote:  # the server runs its own models: no local bundle code
+            trusted = run_arguments(trust_decision(model, trust))
         if remote:  # the server's own weights and device: the local checkpoint and device do not apply
             target = self._remote()
             settings.checkpointPath, settings.device = "", "auto"
@@ -234,6 +252,7 @@ class EngineRunner:
                 write_volume_file(volume, input_paths[-1])
             output_path = os.path.join(temp_dir, "segmentation.nrrd")
             options = segment_options(model, input_paths, output_path, settings, cards_dir)
+            options.trusted_bundle_digest = trusted.get("trusted_bundle_digest", "")
             if remote:  # `volseg segment --server`: uploads, relays the server's events, writes here
                 options.model, options.cards_dir, options.device = model["id"], "", "auto"
                 options.extra = target.arguments()

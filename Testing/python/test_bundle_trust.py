@@ -216,3 +216,56 @@ def test_a_bundle_needing_no_code_runs_as_a_card_and_broken_settings_trust_nothi
         assert store.decisions() == {} and trust_decision(model_of(spleen), store).action == "ask"
     with pytest.raises(ValueError):
         parse_code_report(json.dumps({"bundle": "x", "digest": "sha256:0", "needs_trust": True, "code": []}))
+
+
+# -- a run from the panel's runner, on slicer-core ------------------------------------------------
+def test_the_runner_starts_a_bundle_needing_trust_only_once_trusted(context, tmp_path, capsys) -> None:
+    """The small spleen bundle (random weights) with a pixdim computed by an expression: refused
+    without trust (nothing started, no run folder left), then asked about through the engine
+    (runner.query_bundle_code), trusted, and run end to end with --trust-bundle-code."""
+    from slicer_scene import load_ct
+    from test_slicer_bundle_chain import small_spleen_bundle
+    from VolSegSlicerLib.runner import EngineRunner
+    from VolSegSlicerLib.settings import RunSettings
+
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    bundle = small_spleen_bundle(cards)
+    path = bundle / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    config["pixdim"] = "$[4.0, 4.0, 2.0 * 3]"
+    config["preprocessing"]["transforms"][3]["pixdim"] = "@pixdim"
+    path.write_text(json.dumps(config))
+    (tmp_path / "runs").mkdir()
+    runner = EngineRunner(context, str(MODULE_DIR), temp_root=str(tmp_path / "runs"))
+    settings = Settings()
+    store = TrustStore(settings.value, settings.set_value)
+    try:
+        received: dict = {}
+        runner.wait_for(runner.query_models(str(cards), lambda models, error: received.update(models=models)), timeout=120)
+        model = next(m for m in received["models"] if m["id"] == "spleen-ct-segmentation")
+        volume = load_ct(context)
+        with pytest.raises(NeedsTrust):
+            runner.segment(model, [volume], RunSettings(device="cpu"), cards_dir=str(cards), trust=store)
+        run_folders = [d for d in os.listdir(tmp_path / "runs") if not d.startswith("VolSegSlicer-engine-")]
+        assert runner.jobs == [] and run_folders == []  # no input written, no engine started
+        answer: dict = {}
+        runner.wait_for(runner.query_bundle_code(model["bundle"]["path"], lambda r, e: answer.update(report=r, error=e)),
+                        timeout=120)
+        report = answer["report"]
+        assert report is not None, answer["error"]
+        assert report.needs_trust and "  pixdim: $[4.0, 4.0, 2.0 * 3]" in trust_question(report).splitlines()
+        store.record(report, trusted=False)  # Cancel: still refused
+        with pytest.raises(NeedsTrust):
+            runner.segment(model, [volume], RunSettings(device="cpu"), cards_dir=str(cards), trust=store)
+        store.record(report, trusted=True)  # Trust
+        events: list = []
+        job = runner.segment(model, [volume], RunSettings(device="cpu"), cards_dir=str(cards), trust=store,
+                             on_event=lambda j, line: events.append(line))
+        assert "--trust-bundle-code" in job.process.argv and "--bundle-sha256" in job.process.argv
+        runner.wait_for(job, timeout=240)
+        assert job.monitor.outcome == "done", job.monitor.error
+        assert job.segmentationNode.GetSegmentation().GetNumberOfSegments() == 1
+        assert any(line and "running the bundle's code: pixdim" in line for line in events)
+    finally:
+        runner.shutdown()

@@ -43,7 +43,7 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 )
 from slicer.util import VTKObservationMixin  # noqa: E402
 
-from VolSegSlicerLib import catalog, dicom, export, mrml, panel, remote, resources, results, settings, testing  # noqa: E402
+from VolSegSlicerLib import bundle_trust, catalog, dicom, export, mrml, panel, remote, resources, results, settings, testing  # noqa: E402
 from VolSegSlicerLib.devices import DeviceChoices, fallback_choices  # noqa: E402
 from VolSegSlicerLib.jobs import SegmentationJob  # noqa: E402
 from VolSegSlicerLib.process import python_executable  # noqa: E402
@@ -271,7 +271,7 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         listWidget.blockSignals(True)
         listWidget.clear()
         for model in catalog.filter_models(self._models, self.ui.modelSearchBox.text):
-            item = qt.QListWidgetItem(panel.model_list_title(model))
+            item = qt.QListWidgetItem(bundle_trust.list_title(panel.model_list_title(model), model, self.logic.trust))
             item.setData(qt.Qt.UserRole, model["id"])
             item.setToolTip(catalog.model_tooltip_html(model))
             listWidget.addItem(item)
@@ -326,6 +326,43 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             added = add_bundle(source, self.ui.cardsDirPathLineEdit.currentPath)
             self.appendLog(_("Added the MONAI bundle {path}").format(path=added))
             self.refreshModels()
+            self.askBundleTrust(str(added))
+
+    def askBundleTrust(self, path: str, then: Optional[Callable] = None) -> None:
+        """Ask the engine which of the bundle's own code a trusted run would run; if any, show it
+        and ask Trust / Cancel; remember the answer (VolSegSlicerLib.bundle_trust). ``then`` runs
+        once the bundle may run."""
+
+        def answered(report, error: str) -> None:
+            self.ui.statusLabel.text = ""
+            if report is None:
+                slicer.util.errorDisplay(_("Could not check the bundle's code:") + "\n" + error)
+                return
+            trusted = report.needs_trust and self.confirmBundleTrust(report)
+            self.logic.trust.record(report, trusted)
+            if report.needs_trust:
+                self.appendLog((_("Trusted the code of {path}") if trusted else
+                                _("Not trusted: {path} needs trust to run")).format(path=report.bundle))
+            self.showModels()
+            if then is not None and (trusted or not report.needs_trust):
+                then()
+
+        self.ui.statusLabel.text = _("Checking the bundle's code...")
+        self.logic.runner.query_bundle_code(path, answered)
+
+    def confirmBundleTrust(self, report) -> bool:
+        """The confirmation dialog: the engine's list of the bundle's code; True only on Trust."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setIcon(qt.QMessageBox.Warning)
+        box.setWindowTitle(bundle_trust.QUESTION_TITLE)
+        box.setText(bundle_trust.trust_question(report))
+        box.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)
+        trust = box.addButton(_("Trust"), qt.QMessageBox.AcceptRole)
+        cancel = box.addButton(_("Cancel"), qt.QMessageBox.RejectRole)
+        box.setDefaultButton(cancel)
+        box.setEscapeButton(cancel)
+        box.exec_()
+        return box.clickedButton() == trust
 
     def onCardsDirChanged(self, path: str) -> None:
         setSettingsValue("CardsDir", path)
@@ -406,6 +443,13 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.logic.ensureDependencies():
                     return
                 self._dependenciesChecked = True
+            model = self.currentModel()
+            if model is not None and not self.runsOnServer():  # a bundle's own code runs only once trusted
+                decision = bundle_trust.trust_decision(model, self.logic.trust)
+                if decision.action == "ask":
+                    self.appendLog(decision.reason)
+                    self.askBundleTrust(decision.path, then=self.onApplyButton)
+                    return
             self.logic.saveSettings(self._parameterNode)
             self._log.clear()
             self.ui.logTextEdit.clear()
@@ -494,6 +538,8 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
         self._timer.connect("timeout()", self.poll)
         self.runner = EngineRunner(self.context, MODULE_DIR, temp_root=slicer.app.temporaryPath,
                                    base_environment=slicer.util.startupEnvironment, on_activity=self._timer.start)
+        #: The user's decisions about bundles' own code, in the application settings.
+        self.trust = bundle_trust.TrustStore(settingsValue, setSettingsValue)
 
     def getParameterNode(self) -> VolSegSlicerParameterNode:
         return VolSegSlicerParameterNode(super().getParameterNode())
@@ -511,7 +557,8 @@ class VolSegSlicerLogic(ScriptedLoadableModuleLogic):
     def segment(self, model: dict, inputVolumes: list, params, onEvent: Optional[Callable] = None,
                 onFinished: Optional[Callable] = None, wait: bool = False) -> SegmentationJob:
         """Start a segmentation (see :meth:`EngineRunner.segment`); ``wait`` blocks until imported."""
-        job = self.runner.segment(model, inputVolumes, params, settingsValue("CardsDir", ""), onEvent, onFinished)
+        job = self.runner.segment(model, inputVolumes, params, settingsValue("CardsDir", ""), onEvent, onFinished,
+                                  trust=self.trust)
         if wait:
             self.runner.wait_for(job, process_events=slicer.app.processEvents)
         return job

@@ -165,8 +165,10 @@ def test_the_question_shows_the_engines_list_and_only_trust_adds_the_flag(bundle
     with pytest.raises(NeedsTrust):
         run_arguments(first)
 
+    assert bundle_trust.list_title("Renal", model, store) == "Renal"  # not asked yet: runs are refused anyway
     store.record(report, trusted=False)  # Cancel
     assert store.needs_trust_label(model) == "needs trust"
+    assert bundle_trust.list_title("Renal", model, store) == "Renal (needs trust)"
     refused = trust_decision(model, store)
     assert refused.action == "ask" and "did not trust" in refused.reason
     with pytest.raises(NeedsTrust, match="nothing was started"):
@@ -176,7 +178,7 @@ def test_the_question_shows_the_engines_list_and_only_trust_adds_the_flag(bundle
 
     store.record(report, trusted=True)  # Trust
     assert settings.writes == 2 and json.loads(settings[bundle_trust.SETTINGS_KEY])  # one value, written whole
-    assert store.needs_trust_label(model) == ""
+    assert store.needs_trust_label(model) == "" and bundle_trust.list_title("Renal", model, store) == "Renal"
     decision = trust_decision(model, TrustStore(settings.value, settings.set_value))  # remembered
     assert decision.action == "run" and decision.digest == report.digest
     options = SegmentOptions(model=str(renal), inputs=["in.nrrd"], output="out.nrrd", **run_arguments(decision))

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from volseg.bundles.source import BundleError, bundle_digest, open_bundle
 
 __all__ = ["BundleError", "CodeReport", "NeedsTrust", "TrustDecision", "TrustStore", "bundle_path",
-           "code_query_args", "current_digest", "parse_code_report", "trust_decision", "trust_question"]
+           "code_query_args", "current_digest", "list_title", "parse_code_report", "trust_decision", "trust_question"]
 
 #: The application settings key (under ``VolSegSlicer/``) holding the decisions, as JSON text.
 SETTINGS_KEY = "TrustedBundles"
@@ -158,6 +158,12 @@ class TrustStore:
         path = bundle_path(model)
         entry = self.get(path) if path else None
         return NEEDS_TRUST_LABEL if entry and entry["needs_trust"] and not entry["trusted"] else ""
+
+
+def list_title(title: str, model: dict, store: TrustStore) -> str:
+    """The model list's line: ``title``, with ``(needs trust)`` for a bundle not trusted."""
+    label = store.needs_trust_label(model)
+    return f"{title} ({label})" if label else title
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from volseg.bundles.source import Bundle, BundleError, read_text
+from volseg.bundles.source import Bundle, BundleError, read_text, shown_path
 
 #: Bounds on a config's structure (the Model Zoo's largest has about 2,000 nodes).
 MAX_NODES = 200_000
@@ -55,11 +55,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # json/yaml errors of any kind: the file is not a config
-        raise BundleError(f"{path.name} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+        raise BundleError(f"{shown_path(path)} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                           f"{str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise BundleError(f"{path.name} does not hold a mapping of config keys")
-    _check_structure(data, path.name)
+        raise BundleError(f"{shown_path(path)} does not hold a mapping of config keys")
+    _check_structure(data, shown_path(path))
     return data
 
 
@@ -111,7 +111,7 @@ class BundleConfig:
 
     @property
     def source(self) -> str:
-        return f"{self.bundle.name}/configs/{self.path.name}"
+        return self.bundle.where(f"configs/{self.path.name}")
 
     def has(self, key: str) -> bool:
         try:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from volseg.bundles.source import Bundle, BundleError, read_text
+from volseg.bundles.source import Bundle, BundleError, read_text, shown_path
 
 WEIGHT_FILES = ("models/model.pt", "models/model.ts")
 _MODALITIES = {"ct": "CT", "mr": "MR", "mri": "MR", "pet": "PET", "us": "US"}
@@ -57,9 +57,9 @@ def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
-        raise BundleError(f"{path.name} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise BundleError(f"{shown_path(path)} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except RecursionError:
-        raise BundleError(f"{path.name} is nested too deeply") from None
+        raise BundleError(f"{shown_path(path)} is nested too deeply") from None
 
 
 def read_metadata(bundle: Bundle) -> dict[str, Any]:
@@ -67,11 +67,11 @@ def read_metadata(bundle: Bundle) -> dict[str, Any]:
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BundleError(f"{bundle.name}/configs/metadata.json is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise BundleError(f"{bundle.where('configs/metadata.json')} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except RecursionError:
-        raise BundleError(f"{bundle.name}/configs/metadata.json is nested too deeply") from None
+        raise BundleError(f"{bundle.where('configs/metadata.json')} is nested too deeply") from None
     if not isinstance(meta, dict):
-        raise BundleError(f"{bundle.name}/configs/metadata.json does not hold a mapping")
+        raise BundleError(f"{bundle.where('configs/metadata.json')} does not hold a mapping")
     return meta
 
 
@@ -125,7 +125,7 @@ def _section(meta: dict[str, Any], which: str, source: str) -> dict[str, Any]:
 
 def read_format(bundle: Bundle) -> BundleFormat:
     meta = read_metadata(bundle)
-    source = f"{bundle.name}/configs/metadata.json"
+    source = bundle.where("configs/metadata.json")
     image = _section(meta, "inputs", source)
     pred = _section(meta, "outputs", source)
     modality = _MODALITIES.get(str(image.get("modality", "")).lower())

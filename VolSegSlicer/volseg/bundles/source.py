@@ -41,10 +41,19 @@ class BundleError(ModelCardError):
 
 @dataclass(frozen=True)
 class Bundle:
-    """An opened bundle: ``root`` holds ``configs/``; ``origin`` is what the user gave."""
+    """An opened bundle: ``root`` holds ``configs/``; ``origin`` is what the user gave; ``inside``:
+    for a zip, the folder in it that holds the bundle (``"spleen_ct_segmentation/"`` or ``""``)."""
 
     root: Path
     origin: Path
+    inside: str = ""
+    is_zip: bool = False
+
+    def where(self, relative: str) -> str:
+        """How messages name the bundle's file ``relative``: ``spleen.zip: spleen_ct_segmentation/configs/
+        inference.json`` for a zip (the member's path in it), ``spleen_ct_segmentation/configs/inference.json``
+        for a folder."""
+        return f"{self.origin}: {self.inside}{relative}" if self.is_zip else f"{self.name}/{relative}"
 
     @property
     def name(self) -> str:
@@ -52,7 +61,7 @@ class Bundle:
 
     def file(self, relative: str, limit: int = MAX_CONFIG_BYTES, required: bool = True) -> Path | None:
         """``root/relative`` checked: every part a real folder or (last) a regular file, no link, at most ``limit`` bytes."""
-        return checked_file(self.root, relative, limit, required, self.origin)
+        return checked_file(self.root, relative, limit, required, self.origin, self.inside if self.is_zip else None)
 
     def inference_config(self) -> Path:
         for name in INFERENCE_NAMES:
@@ -67,9 +76,14 @@ class Bundle:
         return p.is_dir() and not p.is_symlink()
 
 
-def checked_file(root: Path, relative: str, limit: int, required: bool, origin: Path | None = None) -> Path | None:
-    """See :meth:`Bundle.file`."""
+def checked_file(root: Path, relative: str, limit: int, required: bool, origin: Path | None = None,
+                 inside: str | None = None) -> Path | None:
+    """See :meth:`Bundle.file`. ``inside`` (a zip's bundle folder): messages name the member in the zip."""
     where = origin or root
+
+    def named(rel: str) -> str:
+        return f"{where}: {inside}{rel}" if inside is not None else f"{rel} in {where}"
+
     parts = PurePosixPath(relative).parts
     path = root
     for n, part in enumerate(parts):
@@ -78,24 +92,37 @@ def checked_file(root: Path, relative: str, limit: int, required: bool, origin: 
             st = os.lstat(path)
         except FileNotFoundError:
             if required:
-                raise BundleError(f"{where} has no {relative}",
+                raise BundleError(f"{where} has no {inside or ''}{relative}",
                                   hint="a MONAI bundle holds configs/inference.json|yaml and configs/metadata.json") from None
             return None
         except OSError as exc:
-            raise BundleError(f"cannot read {relative} in {where}: {exc.strerror or exc}") from None
+            raise BundleError(f"cannot read {named(relative)}: {exc.strerror or exc}") from None
         if stat.S_ISLNK(st.st_mode):
-            raise BundleError(f"{relative} in {where} goes through a symbolic link ({'/'.join(parts[:n + 1])})",
+            raise BundleError(f"{named(relative)} goes through a symbolic link ({'/'.join(parts[:n + 1])})",
                               hint="volseg follows no links inside a bundle: copy the real files into it")
         last = n == len(parts) - 1
         if not last and not stat.S_ISDIR(st.st_mode):
-            raise BundleError(f"{'/'.join(parts[:n + 1])} in {where} is not a folder")
+            raise BundleError(f"{named('/'.join(parts[:n + 1]))} is not a folder")
         if last:
             if not stat.S_ISREG(st.st_mode):
-                raise BundleError(f"{relative} in {where} is not a regular file")
+                raise BundleError(f"{named(relative)} is not a regular file")
             if st.st_size > limit:
-                raise BundleError(f"{relative} in {where} is {st.st_size} bytes, more than the {limit} allowed",
+                raise BundleError(f"{named(relative)} is {st.st_size} bytes, more than the {limit} allowed",
                                   hint="this is not a file of a MONAI bundle as published")
     return path
+
+
+def shown_path(path: Path, default: str | None = None) -> str:
+    """How messages name ``path``: a file unpacked from a zip by the zip and its member path in it
+    (``spleen.zip: spleen_ct_segmentation/configs/inference.json``, never the private copy);
+    any other file as ``default`` (its name when not given)."""
+    for root, bundle in _UNPACKED.items():
+        try:
+            relative = Path(path).relative_to(root)
+        except ValueError:
+            continue
+        return bundle.where(relative.as_posix())
+    return default if default is not None else Path(path).name
 
 
 def read_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
@@ -104,11 +131,11 @@ def read_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise BundleError(f"{path.name} is larger than the {limit} bytes allowed")
+        raise BundleError(f"{shown_path(path)} is larger than the {limit} bytes allowed")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise BundleError(f"{path} is not UTF-8 text") from None
+        raise BundleError(f"{shown_path(path, str(path))} is not UTF-8 text") from None
 
 
 #: What :func:`bundle_digest` reads: the folders whose files decide what a bundle's run does.
@@ -193,13 +220,18 @@ def open_bundle(path: str | Path) -> Bundle:
         bundle.inference_config()
         return bundle
     if origin.is_file() and origin.suffix.lower() == ".zip":
-        return Bundle(_extract_zip(origin), origin)
+        root, unpacked = _extract_zip(origin)
+        bundle = Bundle(root, origin, root.relative_to(unpacked).as_posix() + "/" if root != unpacked else "", True)
+        _UNPACKED[root] = bundle
+        return bundle
     if not origin.exists():
         raise BundleError(f"bundle {origin} does not exist", hint="give the bundle's folder or its .zip")
     raise BundleError(f"{origin} is neither a bundle folder nor a .zip", hint="give the bundle's folder or its .zip")
 
 
 _TEMP_DIRS: list[str] = []
+#: The zips unpacked by this process: their bundle's root in the private copy -> the bundle.
+_UNPACKED: dict[Path, Bundle] = {}
 
 
 @atexit.register
@@ -225,8 +257,8 @@ def _member_name(info: zipfile.ZipInfo, origin: Path) -> PurePosixPath | None:
     return pure
 
 
-def _extract_zip(origin: Path) -> Path:
-    """Copy the zip's regular files into a private temporary folder; return the bundle's root in it."""
+def _extract_zip(origin: Path) -> tuple[Path, Path]:
+    """Copy the zip's regular files into a private temporary folder; return the bundle's root in it and that folder."""
     try:
         archive = zipfile.ZipFile(origin)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -265,6 +297,6 @@ def _extract_zip(origin: Path) -> Path:
                 raise BundleError(f"{origin}: cannot unpack {info.filename!r}: {exc}") from None
     for candidate in [target, *sorted(p for p in target.iterdir() if p.is_dir())]:
         if is_bundle_dir(candidate):
-            return candidate
+            return candidate, target
     raise BundleError(f"{origin} holds no bundle (configs/metadata.json and configs/inference.json at its top "
                       "or in one folder)")

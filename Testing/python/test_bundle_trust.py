@@ -137,6 +137,11 @@ def test_a_link_or_hostile_bundle_is_refused_before_any_question(bundles, tmp_pa
     assert "symbolic link" in capsys.readouterr().err
     with pytest.raises(BundleError, match="symbolic link"):
         trust_decision(model_of(link), TrustStore(Settings().value, Settings().set_value))
+    from test_startup import probe
+
+    missing, linked = probe(["bundle-code", str(tmp_path / "nothing-here"), "--json"], ["bundle-code", str(link), "--json"])
+    assert missing["rc"] == 2 and "does not exist" in missing["err"] and missing["heavy"] == []
+    assert linked["rc"] == 2 and "symbolic link" in linked["err"] and linked["heavy"] == []  # refused before torch
     import zipfile
 
     slip = tmp_path / "slip.zip"
@@ -200,6 +205,11 @@ def test_an_edited_bundle_is_asked_about_again(bundles, tmp_path, capsys) -> Non
     assert again.action == "ask" and "changed" in again.reason and again.digest == ""
     with pytest.raises(NeedsTrust):
         run_arguments(again)
+    # another spelling of the same place is the same decision; the same bundle elsewhere another one
+    (tmp_path / "via").symlink_to(tmp_path)
+    spelled = tmp_path / "via" / RENAL
+    assert bundle_trust.bundle_key(str(spelled)) == bundle_trust.bundle_key(str(renal))
+    assert trust_decision(model_of(spelled), store).reason == again.reason
     # the same bundle at another path is another decision
     other = copy_bundle(bundles, RENAL, tmp_path / "elsewhere")
     assert trust_decision(model_of(other), store).action == "ask"

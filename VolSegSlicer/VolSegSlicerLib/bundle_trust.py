@@ -83,8 +83,11 @@ def trust_question(report: CodeReport) -> str:
 
 
 def bundle_key(path: str) -> str:
-    """The path a decision is remembered under (absolute, as given: links are refused, not followed)."""
-    return os.path.abspath(os.path.expanduser(str(path)))
+    """The path a decision is remembered under: the bundle's folder (or zip) in the real path of the
+    folder holding it, so that two spellings of one place are one key (the bundle itself must not be
+    a link: :func:`check_bundle_path`)."""
+    absolute = os.path.abspath(os.path.expanduser(str(path)))
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
 
 
 def check_bundle_path(path: str) -> None:
@@ -202,5 +205,6 @@ def trust_decision(model: dict, store: TrustStore) -> TrustDecision:
 def run_arguments(decision: TrustDecision) -> dict[str, str]:
     """The :class:`~VolSegSlicerLib.command.SegmentOptions` fields a decision sets."""
     if decision.action != "run":
-        raise NeedsTrust(f"{decision.path}: {decision.reason}; nothing was started")
+        raise NeedsTrust(f"{decision.path}: {decision.reason}; nothing was started. Click Segment in the "
+                         "VolSegSlicer panel to see the bundle's code and decide whether to trust it.")
     return {"trusted_bundle_digest": decision.digest}

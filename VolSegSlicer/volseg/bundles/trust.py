@@ -83,8 +83,6 @@ def code_report(path: str | Path) -> dict[str, Any]:
     ``--trust-bundle-code`` (``refusal`` is that message); ``code`` then lists what a trusted run
     may execute. A bundle refused for another reason raises that :class:`BundleError`.
     """
-    from volseg.bundles.translate import translate
-
     origin = Path(path).expanduser()
     try:
         if stat.S_ISLNK(os.lstat(origin).st_mode):
@@ -95,6 +93,8 @@ def code_report(path: str | Path) -> dict[str, Any]:
     digest = bundle_digest(bundle)
     report: dict[str, Any] = {"bundle": str(origin), "digest": digest, "needs_trust": False, "code": [],
                               "refusal": None}
+    from volseg.bundles.translate import translate  # torch and MONAI: only for a bundle that opened
+
     try:
         translate(bundle)
     except BundleError as error:

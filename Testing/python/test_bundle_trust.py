@@ -91,6 +91,32 @@ def test_the_engine_lists_the_code_a_trusted_run_would_run_without_running_any(b
     assert spleen["needs_trust"] is False and spleen["code"] == [] and spleen["digest"].startswith("sha256:")
 
 
+@pytest.mark.parametrize("name", ["pancreas_ct_dints_segmentation", "multi_organ_segmentation", RENAL])
+def test_for_every_bundle_needing_trust_what_the_trusted_run_announces_was_listed(bundles, name) -> None:
+    """The property the panel's question rests on, over the shared bundles that need trust."""
+    from volseg.bundles.translate import translate
+
+    report = code_report(bundles / name)
+    assert report["needs_trust"], report["refusal"]
+    said: list[str] = []
+    try:
+        translate(open_bundle(bundles / name), trust=True, announce=said.extend)
+    except BundleError:  # a bundle refused later, after some of its code ran: that code was listed too
+        pass
+    assert said and set(said) <= set(report["code"]), set(said) - set(report["code"])
+
+
+@pytest.mark.parametrize("name", ["prostate_mri_anatomy", "ventricular_short_axis_3label"])
+def test_a_bundle_refused_for_another_reason_is_refused_as_before_not_asked_about(bundles, name, capsys) -> None:
+    from volseg.bundles.translate import translate
+
+    with pytest.raises(BundleError) as before:
+        translate(open_bundle(bundles / name))
+    assert main(["bundle-code", str(bundles / name), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and before.value.message in captured.err  # the same message, no question
+
+
 def test_an_expression_needing_trust_is_listed_and_is_what_the_trusted_run_evaluates(bundles, tmp_path) -> None:
     from volseg.bundles.translate import translate
 

@@ -66,7 +66,7 @@ def test_a_config_error_inside_a_zip_names_the_member(spleen, tmp_path) -> None:
     ("configs__metadata_json", b"{bad", "spleen_ct_segmentation/configs/metadata.json is not valid JSON"),
     ("configs__metadata_json", b'{"network_data_format": {}}',
      "spleen_ct_segmentation/configs/metadata.json: network_data_format#inputs is missing"),
-])
+], ids=["bad-json", "not-a-mapping", "not-utf8", "too-large", "bad-metadata", "no-inputs"])
 def test_every_file_error_inside_a_zip_names_zip_and_member(spleen, tmp_path, member, content, expected) -> None:
     archive = zipped(spleen, tmp_path / "spleen.zip", **{member: content})
 

@@ -333,7 +333,10 @@ class VolSegSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         and ask Trust / Cancel; remember the answer (VolSegSlicerLib.bundle_trust). ``then`` runs
         once the bundle may run."""
 
-        def answered(report, error: str) -> None:
+        def answered(report, error: str) -> None:  # the dialog opens outside the engine's polling
+            qt.QTimer.singleShot(0, lambda: decide(report, error))
+
+        def decide(report, error: str) -> None:
             self.ui.statusLabel.text = ""
             if report is None:
                 slicer.util.errorDisplay(_("Could not check the bundle's code:") + "\n" + error)

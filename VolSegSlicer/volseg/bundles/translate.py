@@ -101,6 +101,9 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
         "preprocessing": steps,
         "inference": inference,
     }
+    multiple = size_multiple(arch, args)
+    if inference.get("whole_volume") and multiple > 1:
+        card["inference"]["size_multiple"] = multiple
     if fmt.version:
         card["version"] = fmt.version
     if fmt.license:
@@ -120,6 +123,21 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
 
     validate(card, f"the card translated from {bundle.name}")
     return Translation(card, bundle, reader.notes, reader.code_run)
+
+
+def size_multiple(arch: str, args: dict[str, Any]) -> int:
+    """What each input size must be a multiple of for ``arch`` built with ``args`` (1: unknown or any):
+    a UNet's product of strides, a SegResNet's 2 per down level."""
+    import math
+
+    try:
+        if arch == "unet":
+            return int(math.prod(int(s) if isinstance(s, int) else max(int(v) for v in s) for s in args.get("strides", [])))
+        if arch == "segresnet":
+            return 2 ** (len(args.get("blocks_down", (1, 2, 2, 4))) - 1)
+    except (TypeError, ValueError):
+        return 1
+    return 1
 
 
 def bundle_card(path: str | Path, trust: bool = False, announce=None):

@@ -619,3 +619,31 @@ def test_template_bundle_refuses_a_size_its_network_cannot_take_as_monai_fails_o
     assert main(["segment", str(image), "--bundle", str(bundle), "-o", str(out), "--device", "cpu",
                  "--progress", "none", "--roi-size", "32", "32", "16"]) == 0  # in windows, as asked
     assert out.exists()
+
+
+def test_labels_nearest_is_the_cards_way_back_with_or_without_probabilities(bundles, tmp_path) -> None:
+    """A card's "invert": "labels_nearest" gives the same label map whether --probabilities is
+    written or not (the probabilities still go back on their own way), and another one than the
+    default way back (probabilities mapped back, then the labels)."""
+    import nibabel as nib
+
+    bundle = copy_bundle(bundles, "spleen_ct_segmentation", tmp_path)
+    random_weights(bundle)
+    card = translate(open_bundle(bundle)).card
+    card["inference"]["roi_size"] = [32, 32, 32]
+    image = tmp_path / "ct.nii.gz"
+    synthetic_ct(image, shape=(30, 28, 14), spacing=(1.9, 1.7, 3.6))
+    maps = {}
+    for way, probs in (("labels_nearest", False), ("labels_nearest", True), ("probabilities", False)):
+        path = tmp_path / f"{way}.json"
+        path.write_text(json.dumps({**card, "postprocessing": {"invert": way}}))
+        out = tmp_path / f"{way}-{probs}.nii.gz"
+        extra = ["--probabilities", str(tmp_path / "p.nii.gz")] if probs else []
+        assert main(["segment", str(image), "--model", str(path), "-o", str(out), "--device", "cpu",
+                     "--progress", "none", *extra]) == 0
+        maps[way, probs] = np.asarray(nib.load(str(out)).dataobj)
+    assert nib.load(str(tmp_path / "p.nii.gz")).shape[:3] == (30, 28, 14)
+    nearest, default = maps["labels_nearest", False], maps["probabilities", False]
+    np.testing.assert_array_equal(maps["labels_nearest", True], nearest)
+    assert 0 < (nearest == 1).sum() < nearest.size
+    assert 0 < (nearest != default).sum() < 0.2 * nearest.size  # the same labels, other borders

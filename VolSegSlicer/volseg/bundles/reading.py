@@ -223,8 +223,9 @@ class SectionReader:
         key = f"{section}#transforms" if isinstance(node, dict) else section
         if isinstance(node, dict) and _short_target(node.get("_target_")) != "Compose":
             items, key = [node], section
-        if isinstance(items, Expression) or not isinstance(items, list):
-            self.literal(items, key)
+        if isinstance(items, Expression):
+            items = self.literal(items, key)
+        if not isinstance(items, list):
             raise self.refuse(key, "is not a list of transforms", hint="expected Compose(transforms=[...])")
         out = []
         for n, t in enumerate(items):

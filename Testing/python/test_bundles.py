@@ -493,23 +493,23 @@ def test_lowres_choice_follows_the_reference(bundles, tmp_path) -> None:
     assert translate(open_bundle(bundle)).card["preprocessing"][1]["args"]["pixdim"] == [3.0, 3.0, 3.0]
 
 
-@pytest.mark.parametrize("text", [
-    "$__import__('os').system('touch {marker}')",
-    "$open('{marker}', 'w').write('x')",
-    "$[1.5, 1.5, 1.5] if open('{marker}', 'w') else [3.0, 3.0, 3.0]",
-    "$().__class__.__bases__[0].__subclasses__()",
-    "$@displayable_configs['highres']",
-    "$(lambda: [1.5, 1.5, 1.5])()",
-    "$[x for x in [1.5, 1.5, 1.5]]",
-    "$[1.5] * 3",
-    "$highres",
-    "$@displayable_configs#highres.real",
-    "$" + "[" * 150 + "1.5" + "]" * 150,
-    "$" + "not " * 400 + "True",
-    "$[" + "1.5, " * 300 + "1.5]",
-    "$@device if @displayable_configs#highres else [1.5, 1.5, 1.5]",  # a reference to code
+@pytest.mark.parametrize("text, why", [
+    ("$__import__('os').system('touch {marker}')", "uses a call"),
+    ("$open('{marker}', 'w').write('x')", "uses a call"),
+    ("$[1.5, 1.5, 1.5] if open('{marker}', 'w') else [3.0, 3.0, 3.0]", "uses a call"),
+    ("$().__class__.__bases__[0].__subclasses__()", "uses a call"),
+    ("$@displayable_configs['highres']", "uses a subscript"),
+    ("$(lambda: [1.5, 1.5, 1.5])()", "uses a call"),
+    ("$[x for x in [1.5, 1.5, 1.5]]", "uses a comprehension"),
+    ("$[1.5] * 3", "uses arithmetic"),
+    ("$highres", "uses the name 'highres'"),
+    ("$@displayable_configs#highres.real", "uses an attribute ('real')"),
+    ("$" + "[" * 250 + "1.5" + "]" * 250, "is not a Python expression this reader can parse"),  # Python's parser: too many nested brackets
+    ("$" + "not " * 400 + "True", "is longer than 1000 characters"),
+    ("$[" + "1, " * 250 + "1]", "has more than 200 syntax nodes"),
+    ("$@device if @displayable_configs#highres else [1.5, 1.5, 1.5]", "refers to @device, which is Python code"),
 ])
-def test_hostile_expressions_are_still_refused_by_name_and_nothing_runs(bundles, tmp_path, text) -> None:
+def test_hostile_expressions_are_still_refused_by_name_and_nothing_runs(bundles, tmp_path, text, why) -> None:
     marker = tmp_path / "pwned"
     bundle = copy_bundle(bundles, "wholeBody_ct_segmentation", tmp_path)
     path = bundle / "configs" / "inference.json"
@@ -519,6 +519,7 @@ def test_hostile_expressions_are_still_refused_by_name_and_nothing_runs(bundles,
     with pytest.raises(BundleError) as info:
         translate(open_bundle(bundle))
     assert "'pixdim' is Python code" in info.value.message and "--trust-bundle-code" in info.value.hint
+    assert f"this expression {why}" in info.value.message
     assert not marker.exists()
 
 

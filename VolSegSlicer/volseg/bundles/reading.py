@@ -47,6 +47,7 @@ class SectionReader:
         self.notes: list[str] = []
         self.code_run: list[str] = []
         self.announce = announce
+        self.unsafe: dict[str, str] = {}  # expression key -> why the safe reader left it (for the message)
 
     def refuse(self, key: str, what: str, hint: str) -> BundleError:
         error = BundleError(f"{self.source}: config key {_key(key)!r} {what}", hint=hint)
@@ -64,7 +65,10 @@ class SectionReader:
         if found:
             expr = found[0]
             text = " ".join(expr.text.split())
-            raise self.refuse(expr.key, f"is Python code ({text[:160]}), needed at {_key(key)!r}",
+            why = self.unsafe.get(expr.key)
+            raise self.refuse(expr.key, f"is Python code ({text[:160]}), needed at {_key(key)!r}"
+                              + (f"; this expression {why} (without running code volseg reads only literals, "
+                                 "lists, @references to data, x if c else y, and/or/not and comparisons)" if why else ""),
                               hint="volseg evaluates no code from a bundle unless you pass --trust-bundle-code "
                               "(then it evaluates this expression with MONAI's bundle parser); or write the value "
                               "into a card: `volseg bundle-card BUNDLE -o card.json` after editing a copy of the config")
@@ -78,7 +82,8 @@ class SectionReader:
         if isinstance(node, Expression):
             try:
                 value = evaluate(node.text, lambda ref: self._reference(ref, depth + 1))
-            except Unsafe:
+            except Unsafe as why:
+                self.unsafe.setdefault(node.key, str(why))
                 return node
             value = self.read_safely(value, depth)
             line = f"{_key(node.key)} ({' '.join(node.text.split())[:120]}) read without running it: {value!r}"
@@ -96,16 +101,16 @@ class SectionReader:
         from volseg.bundles.safe_expression import MAX_REFERENCE_DEPTH, Unsafe
 
         if depth > MAX_REFERENCE_DEPTH:
-            raise Unsafe(f"references nested more than {MAX_REFERENCE_DEPTH} deep")
+            raise Unsafe(f"follows references more than {MAX_REFERENCE_DEPTH} deep")
         ref = ref.replace("::", "#")
         if not self.config.has(ref):
-            raise Unsafe(f"@{ref} is not a config key")
+            raise Unsafe(f"refers to @{ref}, which is not a config key")
         try:
             value = self.read_safely(self.config.resolved(ref), depth)
         except BundleError:
-            raise Unsafe(f"@{ref} does not resolve") from None
+            raise Unsafe(f"refers to @{ref}, which does not resolve") from None
         if expressions_in(value):
-            raise Unsafe(f"@{ref} is code")
+            raise Unsafe(f"refers to @{ref}, which is Python code")
         return value
 
     def _evaluated(self, node: Any) -> Any:

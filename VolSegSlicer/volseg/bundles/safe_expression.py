@@ -39,6 +39,14 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
 _DATA = (bool, int, float, str, type(None))
 
 
+_KINDS: dict[type, str] = {
+    ast.BinOp: "arithmetic", ast.Subscript: "a subscript", ast.Lambda: "a lambda", ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension", ast.DictComp: "a comprehension", ast.GeneratorExp: "a comprehension",
+    ast.JoinedStr: "an f-string", ast.Dict: "a dict", ast.Set: "a set", ast.Starred: "unpacking",
+    ast.NamedExpr: "an assignment", ast.Await: "await", ast.Slice: "a slice",
+}
+
+
 class Unsafe(ValueError):
     """The expression is not of the allowed form (the message says what is not)."""
 
@@ -69,7 +77,7 @@ def evaluate(text: str, resolve: Callable[[str], Any]) -> Any:
     """
     body = text[1:] if text.startswith("$") else text
     if len(body) > MAX_TEXT:
-        raise Unsafe(f"longer than {MAX_TEXT} characters")
+        raise Unsafe(f"is longer than {MAX_TEXT} characters")
     refs: list[str] = []
 
     def placeholder(m: re.Match) -> str:
@@ -80,12 +88,12 @@ def evaluate(text: str, resolve: Callable[[str], Any]) -> Any:
     try:
         tree = ast.parse(source, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        raise Unsafe("not a Python expression this reader can parse") from None
+        raise Unsafe("is not a Python expression this reader can parse") from None
     count = 0
     for _ in ast.walk(tree):
         count += 1
         if count > MAX_NODES:
-            raise Unsafe(f"more than {MAX_NODES} syntax nodes")
+            raise Unsafe(f"has more than {MAX_NODES} syntax nodes")
     names = {_PLACEHOLDER.format(i): r for i, r in enumerate(refs)}
     values: dict[str, Any] = {}
 
@@ -93,7 +101,7 @@ def evaluate(text: str, resolve: Callable[[str], Any]) -> Any:
         if name not in values:
             value = resolve(names[name])
             if not _plain(value):
-                raise Unsafe(f"@{names[name]} is not plain data")
+                raise Unsafe(f"refers to @{names[name]}, which is not plain data")
             values[name] = value
         return values[name]
 
@@ -140,7 +148,7 @@ def evaluate(text: str, resolve: Callable[[str], Any]) -> Any:
                     raise Unsafe("compares values of kinds that do not compare") from None
                 left = right
             return True
-        what = type(node).__name__
+        what = _KINDS.get(type(node), type(node).__name__)
         if isinstance(node, ast.Name):
             what = f"the name {node.id!r}"
         elif isinstance(node, ast.Call):

@@ -8,11 +8,17 @@ Read, in the order a volume takes through the bundle's ``inference`` config:
 * ``preprocessing``: each dictionary transform becomes the card step of its array transform
   (``Spacingd`` -> ``Spacing``), with the dictionary-only arguments dropped; loading and typing
   steps are what volseg's reader does already.
-* ``inferer``: ``SlidingWindowInferer``'s window, overlap, batch, blending and padding.
+* ``inferer``: ``SlidingWindowInferer``'s window, overlap, batch, blending and padding;
+  ``SimpleInferer`` as one whole-volume pass (``inference.whole_volume``, with the sizes the network
+  takes as ``inference.size_multiple``).
 * ``postprocessing``: ``Activationsd`` (softmax / sigmoid), ``AsDiscreted`` (argmax /
-  threshold) after ``Invertd`` (volseg always maps the probabilities back to the input grid),
-  ``KeepLargestConnectedComponentd`` and ``FillHolesd`` on the input grid; ``SaveImaged`` is
-  volseg's writer.
+  threshold) after ``Invertd`` (the probabilities mapped back to the input grid), or an argmax
+  before ``Invertd(nearest_interp=True)`` (``postprocessing.invert: "labels_nearest"``: the label
+  map mapped back nearest-neighbour), ``KeepLargestConnectedComponentd`` and ``FillHolesd`` on the
+  input grid; ``SaveImaged`` is volseg's writer.
+
+Simple ``$`` expressions (literals, ``@references``, ``x if c else y``, ...) are read as data by
+:mod:`volseg.bundles.safe_expression`, without running anything; other expressions need trust.
 
 Each section is read by :class:`volseg.bundles.reading.SectionReader`. Anything else is one
 :class:`~volseg.bundles.source.BundleError` naming the config key and

@@ -66,9 +66,9 @@ class SectionReader:
             expr = found[0]
             text = " ".join(expr.text.split())
             why = self.unsafe.get(expr.key)
-            raise self.refuse(expr.key, f"is Python code ({text[:160]}), needed at {_key(key)!r}"
-                              + (f"; this expression {why} (without running code volseg reads only literals, "
-                                 "lists, @references to data, x if c else y, and/or/not and comparisons)" if why else ""),
+            because = (f"; this expression {why} (without running code volseg reads only literals, lists, "
+                       "@references to data, x if c else y, and/or/not and comparisons)") if why else ""
+            raise self.refuse(expr.key, f"is Python code ({text[:160]}), needed at {_key(key)!r}{because}",
                               hint="volseg evaluates no code from a bundle unless you pass --trust-bundle-code "
                               "(then it evaluates this expression with MONAI's bundle parser); or write the value "
                               "into a card: `volseg bundle-card BUNDLE -o card.json` after editing a copy of the config")

@@ -138,7 +138,8 @@ def size_multiple(arch: str, args: dict[str, Any]) -> int:
 
     try:
         if arch == "unet":
-            return int(math.prod(int(s) if isinstance(s, int) else max(int(v) for v in s) for s in args.get("strides", [])))
+            strides = args.get("strides", [])
+            return int(math.prod(int(s) if isinstance(s, int) else max(int(v) for v in s) for s in strides))
         if arch == "segresnet":
             return 2 ** (len(args.get("blocks_down", (1, 2, 2, 4))) - 1)
     except (TypeError, ValueError):

@@ -66,16 +66,17 @@ def synthetic_ct(path: Path, shape=(44, 38, 20), spacing=(1.9, 1.7, 2.6)) -> np.
     return data
 
 
-def monai_bundle_run(bundle: Path, image: Path, out: Path) -> np.ndarray:
+def monai_bundle_run(bundle: Path, image: Path, out: Path, data_key: str = "datalist") -> np.ndarray:
     """The bundle run the way MONAI runs it: `monai.bundle run` with its own inference config,
-    only the data list, the output folder and the data loader's workers overridden."""
+    only the data list (the config key ``data_key``), the output folder and the data loader's
+    workers overridden."""
     import nibabel as nib
     from monai.bundle import run
 
     config = next((bundle / "configs").glob("inference.*"))
     run(run_id="run", meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(config),
-        logging_file=str(bundle / "configs" / "logging.conf"), bundle_root=str(bundle), datalist=[str(image)],
-        output_dir=str(out), **{"dataloader#num_workers": 0})
+        logging_file=str(bundle / "configs" / "logging.conf"), bundle_root=str(bundle), output_dir=str(out),
+        **{data_key: [str(image)], "dataloader#num_workers": 0})
     written = sorted(out.rglob("*.nii.gz"))
     assert len(written) == 1, written
     return np.asarray(nib.load(str(written[0])).dataobj)
@@ -109,16 +110,19 @@ REFUSED = {
     "prostate_mri_anatomy": ("postprocessing#transforms#1", "before Invertd"),
     "renalStructures_UNEST_segmentation": ("network_def#_target_", "scripts/"),
     "ventricular_short_axis_3label": ("network_def#spatial_dims", "2D bundle"),
-    "segmentation_template": ("inferer#_target_", "whole volume"),
-    "wholeBody_ct_segmentation": ("pixdim", "Python code"),
 }
+#: Bundles run with the same label maps as MONAI's own run (tests below).
+TRANSLATED = {"spleen_ct_segmentation", "swin_unetr_btcv_segmentation", "brats_mri_segmentation",
+              "wholeBody_ct_segmentation", "segmentation_template"}
 
 
 def test_every_shared_bundle_is_translated_or_refused_by_name(bundles) -> None:
     names = sorted(p.name for p in bundles.iterdir() if p.is_dir())
     assert len(names) == 10
-    assert set(names) == set(REFUSED) | {"spleen_ct_segmentation", "swin_unetr_btcv_segmentation",
-                                         "brats_mri_segmentation"}
+    assert set(names) == set(REFUSED) | TRANSLATED and not set(REFUSED) & TRANSLATED
+    for name in sorted(TRANSLATED):
+        card = translate(open_bundle(bundles / name)).card
+        assert card["labels"] and card["inference"]["runtime"] == "torch", name
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -168,11 +172,12 @@ def test_swin_unetr_card_drops_the_argument_monai_removed(bundles) -> None:
 
 
 def test_trust_evaluates_only_the_expressions_needed_and_says_so_first(bundles) -> None:
+    """wholeBody's pixdim (`$... if @displayable_configs#highres else ...`) is read without code,
+    trusted or not: nothing is announced, nothing evaluated, the same card either way."""
     said: list[str] = []
-    with pytest.raises(BundleError) as info:  # pixdim evaluated; the label-map inversion is still refused
-        translate(open_bundle(bundles / "wholeBody_ct_segmentation"), trust=True, announce=said.extend)
-    assert said == ["pixdim: $[1.5, 1.5, 1.5] if @displayable_configs#highres else [3.0, 3.0, 3.0]"]
-    assert "'postprocessing#transforms#2'" in info.value.message
+    trusted = translate(open_bundle(bundles / "wholeBody_ct_segmentation"), trust=True, announce=said.extend)
+    assert said == [] and trusted.code_to_run == []
+    assert trusted.card == translate(open_bundle(bundles / "wholeBody_ct_segmentation")).card
 
 
 def _edited(bundles: Path, tmp_path: Path, edit) -> Path:
@@ -461,3 +466,185 @@ def test_hostile_configs_end_in_one_message(bundles, tmp_path) -> None:
     (bundle / "configs" / "metadata.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(BundleError, match="metadata.json"):
         translate(open_bundle(bundle))
+
+
+# -- wholeBody_ct_segmentation: a $ expression read without eval; the label map mapped back nearest ------------
+
+def test_wholebody_pixdim_expression_is_read_without_running_anything(bundles) -> None:
+    t = translate(open_bundle(bundles / "wholeBody_ct_segmentation"))
+    card = t.card
+    assert card["preprocessing"] == [
+        {"name": "Orientation", "args": {"axcodes": "RAS"}},
+        {"name": "Spacing", "args": {"pixdim": [1.5, 1.5, 1.5], "mode": "bilinear"}},
+        {"name": "NormalizeIntensity", "args": {"nonzero": True}},
+        {"name": "ScaleIntensity", "args": {"minv": -1.0, "maxv": 1.0}}]
+    assert card["inference"] == {"roi_size": [96, 96, 96], "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian",
+                                 "padding_mode": "replicate", "runtime": "torch", "amp": True}
+    assert card["postprocessing"] == {"invert": "labels_nearest"} and card["output"]["channels"] == 105
+    assert t.code_to_run == [] and any(n.startswith("pixdim (") and "[1.5, 1.5, 1.5]" in n for n in t.notes)
+
+
+def test_lowres_choice_follows_the_reference(bundles, tmp_path) -> None:
+    bundle = copy_bundle(bundles, "wholeBody_ct_segmentation", tmp_path)
+    path = bundle / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    config["displayable_configs"]["highres"] = False
+    path.write_text(json.dumps(config))
+    assert translate(open_bundle(bundle)).card["preprocessing"][1]["args"]["pixdim"] == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("$__import__('os').system('touch {marker}')", "uses a call"),
+    ("$open('{marker}', 'w').write('x')", "uses a call"),
+    ("$[1.5, 1.5, 1.5] if open('{marker}', 'w') else [3.0, 3.0, 3.0]", "uses a call"),
+    ("$().__class__.__bases__[0].__subclasses__()", "uses a call"),
+    ("$@displayable_configs['highres']", "uses a subscript"),
+    ("$(lambda: [1.5, 1.5, 1.5])()", "uses a call"),
+    ("$[x for x in [1.5, 1.5, 1.5]]", "uses a comprehension"),
+    ("$[1.5] * 3", "uses arithmetic"),
+    ("$highres", "uses the name 'highres'"),
+    ("$@displayable_configs#highres.real", "uses an attribute ('real')"),
+    ("$" + "[" * 250 + "1.5" + "]" * 250, "is not a Python expression this reader can parse"),  # Python's parser: too many nested brackets
+    ("$" + "not " * 400 + "True", "is longer than 1000 characters"),
+    ("$[" + "1, " * 250 + "1]", "has more than 200 syntax nodes"),
+    ("$@device if @displayable_configs#highres else [1.5, 1.5, 1.5]", "refers to @device, which is Python code"),
+])
+def test_hostile_expressions_are_still_refused_by_name_and_nothing_runs(bundles, tmp_path, text, why) -> None:
+    marker = tmp_path / "pwned"
+    bundle = copy_bundle(bundles, "wholeBody_ct_segmentation", tmp_path)
+    path = bundle / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    config["pixdim"] = text.format(marker=marker)
+    path.write_text(json.dumps(config))
+    with pytest.raises(BundleError) as info:
+        translate(open_bundle(bundle))
+    assert "'pixdim' is Python code" in info.value.message and "--trust-bundle-code" in info.value.hint
+    assert f"this expression {why}" in info.value.message
+    assert not marker.exists()
+
+
+def test_the_safe_reader_allows_only_data_references_and_choices() -> None:
+    from volseg.bundles.safe_expression import Unsafe, evaluate
+
+    refs = {"a": 3, "b#c": "x", "l": [1, 2]}
+    read = lambda text: evaluate(text, refs.__getitem__)  # noqa: E731
+    assert read("$[1, -2.5, 'x', None, (True, False)]") == [1, -2.5, "x", None, (True, False)]
+    assert read("$@a if @b#c == 'x' and not @a < 2 else 0") == 3
+    assert read("$1 < @a <= 3 and 2 in @l and 'y' not in @b#c") is True
+    assert read("$@a == 4 or @l") == [1, 2]
+    assert read("$None if @a is None else @l") == [1, 2]
+    for bad in ("$1 + 1", "$@l[0]", "$abs(-1)", "$@a.real", "$x", "$'a' < 1", "$f'{@a}'", "$@a @ @a",
+                "$" + "(" * 300 + "1" + ")" * 300, "$" + "1 if 1 else " * 80 + "1", "$" + "1 " * 600):
+        with pytest.raises(Unsafe):
+            read(bad)
+    with pytest.raises(Unsafe, match="not plain data"):
+        evaluate("$@f", lambda key: print)
+
+
+def test_labels_mapped_back_nearest_equal_monais_invertd() -> None:
+    """The card's way back "labels_nearest" is MONAI's Invertd(nearest_interp=True) of the label map."""
+    from monai.transforms import Compose, Invertd, Orientationd, Spacingd
+
+    from volseg.preprocessing.card_steps import invert_labels_nearest, preprocess
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 23, 17, 11)).astype(np.float32)
+    affine = np.diag([-1.9, -1.7, 2.6, 1.0])
+    pre = preprocess(image, affine, [{"name": "Orientation", "args": {"axcodes": "RAS"}},
+                                     {"name": "Spacing", "args": {"pixdim": [1.5, 1.1, 1.5], "mode": "bilinear"}}])
+    labels = torch.as_tensor(rng.integers(0, 7, size=pre.image.shape[1:]), dtype=torch.float32)
+    from monai.data import MetaTensor
+
+    monai_pre = Compose([Orientationd("image", "RAS"), Spacingd("image", (1.5, 1.1, 1.5), mode="bilinear")])
+    data = monai_pre({"image": MetaTensor(torch.as_tensor(image), affine=torch.as_tensor(affine))})
+    assert data["image"].shape == pre.image.shape
+    data["pred"] = MetaTensor(labels[None].clone())
+    expected = Invertd("pred", monai_pre, orig_keys="image", nearest_interp=True)(data)["pred"][0]
+    got = invert_labels_nearest(labels.numpy(), pre)
+    assert got.shape == (23, 17, 11) and len(np.unique(got)) == 7
+    np.testing.assert_array_equal(got, np.asarray(expected).astype(np.uint16))
+
+
+def test_wholebody_bundle_gives_the_same_label_map_as_monais_own_run(bundles, tmp_path) -> None:
+    """105 channels, one 96^3 window, gaussian blending with replicate padding, the argmax mapped
+    back nearest: MONAI's own run and volseg's give the same labels, many of them."""
+    bundle = copy_bundle(bundles, "wholeBody_ct_segmentation", tmp_path)
+    random_weights(bundle)
+    image = tmp_path / "ct.nii.gz"
+    synthetic_ct(image)
+    expected = monai_bundle_run(bundle, image, tmp_path / "monai")
+    got = volseg_run(bundle, image, tmp_path / "volseg.nii.gz")
+    assert got.shape == expected.shape == (44, 38, 20)
+    assert len(np.unique(expected)) >= 10  # many labels: the comparison means something
+    np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
+
+
+# -- segmentation_template: SimpleInferer, the whole volume in one pass --------------------------------------
+
+def test_template_card_runs_the_whole_volume_at_once(bundles) -> None:
+    card = translate(open_bundle(bundles / "segmentation_template")).card
+    assert card["inference"] == {"whole_volume": True, "runtime": "torch", "size_multiple": 8}
+    assert card["preprocessing"] == [{"name": "ScaleIntensity", "args": {}}] and "postprocessing" not in card
+    assert [lab["name"] for lab in card["labels"]] == ["category 1", "category 2", "category 3"]
+
+
+def _template(bundles: Path, tmp_path: Path, shape) -> tuple[Path, Path]:
+    bundle = copy_bundle(bundles, "segmentation_template", tmp_path)
+    random_weights(bundle)
+    image = bundle / "test_data" / "ct.nii.gz"  # under its dataset_dir, where its SaveImaged expects inputs
+    image.parent.mkdir()
+    synthetic_ct(image, shape=shape)
+    return bundle, image
+
+
+def test_template_bundle_gives_the_same_label_map_as_monais_own_run(bundles, tmp_path) -> None:
+    bundle, image = _template(bundles, tmp_path, (48, 40, 24))
+    expected = monai_bundle_run(bundle, image, tmp_path / "monai", data_key="data_list")
+    got = volseg_run(bundle, image, tmp_path / "volseg.nii.gz")
+    assert got.shape == expected.shape == (48, 40, 24)
+    assert set(np.unique(expected)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
+
+
+def test_template_bundle_refuses_a_size_its_network_cannot_take_as_monai_fails_on_it(bundles, tmp_path,
+                                                                                      capsys) -> None:
+    bundle, image = _template(bundles, tmp_path, (44, 38, 20))
+    with pytest.raises(Exception):  # noqa: B017  MONAI's own run: the UNet's skip connections do not fit
+        monai_bundle_run(bundle, image, tmp_path / "monai", data_key="data_list")
+    out = tmp_path / "volseg.nii.gz"
+    code = main(["segment", str(image), "--bundle", str(bundle), "-o", str(out), "--device", "cpu",
+                 "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code != 0 and "multiple of 8" in err and "44 x 38 x 20" in err and "--roi-size" in err
+    assert "Traceback" not in err and not out.exists()
+    assert main(["segment", str(image), "--bundle", str(bundle), "-o", str(out), "--device", "cpu",
+                 "--progress", "none", "--roi-size", "32", "32", "16"]) == 0  # in windows, as asked
+    assert out.exists()
+
+
+def test_labels_nearest_is_the_cards_way_back_with_or_without_probabilities(bundles, tmp_path) -> None:
+    """A card's "invert": "labels_nearest" gives the same label map whether --probabilities is
+    written or not (the probabilities still go back on their own way), and another one than the
+    default way back (probabilities mapped back, then the labels)."""
+    import nibabel as nib
+
+    bundle = copy_bundle(bundles, "spleen_ct_segmentation", tmp_path)
+    random_weights(bundle)
+    card = translate(open_bundle(bundle)).card
+    card["inference"]["roi_size"] = [32, 32, 32]
+    image = tmp_path / "ct.nii.gz"
+    synthetic_ct(image, shape=(30, 28, 14), spacing=(1.9, 1.7, 3.6))
+    maps = {}
+    for way, probs in (("labels_nearest", False), ("labels_nearest", True), ("probabilities", False)):
+        path = tmp_path / f"{way}.json"
+        path.write_text(json.dumps({**card, "postprocessing": {"invert": way}}))
+        out = tmp_path / f"{way}-{probs}.nii.gz"
+        extra = ["--probabilities", str(tmp_path / "p.nii.gz")] if probs else []
+        assert main(["segment", str(image), "--model", str(path), "-o", str(out), "--device", "cpu",
+                     "--progress", "none", *extra]) == 0
+        maps[way, probs] = np.asarray(nib.load(str(out)).dataobj)
+    assert nib.load(str(tmp_path / "p.nii.gz")).shape[:3] == (30, 28, 14)
+    nearest, default = maps["labels_nearest", False], maps["probabilities", False]
+    np.testing.assert_array_equal(maps["labels_nearest", True], nearest)
+    assert 0 < (nearest == 1).sum() < nearest.size
+    assert 0 < (nearest != default).sum() < 0.2 * nearest.size  # the same labels, other borders

@@ -76,6 +76,7 @@ class PostprocessSettings:
     keep_largest_component: bool | tuple[int, ...] = False
     fill_holes: bool | tuple[int, ...] = False
     min_island_mm3: float = 0.0
+    invert: str = "probabilities"  # probabilities | labels_nearest (see the schema's postprocessing.invert)
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,8 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
             activation=activation,
             activation_per_window=bool(inf.get("activation_per_window", False)),
             padding_mode=inf.get("padding_mode", "constant"),
+            whole_volume=bool(inf.get("whole_volume", False)),
+            size_multiple=int(inf.get("size_multiple", 1)),
             select_output=int(output.get("select", 0)),
             out_channels=out_channels,
         ),
@@ -308,6 +311,7 @@ def parse_card(raw: dict[str, Any], path: Path | None = None) -> ModelCard:
             keep_largest_component=_bool_or_labels(post.get("keep_largest_component", False)),
             fill_holes=_bool_or_labels(post.get("fill_holes", False)),
             min_island_mm3=float(post.get("min_island_mm3", 0.0)),
+            invert=post.get("invert", "probabilities"),
         ),
         checkpoint_path=ckpt_path,
         checkpoint_sha256=ckpt.get("sha256"),

@@ -40,6 +40,8 @@ class InferenceOptions:
     activation: str = "softmax"  # softmax | sigmoid | none
     activation_per_window: bool = False
     padding_mode: str = "constant"
+    whole_volume: bool = False  # one pass on the whole volume (MONAI's SimpleInferer); roi_size set per volume
+    size_multiple: int = 1  # with whole_volume: each grid size must be a multiple of this
     select_output: int = 0
     out_channels: int | None = None  # checked on the first window, so a mismatch fails early
     runtime: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only; volseg.inference.cpu_runtime)

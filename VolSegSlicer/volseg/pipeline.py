@@ -27,7 +27,12 @@ from volseg.cards import ModelCard
 from volseg.checkpoints.reading import read_checkpoint
 from volseg.inference.devices import resolve_device
 from volseg.errors import Cancelled, CheckpointError, ResourceError, VolSegError, output_error
-from volseg.inference.sliding_window import InferenceOptions, count_windows, predict_with_fallback
+from volseg.inference.sliding_window import (
+    InferenceOptions,
+    count_windows,
+    predict_with_fallback,
+    whole_volume_options,
+)
 from volseg.io import (
     check_not_an_input,
     check_segmentation_output,
@@ -40,7 +45,7 @@ from volseg.io import (
 from volseg.io.staging import make_stage
 from volseg.memory import available_memory
 from volseg.postprocessing.labels import postprocess, to_labelmap
-from volseg.preprocessing.card_steps import invert, preprocess
+from volseg.preprocessing.card_steps import invert, invert_labels_nearest, preprocess
 from volseg.preprocessing.planning import check_preprocessing, plan_preprocessing, planned_shape
 from volseg.progress import Reporter
 from volseg.request import (  # noqa: F401  (part of this module's API since before volseg.request)
@@ -142,9 +147,15 @@ def check_output_count(card: ModelCard, found: int | None) -> None:
     )
 
 
-def inference_options(card: ModelCard, o: Overrides) -> InferenceOptions:
-    """The card's inference settings with the user's overrides applied."""
+def inference_options(card: ModelCard, o: Overrides, shape: Sequence[int] | None = None) -> InferenceOptions:
+    """The card's inference settings with the user's overrides applied; for a whole-volume card
+    (``inference.whole_volume``) one window the size of the preprocessed grid ``shape`` (refused when
+    the network cannot take it), unless ``--roi-size`` asks for windows."""
     s = card.inference
+    if s.whole_volume and o.roi_size:
+        s = replace(s, whole_volume=False)
+    elif s.whole_volume and shape is not None:
+        s = whole_volume_options(s, shape)
     return replace(
         s,
         roi_size=tuple(o.roi_size or s.roi_size),
@@ -296,7 +307,7 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     # is allocated (a card's Resize or Spacing can ask for gigabytes; see preprocessing/planning.py).
     plans = plan_preprocessing(volume.spatial_shape, volume.ijk_to_ras, card.preprocessing, len(card.inputs))
     check_preprocessing(plans)
-    planned = inference_options(card, o)
+    planned = inference_options(card, o, planned_shape(volume.spatial_shape, plans))
     check_memory(planned_shape(volume.spatial_shape, plans), len(card.inputs), card.out_channels,
                  1 + len(planned.flips), planned.roi_size, planned.sw_batch_size)
 
@@ -311,7 +322,7 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
 
     checkpoint_stage("preprocess", "preprocessing")
     pre = preprocess_on(device, volume, card, reporter)
-    options = inference_options(card, o)
+    options = inference_options(card, o, pre.image.shape[1:])
 
     if getattr(model, "batch_dependent", False) and options.sw_batch_size > 1:
         reporter.log("this checkpoint's outputs depend on the other windows in a batch (DeformUX-Net repository-"
@@ -334,7 +345,10 @@ def _segment(request: SegmentRequest, reporter: Reporter, cancel: threading.Even
     checkpoint_stage("postprocess", "postprocessing")
     # the way back runs where the probabilities are: the GPU, unless inference fell back to the CPU
     back = device if device.type == "cuda" and "on the CPU" not in where else torch.device("cpu")
-    if request.probabilities is None and exact_stages():
+    if card.postprocessing.invert == "labels_nearest":  # labels on the network's grid, mapped back as labels
+        labelmap = invert_labels_nearest(to_labelmap(probs.cpu(), card.labels, card.activation, card.threshold), pre)
+        probs = invert(probs.cpu(), pre) if request.probabilities is not None else None
+    elif request.probabilities is None and exact_stages():
         labelmap = invert_to_labelmap(probs.cpu(), pre, card.labels, card.activation, card.threshold)
         probs = None
     elif request.probabilities is None:  # only the label map is wanted: the way back on the device

@@ -47,6 +47,7 @@ class SectionReader:
         self.notes: list[str] = []
         self.code_run: list[str] = []
         self.announce = announce
+        self.unsafe: dict[str, str] = {}  # expression key -> why the safe reader left it (for the message)
 
     def refuse(self, key: str, what: str, hint: str) -> BundleError:
         error = BundleError(f"{self.source}: config key {_key(key)!r} {what}", hint=hint)
@@ -56,15 +57,60 @@ class SectionReader:
     def literal(self, value: Any, key: str) -> Any:
         """``value`` with no expression left in it, else the message naming the expression's key."""
         found = expressions_in(value)
+        if found:  # the simple ones (literals, references, x if c else y) read as data, nothing run
+            value = self.read_safely(value)
+            found = expressions_in(value)
         if found and self.config.trust:
             return self._evaluated(value)
         if found:
             expr = found[0]
             text = " ".join(expr.text.split())
-            raise self.refuse(expr.key, f"is Python code ({text[:160]}), needed at {_key(key)!r}",
+            why = self.unsafe.get(expr.key)
+            because = (f"; this expression {why} (without running code volseg reads only literals, lists, "
+                       "@references to data, x if c else y, and/or/not and comparisons)") if why else ""
+            raise self.refuse(expr.key, f"is Python code ({text[:160]}), needed at {_key(key)!r}{because}",
                               hint="volseg evaluates no code from a bundle unless you pass --trust-bundle-code "
                               "(then it evaluates this expression with MONAI's bundle parser); or write the value "
                               "into a card: `volseg bundle-card BUNDLE -o card.json` after editing a copy of the config")
+        return value
+
+    def read_safely(self, node: Any, depth: int = 0) -> Any:
+        """``node`` with each expression :mod:`volseg.bundles.safe_expression` can read replaced by its
+        value (the others left as they are); tuples become lists (as a card holds them)."""
+        from volseg.bundles.safe_expression import Unsafe, evaluate
+
+        if isinstance(node, Expression):
+            try:
+                value = evaluate(node.text, lambda ref: self._reference(ref, depth + 1))
+            except Unsafe as why:
+                self.unsafe.setdefault(node.key, str(why))
+                return node
+            value = self.read_safely(value, depth)
+            line = f"{_key(node.key)} ({' '.join(node.text.split())[:120]}) read without running it: {value!r}"
+            if line not in self.notes:
+                self.notes.append(line)
+            return value
+        if isinstance(node, dict):
+            return {k: self.read_safely(v, depth) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [self.read_safely(v, depth) for v in node]
+        return node
+
+    def _reference(self, ref: str, depth: int) -> Any:
+        """A referenced key's value for a safely read expression: plain data, else :class:`Unsafe`."""
+        from volseg.bundles.safe_expression import MAX_REFERENCE_DEPTH, Unsafe
+
+        if depth > MAX_REFERENCE_DEPTH:
+            raise Unsafe(f"follows references more than {MAX_REFERENCE_DEPTH} deep")
+        ref = ref.replace("::", "#")
+        if not self.config.has(ref):
+            raise Unsafe(f"refers to @{ref}, which is not a config key")
+        try:
+            value = self.read_safely(self.config.resolved(ref), depth)
+        except BundleError:
+            raise Unsafe(f"refers to @{ref}, which does not resolve") from None
+        if expressions_in(value):
+            raise Unsafe(f"refers to @{ref}, which is Python code")
         return value
 
     def _evaluated(self, node: Any) -> Any:
@@ -182,8 +228,9 @@ class SectionReader:
         key = f"{section}#transforms" if isinstance(node, dict) else section
         if isinstance(node, dict) and _short_target(node.get("_target_")) != "Compose":
             items, key = [node], section
-        if isinstance(items, Expression) or not isinstance(items, list):
-            self.literal(items, key)
+        if isinstance(items, Expression):
+            items = self.literal(items, key)
+        if not isinstance(items, list):
             raise self.refuse(key, "is not a list of transforms", hint="expected Compose(transforms=[...])")
         out = []
         for n, t in enumerate(items):
@@ -244,11 +291,17 @@ class SectionReader:
         if name == "SliceInferer":
             raise self.refuse("inferer#_target_", "is SliceInferer: this is a 2D bundle (it runs slice by slice)",
                               hint="volseg segments 3D volumes with 3D networks; run this bundle with MONAI")
+        if name == "SimpleInferer":  # one pass on the whole volume
+            extra = [k for k in inf if k not in _ALSO_OK and k != "inferer_kwargs"] or (
+                ["inferer_kwargs"] if inf.get("inferer_kwargs") else [])
+            if extra:
+                raise self.refuse(f"inferer#{extra[0]}", "has no equivalent in volseg's whole-volume inference",
+                                  hint="remove it from a copy of the bundle if it does not change the results")
+            return {"whole_volume": True, "runtime": "torch"}
         if name != "SlidingWindowInferer":
-            raise self.refuse("inferer#_target_", f"is {name}: the network runs on the whole volume at once",
-                              hint="volseg runs networks in windows (SlidingWindowInferer), which gives other values "
-                              "than one whole-volume pass; `volseg bundle-card` can still write a card to edit "
-                              "(its answers would differ from the bundle's own run)")
+            raise self.refuse("inferer#_target_", f"is {name}, which volseg cannot translate",
+                              hint="volseg runs SlidingWindowInferer (windows) and SimpleInferer (the whole volume "
+                              "at once); write a card for this model by hand")
         ignored = {"device", "sw_device", "progress", "cache_roi_weight_map", "cpu_thresh", "buffer_steps",
                    "buffer_dim", "with_coord"}
         args = self.literal({k: v for k, v in inf.items() if k not in ignored and k not in _ALSO_OK}, "inferer")
@@ -289,7 +342,8 @@ class SectionReader:
         return True
 
     def postprocessing(self, has_resampling: bool) -> dict[str, Any]:
-        """{"activation", "threshold", "keep_largest_component", "fill_holes"} from the postprocessing."""
+        """{"activation", "threshold", "keep_largest_component", "fill_holes", "invert"} from the postprocessing
+        ("invert": "labels_nearest" for an argmax before ``Invertd(nearest_interp=True)``)."""
         result: dict[str, Any] = {"activation": "softmax"}
         inverted = discrete_before_invert = False
         for key, t in self.transforms("postprocessing"):
@@ -318,10 +372,15 @@ class SectionReader:
                     discrete_before_invert = True
             elif name == "Invertd":
                 inverted = True
-                if discrete_before_invert and has_resampling:
-                    raise self.refuse(key, "maps the label map (not the probabilities) back to the input grid",
-                                      hint="volseg maps the probabilities back and then takes the labels, which "
-                                      "differs from this bundle near borders; to accept that, write the card with "
+                nearest = self.literal(t.get("nearest_interp", True), f"{key}#nearest_interp")
+                if discrete_before_invert and has_resampling and nearest is True and "threshold" not in result:
+                    result["invert"] = "labels_nearest"  # the label map, nearest neighbour, as Invertd does
+                elif discrete_before_invert and has_resampling:
+                    raise self.refuse(key, "maps the label map (not the probabilities) back to the input grid"
+                                      + ("" if nearest is True else " with interpolation (nearest_interp false)"),
+                                      hint="volseg maps a label map back with nearest-neighbour interpolation only "
+                                      "(an argmax before Invertd with nearest_interp true), or maps the "
+                                      "probabilities back and then takes the labels; write the card with "
                                       "`volseg bundle-card` from a copy of the bundle whose AsDiscreted comes after Invertd")
             elif name in ("KeepLargestConnectedComponentd", "FillHolesd"):
                 args = self.literal(args, key)

@@ -8,11 +8,17 @@ Read, in the order a volume takes through the bundle's ``inference`` config:
 * ``preprocessing``: each dictionary transform becomes the card step of its array transform
   (``Spacingd`` -> ``Spacing``), with the dictionary-only arguments dropped; loading and typing
   steps are what volseg's reader does already.
-* ``inferer``: ``SlidingWindowInferer``'s window, overlap, batch, blending and padding.
+* ``inferer``: ``SlidingWindowInferer``'s window, overlap, batch, blending and padding;
+  ``SimpleInferer`` as one whole-volume pass (``inference.whole_volume``, with the sizes the network
+  takes as ``inference.size_multiple``).
 * ``postprocessing``: ``Activationsd`` (softmax / sigmoid), ``AsDiscreted`` (argmax /
-  threshold) after ``Invertd`` (volseg always maps the probabilities back to the input grid),
-  ``KeepLargestConnectedComponentd`` and ``FillHolesd`` on the input grid; ``SaveImaged`` is
-  volseg's writer.
+  threshold) after ``Invertd`` (the probabilities mapped back to the input grid), or an argmax
+  before ``Invertd(nearest_interp=True)`` (``postprocessing.invert: "labels_nearest"``: the label
+  map mapped back nearest-neighbour), ``KeepLargestConnectedComponentd`` and ``FillHolesd`` on the
+  input grid; ``SaveImaged`` is volseg's writer.
+
+Simple ``$`` expressions (literals, ``@references``, ``x if c else y``, ...) are read as data by
+:mod:`volseg.bundles.safe_expression`, without running anything; other expressions need trust.
 
 Each section is read by :class:`volseg.bundles.reading.SectionReader`. Anything else is one
 :class:`~volseg.bundles.source.BundleError` naming the config key and
@@ -101,6 +107,9 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
         "preprocessing": steps,
         "inference": inference,
     }
+    multiple = size_multiple(arch, args)
+    if inference.get("whole_volume") and multiple > 1:
+        card["inference"]["size_multiple"] = multiple
     if fmt.version:
         card["version"] = fmt.version
     if fmt.license:
@@ -120,6 +129,22 @@ def translate(bundle: Bundle, trust: bool = False, announce=None) -> Translation
 
     validate(card, f"the card translated from {bundle.name}")
     return Translation(card, bundle, reader.notes, reader.code_run)
+
+
+def size_multiple(arch: str, args: dict[str, Any]) -> int:
+    """What each input size must be a multiple of for ``arch`` built with ``args`` (1: unknown or any):
+    a UNet's product of strides, a SegResNet's 2 per down level."""
+    import math
+
+    try:
+        if arch == "unet":
+            strides = args.get("strides", [])
+            return int(math.prod(int(s) if isinstance(s, int) else max(int(v) for v in s) for s in strides))
+        if arch == "segresnet":
+            return 2 ** (len(args.get("blocks_down", (1, 2, 2, 4))) - 1)
+    except (TypeError, ValueError):
+        return 1
+    return 1
 
 
 def bundle_card(path: str | Path, trust: bool = False, announce=None):

@@ -30,7 +30,8 @@ from volseg.inference.gpu_settings import (
 from volseg.inference.precision import autocast_dtype, choose_precision, requested_precision
 from volseg.inference.window_predictor import WindowPredictor, activate, activate_
 
-__all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback", "run_precision"]
+__all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback", "run_precision",
+           "whole_volume_options"]
 
 
 def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float, mode: str = "constant") -> int:
@@ -46,6 +47,26 @@ def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
         interval = int(roi * (1 - overlap)) or 1
         total *= math.ceil((size - roi) / interval) + 1
     return total
+
+
+def whole_volume_options(options: InferenceOptions, shape: Sequence[int]) -> InferenceOptions:
+    """``options`` for one pass of the network on the whole (I', J', K') preprocessed volume, as MONAI's
+    ``SimpleInferer`` runs it: a single window the size of the volume (no padding, uniform blending,
+    so the output is the network's own). A size that is not a multiple of ``options.size_multiple``
+    is refused before anything runs: the network cannot take it (MONAI's own run fails on it)."""
+    shape = tuple(int(s) for s in shape)
+    m = options.size_multiple
+    if m > 1 and any(s % m for s in shape):
+        from volseg.errors import InputError
+
+        raise InputError(
+            f"this model runs on the whole volume at once and needs each size of the preprocessed grid to be a "
+            f"multiple of {m}; this volume's grid is {' x '.join(map(str, shape))}",
+            hint=f"crop or pad the volume to sizes that are multiples of {m} (MONAI's own run of this model fails "
+            f"on it too), or run it in windows with --roi-size (e.g. --roi-size {' '.join(str(max(m, s - s % m)) for s in shape)}), "
+            "which gives other values near the borders",
+        )
+    return replace(options, roi_size=shape, overlap=0.0, mode="constant", padding_mode="constant")
 
 
 def _one_pass(image, options, predictor, device, sw_device, flip_axes, dtype):

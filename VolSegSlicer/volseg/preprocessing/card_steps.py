@@ -149,3 +149,25 @@ def invert(output: torch.Tensor, pre: Preprocessed) -> torch.Tensor:
     if tuple(result.shape[1:]) != pre.input_shape:
         raise RuntimeError(f"inverting the preprocessing gave shape {tuple(result.shape[1:])}, expected {pre.input_shape}")
     return result
+
+
+def invert_labels_nearest(labelmap: np.ndarray | torch.Tensor, pre: Preprocessed) -> np.ndarray:
+    """Map an (I', J', K') label map on the preprocessed grid back to the input grid with
+    nearest-neighbour interpolation, as MONAI's ``Invertd(nearest_interp=True)`` does: every
+    recorded operation's interpolation mode becomes ``"nearest"`` (and ``align_corners`` unset,
+    :func:`monai.transforms.utils.convert_applied_interp_mode`), then the steps are undone newest
+    first. Returns the (I, J, K) label map, uint16."""
+    from monai.transforms.utils import convert_applied_interp_mode
+
+    values = torch.as_tensor(np.asarray(labelmap), dtype=torch.float32)[None]
+    out = MetaTensor(values)
+    out.copy_meta_from(pre.image, copy_attr=True)
+    out.applied_operations = convert_applied_interp_mode(copy.deepcopy(pre.image.applied_operations),
+                                                         mode="nearest", align_corners=None)
+    for t in reversed(pre.transforms):
+        if isinstance(t, InvertibleTransform) or hasattr(t, "inverse"):
+            out = t.inverse(out)
+    result = torch.as_tensor(out)[0]
+    if tuple(result.shape) != pre.input_shape:
+        raise RuntimeError(f"inverting the preprocessing gave shape {tuple(result.shape)}, expected {pre.input_shape}")
+    return torch.round(result).numpy().astype(np.uint16)

@@ -328,3 +328,32 @@ def test_way_back_memory_stays_within_its_plan(probabilities):
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["group"] < 16  # the budget made the plan split the classes
     assert 0 < got["grown"] <= got["bound"], got
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("probabilities", ["smooth", "noisy"])
+def test_cuda_way_back_memory_stays_within_its_plan(probabilities):
+    """On a GPU: the way back's peak allocation (``max_memory_allocated``) with the budget
+    ``way_back_gpu_bytes`` plans stays within the plan's temporaries and label map."""
+    from volseg.postprocessing.export_prediction import way_back_gpu_bytes
+
+    steps = [{"name": "Spacing", "args": {"pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"}},
+             {"name": "Orientation", "args": {"axcodes": "RAS"}}]
+    pre = preprocess(_ct((160, 160, 64)), _affine("flipped"), steps)
+    labels = [Label(value=c, name=f"c{c}", color=(0, 0, 0), channel=c) for c in range(1, 16)]
+    probs = _probs(pre.image.shape[1:], 16, "softmax")
+    if probabilities == "noisy":
+        probs = torch.softmax(torch.log(probs) + 3 * torch.randn(probs.shape, generator=torch.Generator().manual_seed(0)), 0)
+    n_net = int(np.prod(pre.image.shape[1:]))
+    est = way_back_gpu_bytes(16, pre.image.shape[1:], pre.input_shape, free=17 * 4 * n_net + 2 * 48 * 2**20)
+    device = torch.device("cuda")
+    probs = probs.to(device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = export_labelmap(probs, pre, labels, "softmax", device=device, budget=est.budget)
+    grown = torch.cuda.max_memory_allocated() - base
+    assert est.plan.group < 16 and 0 < grown <= est.temporaries + est.labelmap, (grown, est)
+    reference = export_labelmap(probs.cpu(), pre, labels, "softmax", device=torch.device("cpu"), budget=est.budget)
+    assert np.mean(got != reference) <= 1e-4

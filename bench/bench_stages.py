@@ -2,6 +2,7 @@
 
     python bench/bench_stages.py [--quick] [--device cpu|cuda] [--slices K] [--cards uxnet-amos ...]
                                  [--back-slices K] [--no-back] [--repeats N]
+    python bench/bench_stages.py --memory [--slices 800] [--device cpu]
 
 Part 1, **whole runs** (``volseg.pipeline.segment``, what ``volseg segment`` runs, in this
 process): a synthetic CT (int16-range HU, body ellipse with organs, 0.7 x 0.7 x 1.25 mm, written
@@ -23,6 +24,15 @@ organ-shaped fields on the network grid of ``uxnet-amos``) onto 512 x 512 x ``--
 (default 100), baseline ``invert_to_labelmap`` vs ``export_labelmap``, interleaved, with peak RSS
 growth and agreement.
 
+``--memory``: the issue's memory target instead of parts 1 and 2: one run of the ``volseg``
+path (no baseline: MONAI's exact path at this size takes many minutes) of ``uxnet-amos``'s
+preprocessing, labels and way back (16 classes) with ``--quick``'s stand-in network, on
+512 x 512 x 800 (``--slices``) at 0.7 x 0.7 x 1.25 mm, written as ``.seg.nrrd``; prints each
+stage's seconds and **peak resident set** of the process (Linux: the kernel's high-water mark
+``VmHWM``, reset at each stage through ``/proc/self/clear_refs``; elsewhere sampled every 2 ms),
+and the way back's planned GPU memory for that grid on a device with 7 GB
+(``export_prediction.way_back_gpu_bytes``). Fails when the peak exceeds 8 GB.
+
 ``--quick``: small enough for 2 CPU cores in under 3 minutes: 512 x 512 x 24 runs with a
 stand-in network of the card's output channels (a 1x1x1 convolution and a sine, TorchScript;
 window 64, no flips: the stages around the network are what is timed) and the way back onto
@@ -41,6 +51,7 @@ import io
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +98,66 @@ class Capture(Reporter):
 
     def emit(self, event: dict) -> None:
         self.events.append(event)
+
+
+class StagePeaks(Capture):
+    """:class:`Capture` that also keeps each stage's peak resident set (bytes, the whole process).
+
+    Linux: the kernel's high-water mark (``VmHWM``), reset when a stage begins by writing 5 to
+    ``/proc/self/clear_refs``, read when it ends: exact. Elsewhere a thread samples the RSS every
+    2 ms (a shorter spike can be missed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peaks: dict[str, int] = {}
+        self.current = "start-up"
+        self.exact = self._reset()
+        self._stop = threading.Event()
+        self._thread = None if self.exact else threading.Thread(target=self._sample, daemon=True)
+        if self._thread is not None:
+            self._thread.start()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _hwm() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise OSError("no VmHWM in /proc/self/status")
+
+    def _note(self) -> None:
+        now = self._hwm() if self.exact else self._proc.memory_info().rss
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0), now)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._note()
+            time.sleep(0.002)
+
+    def emit(self, event: dict) -> None:
+        super().emit(event)
+        if event.get("event") in ("stage", "done"):
+            self._note()
+            self.current = event.get("stage", "done")
+            if self.exact:
+                self._reset()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -294,6 +365,59 @@ def part2(args, device: torch.device) -> list[dict]:
     return rows
 
 
+#: The issue's targets for a 16-class card on 512 x 512 x 800.
+RAM_TARGET, GPU_TARGET = 8 * 10**9, 7 * 10**9
+
+
+def memory_target(args, folder: Path, device: torch.device) -> list[dict]:
+    """``--memory``: one volseg run of the 16-class card (stand-in network) on 512 x 512 x K, the
+    peak resident set per stage, and the way back's planned GPU memory on a 7 GB device."""
+    from volseg.postprocessing.export_prediction import way_back_gpu_bytes
+    from volseg.preprocessing.planning import plan_preprocessing, planned_shape
+
+    shape = (512, 512, args.slices)
+    ct = write_ct(folder, shape)
+    gc.collect()
+    card, ckpt = bench_card("uxnet-amos", True, folder)
+    os.environ["VOLSEG_EXACT_STAGES"] = "0"
+    common.malloc_for_memory()
+    gc.collect()
+    rep = StagePeaks()
+    request = SegmentRequest(inputs=[ct], card=card, output=folder / "memory.seg.nrrd", checkpoint=ckpt,
+                             overwrite=True, device=str(device), overrides=Overrides())
+    try:
+        t0 = time.perf_counter()
+        segment(request, rep)
+        whole = time.perf_counter() - t0
+    finally:
+        rep.close()
+    done = next(e for e in rep.events if e.get("event") == "done")
+    notes = [e["message"] for e in rep.events if e.get("event") == "log" and "way back" in e.get("message", "")]
+    print(f"\n### Memory: `volseg segment` of a {card.out_channels}-class card ({card.id}'s preprocessing, "
+          f"a stand-in network) on 512x512x{args.slices} at {SPACING[0]}x{SPACING[1]}x{SPACING[2]} mm, {device}\n")
+    print(f"peak resident set per stage ({'kernel high-water mark' if rep.exact else 'sampled every 2 ms'}); "
+          f"target <= {RAM_TARGET / 1e9:.0f} GB\n")
+    print("| stage | seconds | peak RSS GB |")
+    print("|---|---:|---:|")
+    for stage in ("start-up", *STAGES):
+        if stage in rep.peaks:
+            secs = done.get("startup_s") if stage == "start-up" else done["timings"].get(stage)
+            print(f"| {stage} | {secs if secs is not None else float('nan'):.2f} | {rep.peaks[stage] / 1e9:.2f} |")
+    peak = max(rep.peaks.values())
+    print(f"| **whole run** | {whole:.2f} | **{peak / 1e9:.2f}** |")
+    print("\n- " + "; ".join(notes))
+    # the way back's plan on a GPU with 7 GB (what export_labelmap sizes from, after inference)
+    plans = plan_preprocessing(shape, np.diag([*SPACING, 1.0]), card.preprocessing, 1)
+    net = planned_shape(shape, plans)
+    est = way_back_gpu_bytes(card.out_channels, net, shape, free=GPU_TARGET)
+    print(f"- way back on a GPU with {GPU_TARGET / 1e9:.0f} GB: network grid {tuple(net)}, {est.plan.group} classes "
+          f"per group, {est.plan.slab_rows} rows per slab; planned peak {est.total / 1e9:.2f} GB "
+          f"(probabilities {est.probabilities / 1e9:.2f} GB, label map {est.labelmap / 1e9:.2f} GB, "
+          f"temporaries {est.temporaries / 1e9:.2f} GB)")
+    return [{"name": "memory: peak RSS", "ok": peak <= RAM_TARGET},
+            {"name": "memory: planned GPU way back", "ok": est.total <= GPU_TARGET}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, repeats=1)
@@ -302,9 +426,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cards", nargs="+", default=list(CARDS), choices=CARDS)
     parser.add_argument("--no-back", action="store_true", help="skip part 2 (the way back alone)")
     parser.add_argument("--no-runs", action="store_true", help="skip part 1 (whole runs)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak RAM per stage of a 16-class card on 512x512x800 (see above)")
     args, device = common.start(parser, argv)
     # the network's own runtime is not what this measures: torch, no ONNX/OpenVINO export on the CPU
     os.environ.setdefault("VOLSEG_RUNTIME", "torch")
+    if args.memory:
+        args.slices = args.slices or 800
+        with tempfile.TemporaryDirectory(prefix="volseg-bench-memory-") as tmp:
+            rows = memory_target(args, Path(tmp), device)
+        os.environ.pop("VOLSEG_EXACT_STAGES", None)
+        return common.exit_status(rows)
     args.slices = args.slices or (24 if args.quick else 100 if device.type == "cuda" else 120)
     args.back_slices = args.back_slices or (40 if args.quick else 100)
     rows: list[dict] = []

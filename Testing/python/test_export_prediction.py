@@ -8,6 +8,9 @@ within 1e-4 (linear) / 1e-3 (spline) of MONAI's.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +245,115 @@ def test_probabilities_on_the_input_grid_match_monai(card_id, budget):
     assert got.shape == exact.shape and got.device.type == "cpu"
     tol = 1e-3 if card_id.startswith("mednext") else 1e-4
     assert float((got - exact).abs().max()) <= tol
+
+
+# ---------------------------------------------------------------- memory of the way back
+
+
+def _amos_grids(slices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(network grid, input grid) of uxnet-amos's preprocessing for a 512 x 512 x ``slices`` CT at
+    0.7 x 0.7 x 1.25 mm (the planner's figures: nothing allocated)."""
+    from volseg.preprocessing.planning import plan_preprocessing, planned_shape
+
+    shape = (512, 512, slices)
+    plans = plan_preprocessing(shape, np.diag([0.7, 0.7, 1.25, 1.0]), load_card("uxnet-amos").preprocessing, 1)
+    return tuple(planned_shape(shape, plans)), shape
+
+
+def test_way_back_plans_within_7_gb_for_16_classes_on_512x512x800():
+    """Issue 15's target: a 16-class 512x512x800 CT's way back fits a GPU that gives the run 7 GB
+    (the probabilities included), with groups and slabs that fit the budget they were sized from."""
+    from volseg.postprocessing.export_prediction import GPU_BUDGET, way_back_gpu_bytes
+
+    network, shape = _amos_grids(800)
+    assert network == (240, 240, 501)  # Spacing 1.5 x 1.5 x 2 mm; no crop assumed
+    est = way_back_gpu_bytes(16, network, shape, free=7 * 10**9)
+    assert est.total <= 7 * 10**9 and est.budget <= GPU_BUDGET
+    assert est.probabilities == 16 * 4 * int(np.prod(network))
+    n_net, row = int(np.prod(network)), shape[1] * shape[2]
+    assert 1 <= est.plan.group < 16 and 12 * est.plan.group * n_net <= est.budget // 2
+    assert 1 <= est.plan.slab_rows < shape[0] and 16 * est.plan.group * est.plan.slab_rows * row <= est.budget // 2
+    # a larger device: the budget stops at GPU_BUDGET; a smaller one: smaller pieces
+    assert way_back_gpu_bytes(16, network, shape, free=80 * 10**9).budget == GPU_BUDGET
+    small = way_back_gpu_bytes(16, network, shape, free=4 * 10**9)
+    assert small.plan.group < est.plan.group and small.budget < est.budget
+
+
+_MEASURE = r"""
+import ctypes, json, sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from test_export_prediction import _affine, _ct, _probs
+from volseg.cards import Label
+from volseg.postprocessing.export_prediction import export_labelmap, way_back_gpu_bytes
+from volseg.preprocessing.card_steps import preprocess
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 64 * 1024); libc.mallopt(-1, 64 * 1024)  # every large block mmap'ed and returned: RSS = live
+torch.set_num_threads(1)
+steps = [{"name": "Spacing", "args": {"pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"}},
+         {"name": "Orientation", "args": {"axcodes": "RAS"}}]
+pre = preprocess(_ct((160, 160, 64)), _affine("flipped"), steps)
+labels = [Label(value=c, name=f"c{c}", color=(0, 0, 0), channel=c) for c in range(1, 16)]
+probs = _probs(pre.image.shape[1:], 16, "softmax")
+if sys.argv[2] == "noisy":  # boundaries everywhere: the slab-by-slab strategy
+    probs = torch.softmax(torch.log(probs) + 3 * torch.randn(probs.shape, generator=torch.Generator().manual_seed(0)), 0)
+n_net = int(np.prod(pre.image.shape[1:]))
+est = way_back_gpu_bytes(16, pre.image.shape[1:], pre.input_shape, free=17 * 4 * n_net + 2 * 48 * 2**20)
+libc.malloc_trim(0)
+rss = lambda key: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")
+base = rss("VmRSS:")
+out = export_labelmap(probs, pre, labels, "softmax", device=torch.device("cpu"), budget=est.budget)
+grown = rss("VmHWM:") - base
+print(json.dumps({"grown": grown, "bound": est.temporaries + est.labelmap + 2 * out.size,
+                  "group": est.plan.group, "budget": est.budget}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the kernel's peak RSS (Linux)")
+@pytest.mark.parametrize("probabilities", ["smooth", "noisy"])
+def test_way_back_memory_stays_within_its_plan(probabilities):
+    """The plan is a bound on what the code allocates: the way back's peak RSS growth on the CPU
+    (the same tensors it makes on a GPU, plus the host's uint16 copy of the label map) with the
+    budget ``way_back_gpu_bytes`` gives stays within its temporaries and label map. Measured in a
+    child process whose allocator returns freed blocks, with the kernel's high-water mark."""
+    import json
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    run = subprocess.run([sys.executable, "-c", _MEASURE, here, probabilities], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["group"] < 16  # the budget made the plan split the classes
+    assert 0 < got["grown"] <= got["bound"], got
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("probabilities", ["smooth", "noisy"])
+def test_cuda_way_back_memory_stays_within_its_plan(probabilities):
+    """On a GPU: the way back's peak allocation (``max_memory_allocated``) with the budget
+    ``way_back_gpu_bytes`` plans stays within the plan's temporaries and label map."""
+    from volseg.postprocessing.export_prediction import way_back_gpu_bytes
+
+    steps = [{"name": "Spacing", "args": {"pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"}},
+             {"name": "Orientation", "args": {"axcodes": "RAS"}}]
+    pre = preprocess(_ct((160, 160, 64)), _affine("flipped"), steps)
+    labels = [Label(value=c, name=f"c{c}", color=(0, 0, 0), channel=c) for c in range(1, 16)]
+    probs = _probs(pre.image.shape[1:], 16, "softmax")
+    if probabilities == "noisy":
+        probs = torch.softmax(torch.log(probs) + 3 * torch.randn(probs.shape, generator=torch.Generator().manual_seed(0)), 0)
+    n_net = int(np.prod(pre.image.shape[1:]))
+    est = way_back_gpu_bytes(16, pre.image.shape[1:], pre.input_shape, free=17 * 4 * n_net + 2 * 48 * 2**20)
+    device = torch.device("cuda")
+    probs = probs.to(device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = export_labelmap(probs, pre, labels, "softmax", device=device, budget=est.budget)
+    grown = torch.cuda.max_memory_allocated() - base
+    assert est.plan.group < 16 and 0 < grown <= est.temporaries + est.labelmap, (grown, est)
+    reference = export_labelmap(probs.cpu(), pre, labels, "softmax", device=torch.device("cpu"), budget=est.budget)
+    assert np.mean(got != reference) <= 1e-4

@@ -60,6 +60,36 @@ def test_read_inputs_stacks_channels_as_float32(tmp_path):
     assert [p.name for p in vol.source.paths] == ["t1.nii.gz", "t2.nii"]
 
 
+def test_read_inputs_keeps_narrow_stored_dtypes(tmp_path):
+    """An int16 CT stays int16 (the way in converts it on the device), without a copy for one channel;
+    channels of different dtypes share the narrowest exact one; wider dtypes become float32."""
+    ct = _ramp(dtype=np.int16) - 60
+    vol = read_inputs([_nifti(tmp_path / "ct.nii.gz", ct)])
+    assert vol.array.shape == (1, 6, 5, 4) and vol.array.dtype == np.int16
+    np.testing.assert_array_equal(vol.array[0], ct)
+    mask = (_ramp(dtype=np.uint8) % 2).astype(np.uint8)
+    both = read_inputs([_nifti(tmp_path / "ct.nii.gz", ct), _nifti(tmp_path / "m.nii.gz", mask)], expected_channels=2)
+    assert both.array.dtype == np.int16
+    np.testing.assert_array_equal(both.array[1], mask)
+    big = read_inputs([_nifti(tmp_path / "u16.nii.gz", _ramp(dtype=np.uint16) + 60000),
+                       _nifti(tmp_path / "i16.nii.gz", ct)], expected_channels=2)
+    assert big.array.dtype == np.float32  # uint16 and int16 meet in int32: float32, exact for 16 bits
+    np.testing.assert_array_equal(big.array[0], _ramp() + 60000)
+    wide = read_inputs([_nifti(tmp_path / "f64.nii.gz", _ramp(dtype=np.float64) / 3)])
+    assert wide.array.dtype == np.float32
+    np.testing.assert_array_equal(wide.array[0], (_ramp(dtype=np.float64) / 3).astype(np.float32))
+
+
+def test_input_dtype():
+    from volseg.io.readers import input_dtype
+
+    assert input_dtype([np.dtype(">i2")]) == np.dtype(np.int16) and input_dtype([np.dtype(">i2")]).isnative
+    assert input_dtype([np.dtype(np.uint8), np.dtype(np.int8)]) == np.int16
+    assert input_dtype([np.dtype(np.int32)]) == np.float32
+    assert input_dtype([np.dtype(np.float16)]) == np.float16
+    assert input_dtype([np.dtype(np.float16), np.dtype(np.int16)]) == np.float32
+
+
 def test_volume_helpers():
     vol = Volume(np.zeros((2, 3, 4)), spacing=[1, 2, 3], origin=[4, 5, 6], direction=np.eye(3))
     other = vol.with_array(np.ones((1, 2, 3, 4), np.float32))

@@ -83,6 +83,80 @@ def test_volume_goes_over_as_its_stored_dtype(monkeypatch):
     assert seen[0] == torch.int16 and image.dtype == torch.float32
 
 
+def _record_uploads(monkeypatch) -> list[tuple[torch.dtype, torch.dtype, bool]]:
+    """Wrap ``on_device.upload`` (the way in's one transfer): (dtype in, dtype out, contiguous out) per call."""
+    from volseg.preprocessing import on_device
+
+    calls = []
+    real = on_device.upload
+
+    def spy(host, device):
+        out = real(host, device)
+        calls.append((host.dtype, out.dtype, out.is_contiguous()))
+        return out
+
+    monkeypatch.setattr(on_device, "upload", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.uint16, np.int8, np.float16])
+def test_transfer_keeps_the_stored_dtype(monkeypatch, dtype):
+    """The volume crosses as stored (a reader's transposed view too) and is float32 after, with the
+    values converting on the host gave."""
+    calls = _record_uploads(monkeypatch)
+    stored = (np.arange(5 * 6 * 7) % 120).astype(dtype).reshape(7, 6, 5).transpose(2, 1, 0)[None]  # as ITK's
+    image = to_device(stored, np.eye(4), torch.device("cpu"))
+    assert calls == [(torch.from_numpy(np.zeros(1, dtype)).dtype,) * 2 + (False,)]  # no host copy on the CPU
+    assert image.dtype == torch.float32 and image.is_contiguous()
+    assert torch.equal(image.as_tensor(), torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, np.uint32])
+def test_wide_dtypes_cross_as_float32(monkeypatch, dtype):
+    calls = _record_uploads(monkeypatch)
+    stored = np.arange(4 * 3 * 2, dtype=dtype).reshape(1, 4, 3, 2)
+    image = to_device(stored, np.eye(4), torch.device("cpu"))
+    assert calls == [(torch.float32, torch.float32, True)]
+    assert torch.equal(image.as_tensor(), torch.from_numpy(stored.astype(np.float32)))
+
+
+@pytest.mark.parametrize("card_id", ["uxnet-amos", "mednext-nnunet-kits19-template"])
+def test_stored_dtype_preprocesses_as_float32_did(card_id):
+    """An int16 volume through the fast way in gives exactly what its float32 copy gave (and the
+    exact path too): the cast is exact, only where it happens moved."""
+    card, steps = _steps(card_id)
+    stored = np.round(_ct((30, 26, 18))).astype(np.int16)
+    for device in (torch.device("cpu"), None):
+        got = preprocess(stored, _affine("flipped"), steps, device=device)
+        want = preprocess(stored.astype(np.float32), _affine("flipped"), steps, device=device)
+        assert torch.equal(got.image.as_tensor(), want.image.as_tensor())
+        assert torch.equal(got.image.affine, want.image.affine)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_transfer_is_one_pinned_copy_of_the_stored_dtype(monkeypatch):
+    from volseg.preprocessing import on_device
+
+    pinned = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if kwargs.get("pin_memory"):
+            pinned.append((out.dtype, out.is_pinned()))
+        return out
+
+    calls = _record_uploads(monkeypatch)
+    monkeypatch.setattr(on_device.torch, "empty", empty)
+    stored = np.round(_ct((24, 20, 16))).astype(np.int16).transpose(0, 3, 2, 1).copy().transpose(0, 3, 2, 1)
+    image = to_device(stored, np.eye(4), torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert calls == [(torch.int16, torch.int16, True)] and pinned == [(torch.int16, True)]
+    assert image.is_cuda and image.dtype == torch.float32
+    assert torch.equal(image.cpu().as_tensor(), to_device(stored, np.eye(4), torch.device("cpu")).as_tensor())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("card_id", ["uxnet-amos", "mednext-nnunet-kits19-template", "segformer3d-brats"])

@@ -122,3 +122,30 @@ def test_warm_worker_loads_the_model_once(tmp_path, threshold_torchscript, monke
         pipeline.segment(request, Quiet(), cache=cache)
     assert loads == [1]
     assert read_volume(tmp_path / "o0.nii.gz").array.sum() == read_volume(tmp_path / "o1.nii.gz").array.sum() > 0
+
+
+@pytest.mark.parametrize("exact", ["0", "1"])
+def test_a_stored_int16_volume_segments_as_its_float32_copy(tmp_path, threshold_torchscript, monkeypatch, exact):
+    """The way in takes the volume as stored (an int16 NRRD crosses as int16) and gives the label
+    map its float32 copy gives, on the torch stages and on the exact path."""
+    from test_pipeline_geometry import write_nrrd_lps
+
+    from volseg.preprocessing import on_device
+
+    crossed = []
+    real = on_device.upload
+    monkeypatch.setattr(on_device, "upload", lambda host, device: crossed.append(host.dtype) or real(host, device))
+    monkeypatch.setenv("VOLSEG_EXACT_STAGES", exact)
+    card = make_card(tmp_path, preprocessing=SPACING_LINEAR + REORIENT + SCALE)
+    hu = np.round(0.83 * box_volume() + np.random.default_rng(0).normal(0, 30, box_volume().shape))
+    got = {}
+    for dtype in (np.int16, np.float32):
+        src = write_nrrd_lps(tmp_path / f"in-{np.dtype(dtype).name}.nrrd", hu.astype(dtype), rotation(20, 0),
+                             (1.0, 0.9, 2.0), (0, 0, 0))
+        out = tmp_path / f"out-{np.dtype(dtype).name}.nii.gz"
+        assert main(["segment", str(src), "--model", str(card), "--checkpoint", str(threshold_torchscript),
+                     "-o", str(out), "--progress", "none"]) == 0
+        got[dtype] = read_volume(out).array
+    assert crossed == ([] if exact == "1" else [torch.int16, torch.float32])
+    assert (got[np.int16] == 1).sum() > 100
+    assert np.array_equal(got[np.int16], got[np.float32])

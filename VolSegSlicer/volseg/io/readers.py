@@ -458,6 +458,18 @@ def _channel_label(index: int, channel_names: Sequence[str] | None) -> str:
     return f"channel {index}"
 
 
+#: Stored dtypes a network input keeps until the way in: half the bytes of float32 or less, and
+#: every value exact in float32 (so converting later, on the device, gives what converting now did).
+NARROW_INPUT_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.float16))
+
+
+def input_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
+    """The dtype the channels of a network input are stacked in: their common dtype when it is one
+    of :data:`NARROW_INPUT_DTYPES` (native byte order), else float32."""
+    common = np.result_type(*dtypes).newbyteorder("=")
+    return common if common in NARROW_INPUT_DTYPES else np.dtype(np.float32)
+
+
 def read_inputs(
     paths: Sequence[str | os.PathLike],
     expected_channels: int | None = None,
@@ -471,7 +483,10 @@ def read_inputs(
         channel_names: names of the model's channels, used in messages.
 
     Returns:
-        a float32 :class:`Volume` of shape (C, I, J, K) on the grid of the first input.
+        a :class:`Volume` of shape (C, I, J, K) on the grid of the first input, in the stored dtype
+        when that is narrower than float32 and float32 holds every value of it exactly (8- and
+        16-bit integers, float16: a CT's int16 stays int16 until the way in converts it, on the
+        device), else float32 (see :func:`input_dtype`).
 
     Raises:
         InputError: a missing/unreadable/unsuitable file, non-positive spacing, NaN/inf voxels,
@@ -508,7 +523,11 @@ def read_inputs(
                     hint="resample all channels onto the same grid (e.g. in Slicer's Resample Scalar/Vector/DWI Volume)",
                 )
         volumes.append(volume)
-    array = np.stack([v.array.astype(np.float32, copy=False) for v in volumes])
+    dtype = input_dtype([v.array.dtype for v in volumes])
+    if len(volumes) == 1:  # a view: no copy of the voxels
+        array = volumes[0].array.astype(dtype, copy=False)[None]
+    else:
+        array = np.stack([v.array.astype(dtype, copy=False) for v in volumes])
     first = volumes[0]
     formats = {v.source.format for v in volumes if v.source is not None}
     source = first.source if len(volumes) == 1 else Source(

@@ -37,7 +37,8 @@ class Volume:
     """Voxels and the physical grid they are defined on.
 
     Args:
-        array: (C, I, J, K) float32 for network inputs, (I, J, K) for a single image or a label
+        array: (C, I, J, K) for network inputs (the stored dtype when narrow and exact in float32,
+            e.g. int16, else float32: ``readers.input_dtype``), (I, J, K) for a single image or a label
             map. Spatial axes are in the file's index order.
         spacing: (3,) voxel size in mm along i, j, k (> 0).
         origin: (3,) LPS position in mm of voxel (0, 0, 0).

@@ -39,8 +39,8 @@ from volseg.memory import available_memory, gpu_available_bytes
 from volseg.preprocessing.card_steps import Preprocessed, invert_partial
 from volseg.preprocessing.resampling import GridResampler, UnsupportedResampling
 
-__all__ = ["UnsupportedResampling", "device_free_memory", "export_labelmap", "labelmap_on_input_grid", "plan_sizes",
-           "probabilities_on_input_grid"]
+__all__ = ["UnsupportedResampling", "WayBackMemory", "device_free_memory", "export_labelmap", "labelmap_on_input_grid",
+           "plan_sizes", "probabilities_on_input_grid", "way_back_gpu_bytes"]
 
 #: Share of the free memory of the device the way back may use.
 FREE_FRACTION = 0.5
@@ -220,6 +220,53 @@ def _by_slabs(probs, pre, labels, sigmoid, threshold, groups, first, slabs, tabl
 
 #: Above this share of voxels near a class boundary, interpolating every voxel separably is cheaper.
 MIXED_SHARE = 0.12
+#: Bytes per listed boundary voxel: its (i, j, k) int64 index.
+POINT_BYTES = 24
+
+
+def point_chunk_bytes(group: int) -> int:
+    """Temporaries per boundary voxel interpolated at once (``GridResampler.point_values`` for a
+    group of ``group`` classes, then its argmax): the 8 corners' flat int64 indices and float32
+    weights and their broadcast intermediates (~200 bytes), the gathered corner values and the
+    result (36 bytes per class)."""
+    return 200 + 36 * group
+
+
+@dataclass(frozen=True)
+class WayBackMemory:
+    """Bytes the way back holds on its device at most (:func:`way_back_gpu_bytes`)."""
+
+    plan: Plan
+    budget: int
+    probabilities: int  # the network's output, already there
+    labelmap: int  # the result on the input grid
+    temporaries: int  # the larger of the two strategies' working sets
+    total: int
+
+
+def way_back_gpu_bytes(channels: int, network_shape: Sequence[int], input_shape: Sequence[int], free: int,
+                       label_bytes: int = 1) -> WayBackMemory:
+    """The way back's peak memory on a GPU that gives this run ``free`` bytes in all, as
+    :func:`export_labelmap` sizes it (softmax card, a leading ``Spacing``): after inference the
+    probabilities (and the network's input) occupy part of ``free``; the budget is
+    :data:`FREE_FRACTION` of the rest, at most :data:`GPU_BUDGET`; on top of the budget's group and
+    slab pieces each strategy keeps whole-grid arrays of its own:
+
+    * by cells: the source grid's running maximum / winner and ``torch.max``'s outputs (20 bytes
+      per network voxel) and the boundary list (within half the budget);
+    * by slabs: the running maximum and winner on the input grid (5 bytes per input voxel).
+    """
+    n_net, n_in = int(np.prod(network_shape)), int(np.prod(input_shape))
+    probabilities = channels * n_net * 4
+    image = n_net * 4  # the network's (one-channel) input, still referenced
+    labelmap = n_in * label_bytes
+    budget = min(int(FREE_FRACTION * max(0, free - probabilities - image)), GPU_BUDGET)
+    plan = plan_sizes(channels, n_net, input_shape, budget)
+    by_cells = budget + 20 * n_net + n_net  # the pieces, the source-grid argmax, its uint8 copy
+    by_slabs = budget + 5 * n_in
+    temporaries = max(by_cells, by_slabs)
+    return WayBackMemory(plan, budget, probabilities, labelmap, temporaries,
+                         probabilities + image + labelmap + temporaries)
 
 
 def _softmax_by_cells(probs, pre, groups, first, slabs, table, out, device, budget, on_step) -> _Undo | None:
@@ -247,6 +294,9 @@ def _softmax_by_cells(probs, pre, groups, first, slabs, table, out, device, budg
     del best_src
     small = winner_src.to(torch.uint8) if probs.shape[0] <= 256 else winner_src
     boundary = []
+    # the listed voxels (and their concatenation) stay within half the budget, and a share of the grid
+    most = int(min(MIXED_SHARE * out.numel(), (budget // 2) // (2 * POINT_BYTES)))
+    listed = 0
     for rows in slabs:  # uniform cells take their class; the rest are listed
         if on_step is not None:
             on_step()
@@ -254,17 +304,18 @@ def _softmax_by_cells(probs, pre, groups, first, slabs, table, out, device, budg
         mixed = lmin != lmax
         out[rows] = table[lmin.long()]
         points = mixed.nonzero()
+        del lmin, lmax, mixed
+        listed += points.shape[0]
+        if listed > most:  # so many boundary voxels that interpolating every voxel is cheaper
+            del points, boundary
+            return _Undo(probs, groups[0], pre, device) if first is None else _channels_first(first)
         points[:, 0] += rows.start
         boundary.append(points)
-        del lmin, lmax, mixed
     points = torch.cat(boundary) if boundary else torch.zeros((0, 3), dtype=torch.int64, device=device)
     del boundary
     if points.shape[0] == 0:
         return None
-    if points.shape[0] > MIXED_SHARE * out.numel():
-        del points
-        return _Undo(probs, groups[0], pre, device) if first is None else _channels_first(first)
-    chunk = max(1, (budget // 2) // (4 * 9 * max(len(g) for g in groups)))
+    chunk = max(1, (budget // 2) // point_chunk_bytes(max(len(g) for g in groups)))
     best = torch.empty(points.shape[0], dtype=torch.float32, device=device)
     winner = torch.empty(points.shape[0], dtype=torch.int32, device=device)
     for g, group in enumerate(groups):  # pass 2: interpolate the listed voxels

@@ -33,7 +33,7 @@ from volseg.memory import gpu_available_bytes
 
 from volseg.preprocessing.resampling import GridResampler, UnsupportedResampling
 
-__all__ = ["resample_spacing", "run_step", "to_device"]
+__all__ = ["TRANSFER_DTYPES", "resample_spacing", "run_step", "to_device", "upload"]
 
 #: The keys MONAI's lazy resampling adds to a pending operation (``monai.utils.LazyAttr``).
 _LAZY_SHAPE, _LAZY_AFFINE = "lazy_shape", "lazy_affine"
@@ -42,21 +42,39 @@ _LAZY_SHAPE, _LAZY_AFFINE = "lazy_shape", "lazy_affine"
 SLAB_BYTES_CPU = 256 * 2**20
 
 
+#: Dtypes that travel as they are stored (anything else is made float32 on the host first).
+TRANSFER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+                   torch.uint16, torch.int32)
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` -> a contiguous tensor of the same dtype on ``device``: the one transfer of the way in.
+
+    CUDA: one copy into pinned (page-locked) host memory, straight from ``host``'s layout, then an
+    asynchronous copy to the GPU (the caching host allocator keeps the pinned block until it is
+    done). The CPU: ``host`` itself (no copy; the cast to float32 that follows makes the one copy).
+    """
+    if device.type == "cuda":
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        return pinned.to(device, non_blocking=True)
+    return host
+
+
 def to_device(array: np.ndarray, ijk_to_ras: np.ndarray, device: torch.device) -> MetaTensor:
-    """(C, I, J, K) array -> float32 MetaTensor on ``device``: one transfer of the stored dtype
-    (pinned on the host for CUDA), the cast to float32 on the device."""
-    array = np.ascontiguousarray(array)
+    """(C, I, J, K) array -> float32 MetaTensor on ``device``: one transfer (:func:`upload`) of the
+    stored dtype (an int16 CT moves and occupies half the bytes of float32), the cast to float32 on
+    the device. Any strides (a reader's transposed view) are fine; the result is contiguous."""
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
+    if any(s < 0 for s in array.strides):  # torch takes no negative strides
+        array = np.ascontiguousarray(array)
     with warnings.catch_warnings():  # a read-only (memory-mapped) array: only read here, never written
         warnings.simplefilter("ignore", UserWarning)
         host = torch.from_numpy(array)
-    if host.dtype not in (torch.float32, torch.float64, torch.float16, torch.int16, torch.int32, torch.uint8,
-                          torch.int8, torch.int64, torch.uint16, torch.bfloat16):
-        host = host.float()
-    if device.type == "cuda":
-        host = host.pin_memory()
-    data = host.to(device, non_blocking=device.type == "cuda").float()
+    if host.dtype not in TRANSFER_DTYPES:  # float64, int64, uint32, bool: float32 on the host, as before
+        host = host.to(torch.float32, memory_format=torch.contiguous_format)
+    data = upload(host, device).to(torch.float32, memory_format=torch.contiguous_format)
     return MetaTensor(data, affine=torch.as_tensor(ijk_to_ras, dtype=torch.float64), meta={"space": "RAS"})
 
 

@@ -8,6 +8,7 @@ the output folder, the loader's workers and the overrides a test names changed),
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from contextlib import contextmanager
@@ -117,6 +118,18 @@ def monai_bundle_run(bundle: Path, out: Path, run_id: str = "run", **overrides: 
     written = sorted(out.rglob("*.nii.gz"))
     assert len(written) == 1, written
     return np.asarray(nib.load(str(written[0])).dataobj)
+
+
+def probabilities_postprocessing(bundle: Path) -> list[dict[str, Any]]:
+    """The bundle's own ``postprocessing#transforms`` without the steps that turn probabilities into
+    labels (``AsDiscreted``, ``Lambdad``), its ``SaveImaged`` writing float32: MONAI's run then writes
+    the probabilities (after its ``Activationsd`` and ``Invertd``), one channel per network output."""
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    steps = [t for t in config["postprocessing"]["transforms"] if t["_target_"] not in ("AsDiscreted", "Lambdad")]
+    for t in steps:
+        if t["_target_"] == "SaveImaged":
+            t["output_dtype"] = "$numpy.float32"
+    return steps
 
 
 def volseg_run(bundle: Path, inputs: Sequence[Path] | Path, out: Path, *options: str) -> np.ndarray:

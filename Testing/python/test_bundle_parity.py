@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundle_helpers import (BUNDLES, copy_bundle, monai_bundle_run, random_weights, synthetic_ct, synthetic_mr,
-                            volseg_run)
+from bundle_helpers import (BUNDLES, copy_bundle, monai_bundle_run, probabilities_postprocessing, random_weights,
+                            synthetic_ct, synthetic_mr, volseg_run)
 
 
 @pytest.fixture(scope="session")
@@ -71,15 +71,16 @@ def test_brats_bundle_gives_the_same_labels_from_four_mr_inputs_as_monais_own_ru
 
     The window is [32, 32, 16] instead of [240, 240, 160] in both runs (MONAI: ``inferer#roi_size``;
     volseg: ``--roi-size``): a 240x240x160 SegResNet window on one CI thread takes minutes, and the
-    small window gives eight overlapping windows on the 48 x 40 x 24 volume, so that blending counts."""
+    small window gives four overlapping windows (two along x, two along z) on the 40 x 32 x 20 volume,
+    so that blending counts."""
     bundle = copy_bundle(bundles, "brats_mri_segmentation", tmp_path)
     random_weights(bundle)
-    images = synthetic_mr(tmp_path, ["t1c", "t1", "t2", "flair"], shape=(48, 40, 24))
+    images = synthetic_mr(tmp_path, ["t1c", "t1", "t2", "flair"], shape=(40, 32, 20))
     roi = [32, 32, 16]
     expected = monai_bundle_run(bundle, tmp_path / "monai", test_datalist=[{"image": [str(p) for p in images]}],
                                 **{"inferer#roi_size": roi})
     got = volseg_run(bundle, images, tmp_path / "volseg.nii.gz", "--roi-size", *map(str, roi))
-    assert got.shape == expected.shape == (48, 40, 24)
+    assert got.shape == expected.shape == (40, 32, 20)
     assert _classes(expected) == {0, 1, 2, 4}  # every label value of the lambda, and background
     np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
 
@@ -102,3 +103,32 @@ def test_renal_unest_bundle_with_trust_gives_the_same_label_map_as_monais_own_ru
     assert got.shape == expected.shape == (40, 36, 24)
     assert _classes(expected) == {0, 1, 2, 3}  # background and the three renal structures
     np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
+
+
+@pytest.mark.parametrize("name", ["spleen_ct_segmentation", "brats_mri_segmentation"])
+def test_probabilities_are_monais_within_1e_4(bundles, tmp_path, name) -> None:
+    """``volseg segment --probabilities`` writes what MONAI's run has before its labels are taken: the
+    bundle's own postprocessing without ``AsDiscreted``/``Lambdad`` (``Activationsd`` and ``Invertd``
+    kept: spleen's softmax mapped back through Spacingd/Orientationd of an LPS CT; BraTS's sigmoid of
+    four MR channels, in small windows as in the label test above), one channel per network output,
+    in the network's channel order; the label map volseg writes beside them is its label map as above."""
+    import nibabel as nib
+
+    bundle = copy_bundle(bundles, name, tmp_path)
+    random_weights(bundle)
+    overrides: dict = {"postprocessing#transforms": probabilities_postprocessing(bundle)}
+    options: list[str] = []
+    if name == "brats_mri_segmentation":
+        inputs = synthetic_mr(tmp_path, ["t1c", "t1", "t2", "flair"], shape=(40, 32, 20))
+        overrides.update(test_datalist=[{"image": [str(p) for p in inputs]}], **{"inferer#roi_size": [32, 32, 16]})
+        options = ["--roi-size", "32", "32", "16"]
+    else:
+        inputs = [tmp_path / "ct.nii.gz"]
+        synthetic_ct(inputs[0])
+        overrides["datalist"] = [str(inputs[0])]
+    expected = monai_bundle_run(bundle, tmp_path / "monai", **overrides)
+    volseg_run(bundle, inputs, tmp_path / "volseg.nii.gz", "--probabilities", str(tmp_path / "p.nii.gz"), *options)
+    got = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
+    assert got.shape == expected.shape and expected.shape[-1] in (2, 3)
+    assert expected.std() > 0.01  # probabilities that vary, not one constant
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)

@@ -43,8 +43,9 @@ def test_swin_unetr_btcv_bundle_gives_the_same_label_map_as_monais_own_run(bundl
       published; the card drops it the same way (test_swin_unetr_card_drops_the_argument_monai_removed).
     * the window is [64, 32, 32] instead of [96, 96, 96] (MONAI: ``inferer#roi_size``; volseg:
       ``--roi-size``): one 96^3 Swin UNETR window takes ~10-30 s on one CI thread, per run. Each side
-      must stay a multiple of 32 and hold more than one voxel at the bottleneck (its InstanceNorm); the
-      resampled volume (56 x 43 x 26) then takes two overlapping windows, so that blending is compared.
+      must stay a multiple of 32 and the bottleneck must hold more than one voxel (its InstanceNorm: a
+      [32, 32, 32] window fails in MONAI's run too); the resampled volume (55 x 43 x 26) then takes two
+      overlapping windows along y, so that blending is compared.
     """
     bundle = copy_bundle(bundles, "swin_unetr_btcv_segmentation", tmp_path)
     network = json.loads((bundle / "configs" / "inference.json").read_text())["network_def"]
@@ -92,7 +93,7 @@ def test_renal_unest_bundle_with_trust_gives_the_same_label_map_as_monais_own_ru
 
     The published window, 96^3, is kept: UNesT's positional embeddings fix its input size (a 64^3 window
     fails its own check, "`block_size` must divide input depth evenly"), so the volume is kept small
-    enough that its 1 mm resampling (80 x 72 x 60) fits one window. The config's run section is
+    enough that its 1 mm resampling (79 x 71 x 58) fits one window. The config's run section is
     ``evaluating`` (no ``run``) and its weights are loaded by a CheckpointLoader handler (strict)."""
     bundle = copy_bundle(bundles, "renalStructures_UNEST_segmentation", tmp_path)
     random_weights(bundle)

@@ -143,3 +143,14 @@ def volseg_run(bundle: Path, inputs: Sequence[Path] | Path, out: Path, *options:
                  "--progress", "none", *options])
     assert code == 0
     return np.asarray(nib.load(str(out)).dataobj)
+
+
+def assert_same_grid(monai_out: Path, volseg_file: Path) -> None:
+    """The label map MONAI's run wrote under ``monai_out`` and volseg's ``volseg_file`` lie on one grid
+    (shape and voxel-to-world affine, to 1e-4 mm): identical arrays mean identical places."""
+    import nibabel as nib
+
+    expected = nib.load(str(next(monai_out.rglob("*.nii.gz"))))
+    got = nib.load(str(volseg_file))
+    assert got.shape[:3] == expected.shape[:3]
+    np.testing.assert_allclose(got.affine, expected.affine, rtol=0, atol=1e-4)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundle_helpers import (BUNDLES, copy_bundle, monai_bundle_run, probabilities_postprocessing, random_weights,
-                            synthetic_ct, synthetic_mr, volseg_run)
+from bundle_helpers import (BUNDLES, assert_same_grid, copy_bundle, monai_bundle_run, probabilities_postprocessing,
+                            random_weights, synthetic_ct, synthetic_mr, volseg_run)
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +60,7 @@ def test_swin_unetr_btcv_bundle_gives_the_same_label_map_as_monais_own_run(bundl
     assert got.shape == expected.shape == (44, 38, 20)
     assert len(_classes(expected)) >= 10  # a random network's argmax spreads over most of the 14 classes
     np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
+    assert_same_grid(tmp_path / "monai", tmp_path / "volseg.nii.gz")
 
 
 def test_brats_bundle_gives_the_same_labels_from_four_mr_inputs_as_monais_own_run(bundles, tmp_path) -> None:
@@ -84,6 +85,7 @@ def test_brats_bundle_gives_the_same_labels_from_four_mr_inputs_as_monais_own_ru
     assert got.shape == expected.shape == (40, 32, 20)
     assert _classes(expected) == {0, 1, 2, 4}  # every label value of the lambda, and background
     np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
+    assert_same_grid(tmp_path / "monai", tmp_path / "volseg.nii.gz")
 
 
 def test_renal_unest_bundle_with_trust_gives_the_same_label_map_as_monais_own_run(bundles, tmp_path) -> None:
@@ -104,6 +106,7 @@ def test_renal_unest_bundle_with_trust_gives_the_same_label_map_as_monais_own_ru
     assert got.shape == expected.shape == (40, 36, 24)
     assert _classes(expected) == {0, 1, 2, 3}  # background and the three renal structures
     np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
+    assert_same_grid(tmp_path / "monai", tmp_path / "volseg.nii.gz")
 
 
 @pytest.mark.parametrize("name", ["spleen_ct_segmentation", "brats_mri_segmentation"])
@@ -157,3 +160,4 @@ def test_an_oblique_int16_ct_with_rescale_gives_the_same_label_map_as_monais_own
     assert got.shape == expected.shape == (44, 38, 20)
     assert 0.05 < (expected == 1).mean() < 0.95  # both labels occur, and not as a few stray voxels
     np.testing.assert_array_equal(got.astype(np.int64), expected.astype(np.int64))
+    assert_same_grid(tmp_path / "monai", tmp_path / "volseg.nii.gz")

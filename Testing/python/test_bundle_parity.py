@@ -6,8 +6,10 @@ own code (run with --trust-bundle-code).
 Each test gives the bundle seeded random weights built by MONAI's parser from the bundle's own
 ``network_def``, runs ``monai.bundle run`` with the bundle's own inference config and metadata, and
 runs ``volseg segment --bundle`` on the same volume(s): the label maps are identical, and several
-labels occur in them, so that the comparison means something. Where a setting is overridden to fit
-CI's CPUs, it is overridden identically in both runs (MONAI: a config override; volseg: its option).
+labels occur in them, so that the comparison means something, on one grid (shape and affine).
+Where a setting is overridden to fit CI's CPUs, it is overridden identically in both runs (MONAI: a
+config override; volseg: its option). Also: the probabilities volseg writes are MONAI's before its
+labels are taken (spleen, BraTS), and a scanner-like CT (int16, rescaled, oblique) runs the same.
 """
 
 from __future__ import annotations

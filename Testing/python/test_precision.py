@@ -17,7 +17,8 @@ from volseg.cli.main import main
 from volseg.inference.gpu_settings import memory_format, resolve_window_batch, run_settings
 from volseg.inference.precision import autocast_dtype, choose_precision, exact_fp32, requested_precision
 from volseg.inference.sliding_window import InferenceOptions, predict, predict_with_fallback, run_precision
-from volseg.inference.window_batch import stitch_bytes, window_batch_size
+from volseg.errors import InputError
+from volseg.inference.window_batch import official_limit_bytes, stitch_bytes, wants_free_memory, window_batch_size
 from volseg.memory import available_bytes
 from volseg.inference.window_predictor import WindowPredictor
 from volseg.pipeline import inference_options
@@ -165,6 +166,81 @@ def test_a_memory_limit_caps_the_batch_whatever_is_free():
     assert window_batch_size(141 * GiB, GiB // 2, windows=100, limit_bytes=4 * GiB) == 8
     assert window_batch_size(6 * GiB, GiB // 2, windows=100, limit_bytes=4 * GiB) == 6  # less is free
     assert window_batch_size(141 * GiB, GiB // 2, windows=18, limit_bytes=4 * GiB) == 6  # 3 passes of 6
+
+
+def test_the_official_limit_uses_the_measured_fp32_window_not_half_of_it():
+    # issue 16's H200 run: under fp16 a SegFormer3D window took ~0.7 of its fp32 one; "twice the card's
+    # batch" then used 1.4x the official memory. With the fp32 window measured: 4 x 1 GiB = 4 GiB,
+    # 0.7 GiB windows -> 5 fit (3.5 GiB), evened over 18 windows -> 4 passes of 5
+    limit = official_limit_bytes(4, GiB)
+    assert limit == 4 * GiB
+    b = window_batch_size(141 * GiB, int(0.7 * GiB), windows=18, limit_bytes=limit)
+    assert b == 5 and b * int(0.7 * GiB) <= limit
+    # a window that halves under autocast gets twice the card's batch, and no more
+    assert window_batch_size(141 * GiB, GiB // 2, windows=100, limit_bytes=official_limit_bytes(4, GiB)) == 8
+    # MedNeXt's card runs one window (nnU-Net): the autocast batch stays 1 unless a window halves
+    assert window_batch_size(141 * GiB, int(0.6 * GiB), windows=100, limit_bytes=official_limit_bytes(1, GiB)) == 1
+    assert official_limit_bytes(0, GiB) == GiB  # a card batch of 0 counts as 1
+    with pytest.raises(ValueError):
+        official_limit_bytes(4, 0)
+
+
+def test_the_free_memory_policy_is_an_explicit_opt_in():
+    assert wants_free_memory({}) is False
+    assert wants_free_memory({"VOLSEG_WINDOW_BATCH": "official"}) is False
+    assert wants_free_memory({"VOLSEG_WINDOW_BATCH": " Free "}) is True
+    with pytest.raises(InputError, match="VOLSEG_WINDOW_BATCH='max' is not a window batch policy"):
+        wants_free_memory({"VOLSEG_WINDOW_BATCH": "max"})
+
+
+def _fake_gpu(monkeypatch, windows_by_dtype, free=141 * GiB):
+    """resolve_window_batch on the CPU: CUDA 'available', the window measurement and the free memory given."""
+    import volseg.inference.gpu_settings as gs
+
+    calls = []
+
+    def measure(model, in_ch, roi, device, dtype, fmt):
+        calls.append((dtype, fmt, torch.backends.cudnn.benchmark))
+        return windows_by_dtype[dtype]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gs, "measure_window_bytes", measure)
+    monkeypatch.setattr(gs, "gpu_available_bytes", lambda device: free)
+    return calls
+
+
+def test_autocast_batch_stays_within_the_official_fp32_footprint(monkeypatch):
+    monkeypatch.delenv("VOLSEG_WINDOW_BATCH", raising=False)
+    calls = _fake_gpu(monkeypatch, {torch.float16: int(0.7 * GiB), None: GiB})
+    opts = InferenceOptions(roi_size=(8, 8, 8), sw_batch_size=4, sw_batch_auto=True, cudnn_benchmark=True)
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        out = resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"),
+                                   "fp16", 18)
+        assert torch.backends.cudnn.benchmark is True  # restored after the fp32 measurement
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    assert out.sw_batch_size == 5 and out.sw_batch_auto is False
+    assert out.sw_batch_size * 0.7 * GiB <= 4 * GiB
+    # the fp32 window is measured as the official recipe runs: no autocast, contiguous, no autotuning
+    assert calls == [(torch.float16, torch.contiguous_format, True), (None, torch.contiguous_format, False)]
+    # fp32: the measured window is the official one; the batch stays the card's
+    calls.clear()
+    out = resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"),
+                               "fp32", 18)
+    assert out.sw_batch_size == 4 and len(calls) == 1
+
+
+def test_opting_in_to_the_free_memory_gives_a_larger_batch(monkeypatch):
+    _fake_gpu(monkeypatch, {torch.float16: int(0.7 * GiB), None: GiB})
+    opts = InferenceOptions(roi_size=(8, 8, 8), sw_batch_size=4, sw_batch_auto=True)
+    monkeypatch.setenv("VOLSEG_WINDOW_BATCH", "free")
+    out = resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "fp16", 18)
+    assert out.sw_batch_size == 9  # 16 fit in half of 141 GiB (the cap); 2 passes of 9
+    monkeypatch.setenv("VOLSEG_WINDOW_BATCH", "lots")
+    with pytest.raises(InputError):
+        resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "fp16", 18)
 
 
 def test_stitch_bytes_counts_input_sums_weights_and_the_flip_mean():

@@ -16,7 +16,7 @@ from volseg.cards import load_card
 from volseg.cli.main import main
 from volseg.inference.gpu_settings import memory_format, resolve_window_batch, run_settings
 from volseg.inference.precision import autocast_dtype, choose_precision, exact_fp32, requested_precision
-from volseg.inference.sliding_window import InferenceOptions, predict, predict_with_fallback, run_precision
+from volseg.inference.sliding_window import InferenceOptions, add_flipped_, predict, predict_with_fallback, run_precision
 from volseg.errors import InputError
 from volseg.inference.window_batch import official_limit_bytes, stitch_bytes, wants_free_memory, window_batch_size
 from volseg.memory import available_bytes
@@ -338,7 +338,8 @@ class _Net(torch.nn.Module):
         return self.conv(x) * 3.0
 
 
-@pytest.mark.parametrize("mode,flips", [("constant", ()), ("gaussian", ()), ("constant", ((0,), (1, 2)))])
+@pytest.mark.parametrize("mode,flips", [("constant", ()), ("gaussian", ()), ("constant", ((0,), (1, 2))),
+                                        ("gaussian", ((2,), (0, 1, 2), (0,)))])
 def test_cpu_fp32_equals_monai_bit_for_bit(mode, flips):
     net = _Net().eval()
     image = torch.randn(1, 20, 18, 13, generator=torch.Generator().manual_seed(1))
@@ -359,6 +360,35 @@ def test_cpu_fp32_equals_monai_bit_for_bit(mode, flips):
     seconds = stats["seconds"]
     assert set(seconds) == {"to_device", "windows_and_blending", "network"}
     assert 0 < seconds["network"] <= seconds["windows_and_blending"]  # the network's share of the window loop
+
+
+@pytest.mark.parametrize("axes", [(), (0,), (1,), (2,), (0, 2), (1, 2), (0, 1, 2)])
+@pytest.mark.parametrize("slab_voxels", [1, 7 * 5, 2**20])  # one row of I per slab, a few, all at once
+def test_flipped_passes_are_added_back_slab_by_slab_bit_for_bit(axes, slab_voxels):
+    """The flip passes' sums without a flipped copy of the whole volume: the same sums."""
+    y = torch.randn(2, 3, 11, 7, 5, generator=torch.Generator().manual_seed(3))
+    acc = torch.randn(2, 3, 11, 7, 5, generator=torch.Generator().manual_seed(4))
+    expected = acc + torch.flip(y, [a + 2 for a in axes])
+    out = add_flipped_(acc, y, axes, slab_voxels=slab_voxels)
+    assert out is acc and torch.equal(acc, expected)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_the_gpu_accumulation_of_flips_gives_the_cpu_answer(activation):
+    """The GPU's in-place way (activation on the flipped pass, added back slab by slab), run on the
+    CPU: the same probabilities as the CPU's flip-activate-add to float32 rounding."""
+    from volseg.inference.sliding_window import _accumulate
+
+    opts = InferenceOptions(activation=activation)
+    passes = [((), torch.randn(1, 3, 9, 6, 5, generator=torch.Generator().manual_seed(s))) for s in range(4)]
+    passes = [((), passes[0][1]), ((0,), passes[1][1]), ((1, 2), passes[2][1]), ((0, 1, 2), passes[3][1])]
+    cpu = gpu = None
+    for axes, y in passes:
+        cpu = _accumulate(cpu, y.clone(), axes, opts, in_place=False)
+        gpu = _accumulate(gpu, y.clone(), axes, opts, in_place=True)
+    assert float((gpu - cpu).abs().max()) <= 1e-6
+    if activation == "none":
+        assert torch.equal(gpu, cpu)
 
 
 def test_output_device_and_stats_through_the_fallback():

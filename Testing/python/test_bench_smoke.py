@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -302,3 +304,32 @@ def test_panel_bench_tiny(bench, capsys):
     assert bp.main(["--factor", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| panel overhead (export, poll, read, import) |" in out and "7 segments" in out
+
+
+def _gpu_check(env_extra: dict) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **env_extra}
+    return subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+def test_gpu_check_plan_reaches_every_network_within_eight_minutes_and_mednext_first():
+    """The GPU check's default plan (a dry run, as on a GPU): the CUDA tests, each network's speed
+    step with its own limit (MedNeXt first: it was never reached when one step ran all three), the
+    stages; the limits add up to about 8 minutes."""
+    run = _gpu_check({"GPU_CHECK_DRY": "1", "GPU_CHECK_MODE": "cuda", "GPU_CHECK_STEPS": ""})
+    assert run.returncode == 0, run.stderr
+    plan = [line.split()[1:3] for line in run.stdout.splitlines() if line.startswith("  plan: ")]
+    assert [name for name, _ in plan] == ["tests", "speed-mednext", "speed-uxnet", "speed-segformer3d", "stages"]
+    assert sum(int(limit.rstrip("s:")) for _, limit in plan) <= 500
+    assert "--arch mednext" in run.stdout and "test_cuda.py" in run.stdout
+    picked = _gpu_check({"GPU_CHECK_DRY": "1", "GPU_CHECK_MODE": "cuda", "GPU_CHECK_STEPS": "stages speed-uxnet"})
+    assert [line.split()[1] for line in picked.stdout.splitlines() if line.startswith("  plan: ")] == \
+        ["speed-uxnet", "stages"]
+
+
+def test_gpu_check_refuses_an_unknown_step_before_running_anything():
+    run = _gpu_check({"GPU_CHECK_STEPS": "tests sped", "GPU_CHECK_DRY": ""})
+    assert run.returncode == 2
+    assert "unknown step 'sped'" in run.stderr and "speed-mednext" in run.stderr
+    assert run.stdout == ""  # nothing ran

@@ -333,3 +333,17 @@ def test_gpu_check_refuses_an_unknown_step_before_running_anything():
     assert run.returncode == 2
     assert "unknown step 'sped'" in run.stderr and "speed-mednext" in run.stderr
     assert run.stdout == ""  # nothing ran
+
+
+def test_window_overhead_bench_tiny_and_its_check(bench, capsys, monkeypatch):
+    """bench_window_overhead: volseg's predict against MONAI + activation, bit for bit; a changed
+    output fails the check."""
+    wo = bench("bench_window_overhead")
+    args = ["--quick", "--size", "40", "32", "32", "--threads", str(torch.get_num_threads())]
+    assert wo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| tiny SegFormer3D, 2 flips | volseg predict |" in out and "DIFFERS" not in out
+    real = wo.predict
+    monkeypatch.setattr(wo, "predict", lambda *a, **k: real(*a, **k) * (1 + 1e-6))
+    assert wo.main([*args, "--nets", "conv"]) == 1
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out

@@ -210,6 +210,29 @@ def cuda_rows(arch: str, options, core: bool = False) -> list[tuple[str, object]
     return rows
 
 
+def profile_call(name: str, fn, device, rows: int = 15) -> None:
+    """One more call of ``fn`` under torch.profiler: its top operators by device time (CPU time
+    off CUDA), and the synchronisations and host copies it made, to find what surrounds the network."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    table = None
+    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + \
+            ("self_cpu_time_total",):
+        try:
+            table = averages.table(sort_by=key, row_limit=rows, max_name_column_width=48)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    print(f"  profile of one call, {name}:")
+    print("\n".join("    " + line for line in (table or "").splitlines()), flush=True)
+
+
 def bench_arch_cuda(arch: str, args, device) -> list[dict]:
     """Official fp32 vs volseg's variants on one GPU, interleaved; everything needed to judge it printed."""
     card = load_card(CARDS[arch])
@@ -260,6 +283,9 @@ def bench_arch_cuda(arch: str, args, device) -> list[dict]:
             wall, _, peak, outs[i] = common._timed_call(lambda i=i: call(i), device)
             times[i].append(wall)
             peaks[i] = max(peaks[i], peak)
+    if args.profile:
+        for i in (0, 1):  # official fp32, volseg auto
+            profile_call(runs[i][0], lambda i=i: call(i), device)
     ref, exact = outs[0], outs[2]  # official fp32; volseg fp32 (TF32 off)
     rows = []
     for i, ((name, opts), t, out) in enumerate(zip(runs, times, outs)):
@@ -310,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA: MedNeXt size (default S, kernel 3, as issue 16 measured it)")
     parser.add_argument("--gpu-table-on-cpu", action="store_true", help=argparse.SUPPRESS)  # the tests' smoke run
     parser.add_argument("--mednext-repeats", type=int, default=1, help="CUDA: timed rounds for MedNeXt (default 1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: after the timed rounds, one profiled call of official fp32 and volseg auto (top operators)")
     parser.add_argument("--core-rows", action="store_true",
                         help="CUDA: only official fp32, volseg auto and volseg fp32 (bench/gpu_check.sh's time budget)")
     parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime", "openvino"])

@@ -5,12 +5,13 @@
 #   GPU_CHECK_STEPS="speed-mednext stages" bash bench/gpu_check.sh   # only those steps
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh                  # print the plan (steps, limits, commands), run nothing
 #
-# Steps, in this order, each with its own time limit (seconds, default run 490 s, about 8 minutes):
+# Steps, in this order, each with its own time limit (seconds, default run 495 s, about 8 minutes):
 #   tests             100  the CUDA-marked tests (Testing/python/test_cuda.py and the device-path tests)
 #   speed-mednext     130  bench_official.py --device cuda --arch mednext: MedNeXt-S first (the slowest; 8
 #                          mirrored passes), one timed round, official fp32 / volseg auto / volseg fp32 only
 #   speed-uxnet        95  the same for 3D UX-Net (2 rounds, every variant row)
-#   speed-segformer3d  55  the same for SegFormer3D (2 rounds, every variant row)
+#   speed-segformer3d  60  the same for SegFormer3D (2 rounds, every variant row), then one profiled call each of
+#                          official and volseg auto (top operators by GPU time: what surrounds its 0.1 s network)
 #   stages            110  every stage of `volseg segment` (bench_stages.py --device cuda; issue 15)
 #   memory            150  (not in the default run) the 512x512x800 memory check (bench_memory.py --device cuda)
 # "speed" names the three speed steps. Issue 16's targets: volseg auto >= 2x the official fp32 recipe,
@@ -68,7 +69,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs it under its own limit, then pr
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/summary.tsv"
   echo "  $name: exit $rc ($(( $(date +%s) - t0 )) s)$([ $rc = 124 ] && echo ' TIME LIMIT: what it printed so far follows')"
   # the tables and per-row lines it printed (all of them, also when the time limit cut it short)
-  grep -E '^\||^GPU:|^[a-z0-9]+: |^  [a-z].*: median|passed|failed|error' "$OUT/$name.log" | grep -v '^\s*$' | tail -n 60 \
+  grep -E '^\||^GPU:|^[a-z0-9]+: |^  [a-z].*: median|^  profile|^    |passed|failed|error' "$OUT/$name.log" | tail -n 120 \
     | sed 's/^/    /'
 }
 
@@ -78,8 +79,8 @@ if [ "$MODE" = cuda ]; then
   has speed-mednext && step speed-mednext 130 "$PY" bench/bench_official.py --device cuda --arch mednext \
     --repeats 1 --core-rows
   has speed-uxnet && step speed-uxnet 95 "$PY" bench/bench_official.py --device cuda --arch uxnet --repeats 2
-  has speed-segformer3d && step speed-segformer3d 55 "$PY" bench/bench_official.py --device cuda --arch segformer3d \
-    --repeats 2
+  has speed-segformer3d && step speed-segformer3d 60 "$PY" bench/bench_official.py --device cuda --arch segformer3d \
+    --repeats 2 --profile
   has stages && step stages 110 "$PY" bench/bench_stages.py --device cuda --slices "${GPU_CHECK_SLICES:-100}" \
     --back-slices 100 --cards uxnet-amos mednext-nnunet-kits19-template
   has memory && step memory 150 "$PY" bench/bench_memory.py --device cuda --compare-size 128 128 100

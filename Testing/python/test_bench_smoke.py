@@ -257,8 +257,10 @@ def test_official_bench_tiny_and_its_check(bench, capsys, monkeypatch):
     assert "| segformer3d: volseg torch |" in capsys.readouterr().out
     real = bo.predict
     monkeypatch.setattr(bo, "predict", lambda *a, **k: real(*a, **k) + 0.3)  # a fast but wrong path
-    assert bo.main(args) == 1
-    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out
+    assert bo.main([*args, "--core-rows"]) == 1
+    out = capsys.readouterr().out
+    assert "CORRECTNESS CHECK FAILED" in out
+    assert "| segformer3d: volseg auto |" in out and "volseg fp16" not in out  # --core-rows: official, auto, fp32
 
 
 def test_server_bench_tiny(bench, capsys):
@@ -275,15 +277,19 @@ def test_official_bench_gpu_table_runs_its_logic_on_the_cpu(bench, capsys, monke
     """The --device cuda table (official fp32 vs volseg's variants, stages, labels vs fp32), on CPU tensors."""
     bo = bench("bench_official")
     args = ["--quick", "--arch", "segformer3d", "--gpu-table-on-cpu", "--threads", str(torch.get_num_threads())]
-    assert bo.main(args) == 0
+    assert bo.main([*args, "--profile"]) == 0
     out = capsys.readouterr().out
+    assert "profile of one call, official fp32:" in out and "profile of one call, volseg auto:" in out
+    assert "aten::" in out  # the operators, by time
     for row in ("official fp32", "volseg auto", "volseg fp32", "volseg fp16", "volseg auto, channels-last"):
         assert f"| segformer3d: {row} |" in out
     assert "windows_and_blending" in out and "same labels as volseg fp32 %" in out
     real = bo.predict
     monkeypatch.setattr(bo, "predict", lambda *a, **k: 1.0 - real(*a, **k))  # labels flipped: must fail
-    assert bo.main(args) == 1
-    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out
+    assert bo.main([*args, "--core-rows"]) == 1
+    out = capsys.readouterr().out
+    assert "CORRECTNESS CHECK FAILED" in out
+    assert "| segformer3d: volseg auto |" in out and "volseg fp16" not in out  # --core-rows: official, auto, fp32
 
 
 def test_stages_bench_tiny_and_its_check(bench, capsys, monkeypatch):
@@ -321,7 +327,7 @@ def test_gpu_check_plan_reaches_every_network_within_eight_minutes_and_mednext_f
     assert run.returncode == 0, run.stderr
     plan = [line.split()[1:3] for line in run.stdout.splitlines() if line.startswith("  plan: ")]
     assert [name for name, _ in plan] == ["tests", "speed-mednext", "speed-uxnet", "speed-segformer3d", "stages"]
-    assert sum(int(limit.rstrip("s:")) for _, limit in plan) <= 500
+    assert sum(int(limit.rstrip("s:")) for _, limit in plan) <= 500  # about 8 minutes
     assert "--arch mednext" in run.stdout and "test_cuda.py" in run.stdout
     picked = _gpu_check({"GPU_CHECK_DRY": "1", "GPU_CHECK_MODE": "cuda", "GPU_CHECK_STEPS": "stages speed-uxnet"})
     assert [line.split()[1] for line in picked.stdout.splitlines() if line.startswith("  plan: ")] == \

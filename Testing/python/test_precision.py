@@ -391,6 +391,44 @@ def test_the_gpu_accumulation_of_flips_gives_the_cpu_answer(activation):
         assert torch.equal(gpu, cpu)
 
 
+class _HalfOut(torch.nn.Module):
+    """A network whose windows come out in float16, as under autocast; ``to_float`` makes the copy itself."""
+
+    def __init__(self, to_float: bool) -> None:
+        super().__init__()
+        self.conv, self.to_float = torch.nn.Conv3d(1, 3, 3, padding=1), to_float
+
+    def forward(self, x):
+        y = (self.conv(x) * 3.0).half()
+        return y.float() if self.to_float else y
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+@pytest.mark.parametrize("flips", [(), ((0,), (1, 2))])
+def test_autocast_windows_blend_without_a_float32_copy_each_to_the_same_sums(mode, flips):
+    """Constant blending takes a float16 window as it is (MONAI adds it into its float32 sums): the
+    same result, bit for bit, as from a float32 copy of each window; Gaussian blending still copies."""
+    half, copied = _HalfOut(False).eval(), _HalfOut(True).eval()
+    copied.load_state_dict(half.state_dict())
+    image = torch.randn(1, 20, 18, 13, generator=torch.Generator().manual_seed(5))
+    opts = InferenceOptions(roi_size=(8, 8, 8), overlap=0.25, mode=mode, sw_batch_size=3, flips=flips,
+                            activation="sigmoid")
+    seen = []
+    real_call = WindowPredictor.__call__
+
+    def spy(self, patches):
+        out = real_call(self, patches)
+        seen.append(out.dtype)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WindowPredictor, "__call__", spy)
+        out = predict(half, image, opts, torch.device("cpu"))
+    assert torch.equal(out, predict(copied, image, opts, torch.device("cpu")))
+    assert out.dtype == torch.float32
+    assert set(seen) == ({torch.float16} if mode == "constant" else {torch.float32})
+
+
 def test_output_device_and_stats_through_the_fallback():
     net = _Net().eval()
     image = torch.randn(1, 12, 12, 12)

@@ -131,7 +131,10 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
 def _predict_monai(model, image, options, device, reporter, cancel, stitch_device, dtype, clock):
     passes = [()] + [tuple(f) for f in options.flips]
     total = count_windows(image.shape[1:], options.roi_size, options.overlap) * len(passes)
-    predictor = WindowPredictor(model, options, total, reporter, cancel, memory_format(options, device), clock)
+    # constant blending (weights exactly 1): an autocast window goes into MONAI's float32 sums as it is,
+    # the same sums as from a float32 copy of it; Gaussian weights would round in its dtype, so those copy
+    predictor = WindowPredictor(model, options, total, reporter, cancel, memory_format(options, device), clock,
+                                float_output=options.mode != "constant")
     stitch = stitch_device or device
     batch = to_device(image, stitch)[None]
     clock.mark("to_device")

@@ -4,6 +4,7 @@
 #   bash bench/gpu_check.sh                                  # logs in $GPU_CHECK_OUT (default: a new temporary folder)
 #   GPU_CHECK_STEPS="speed-mednext stages" bash bench/gpu_check.sh   # only those steps
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh                  # print the plan (steps, limits, commands), run nothing
+#   GPU_CHECK_LIMIT_S=30 bash bench/gpu_check.sh             # every step's time limit replaced (a trial run)
 #
 # Steps, in this order, each with its own time limit (seconds, default run 495 s, about 8 minutes):
 #   tests             100  the CUDA-marked tests (Testing/python/test_cuda.py and the device-path tests)
@@ -56,7 +57,7 @@ else
 fi
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs it under its own limit, then prints its tables at once
-  local name=$1 limit=$2
+  local name=$1 limit=${GPU_CHECK_LIMIT_S:-$2}
   shift 2
   if [ -n "$DRY" ]; then
     echo "  plan: $name ${limit}s: $*"
@@ -67,7 +68,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs it under its own limit, then pr
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/summary.tsv"
-  echo "  $name: exit $rc ($(( $(date +%s) - t0 )) s)$([ $rc = 124 ] && echo ' TIME LIMIT: what it printed so far follows')"
+  echo "  $name: exit $rc ($(( $(date +%s) - t0 )) s)$(case $rc in 124|137) echo ' TIME LIMIT: what it printed so far follows';; esac)"
   # the tables and per-row lines it printed (all of them, also when the time limit cut it short)
   grep -E '^\||^GPU:|^[a-z0-9]+: |^  [a-z].*: median|^  profile|^    |passed|failed|error' "$OUT/$name.log" | tail -n 120 \
     | sed 's/^/    /'
@@ -152,7 +153,7 @@ print(f"\n## gpu_check ({mode}{': no CUDA here, only the CPU-only parts ran' if 
 print("| check | exit | s | figures | log |")
 print("|---|---:|---:|---|---|")
 for name, rc, secs in rows:
-    status = "ok" if rc == "0" else ("TIMEOUT" if rc == "124" else f"FAILED ({rc})")
+    status = "ok" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else f"FAILED ({rc})")
     print(f"| {name} | {status} | {secs} | {figures(name)} | {out / (name + '.log')} |")
 sys.exit(0 if all(rc == "0" for _, rc, _ in rows) else 1)
 EOF

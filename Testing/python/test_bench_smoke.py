@@ -353,3 +353,12 @@ def test_window_overhead_bench_tiny_and_its_check(bench, capsys, monkeypatch):
     monkeypatch.setattr(wo, "predict", lambda *a, **k: real(*a, **k) * (1 + 1e-6))
     assert wo.main([*args, "--nets", "conv"]) == 1
     assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out
+
+
+def test_gpu_check_step_cut_short_by_its_limit_is_reported_and_the_next_step_still_runs(tmp_path):
+    run = _gpu_check({"GPU_CHECK_STEPS": "speed-uxnet tests", "GPU_CHECK_LIMIT_S": "2", "GPU_CHECK_DRY": "",
+                      "GPU_CHECK_OUT": str(tmp_path)})
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "speed-uxnet: exit 124" in run.stdout and "TIME LIMIT" in run.stdout
+    assert "  tests: exit" in run.stdout  # the step after it ran
+    assert "| speed-uxnet | TIMEOUT |" in run.stdout

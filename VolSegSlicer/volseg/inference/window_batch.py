@@ -1,12 +1,15 @@
 """How many windows one forward pass runs on a GPU: sized from its free memory.
 
-A card's ``sw_batch_size`` (1-4) suits a small GPU; a big one runs more windows at once. On
-CUDA (unless the user fixed ``--sw-batch-size``) the batch is the largest that fits in a share
-of the free memory and in the memory the card's batch takes in float32 (see
-:func:`volseg.inference.gpu_settings.resolve_window_batch`), from the memory one window costs (measured once per network, window size,
-input channels and precision, by one forward pass of one window), evened out so that every
-forward pass has about the same number of windows (fewer distinct shapes: fewer cuDNN
-autotuning runs, no tiny last batch).
+A card's ``sw_batch_size`` (1-4) suits a small GPU; a big one could run more windows at once, but
+never at the price of more memory than the official recipe takes unless the user asks. On CUDA
+(unless the user fixed ``--sw-batch-size``) the batch is the largest that fits in a share of the
+free memory and (unless ``VOLSEG_WINDOW_BATCH=free``) in the memory the card's batch takes in
+float32 (:func:`official_limit_bytes`; see
+:func:`volseg.inference.gpu_settings.resolve_window_batch`), from the memory one window costs
+(measured once per network, window size, input channels and precision, by one forward pass of
+one window; the float32 window measured too under autocast), evened out so that every forward
+pass has about the same number of windows (fewer distinct shapes: fewer cuDNN autotuning runs,
+no tiny last batch).
 
 :func:`window_batch_size` is plain arithmetic on a free-memory figure, tested on the CPU;
 :func:`measure_window_bytes` needs a GPU.

@@ -10,9 +10,9 @@ with the same window batch, overlap and blending, the flips done by hand, then t
 what volseg's MONAI mode must equal -- and **volseg**'s ``predict`` (torch runtime, float32,
 the window batch fixed to the card's). Cases: a tiny SegFormer3D (4 inputs, 3 sigmoid outputs,
 as the BraTS card) and a 1x1x1 convolution (a network that costs nothing, so the row is volseg's
-overhead alone), without and with two flips. Columns: median seconds, volseg's extra CPU
-milliseconds per window, the ratio (wall time), the CPU seconds (steadier on a shared machine), and whether the outputs are bit for bit the same (the check: float32 on
-the CPU must be identical; on CUDA within 1e-5).
+overhead alone), without and with two flips. Columns: median wall seconds and their ratio, median
+CPU seconds (steadier on a shared machine), volseg's extra CPU milliseconds per window, and whether
+the outputs are the same (the check: float32 on the CPU bit for bit; on CUDA within 1e-5).
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                              "same": "identical" if exact else "DIFFERS", "ok": exact})
     columns = [Column("case", "case"), Column("path", "path"), Column("windows", "windows"),
                Column("seconds", "median s", "{:.4f}"), Column("ratio", "speed vs baseline", "{:.2f}x"),
-               Column("cpu", "median CPU s", "{:.4f}"), Column("extra_ms", "extra CPU ms per window", "{:+.3f}"), Column("same", "output")]
+               Column("cpu", "median CPU s", "{:.4f}"), Column("extra_ms", "extra CPU ms per window", "{:+.3f}"),
+               Column("same", "output")]
     print(f"\nimage 4x{'x'.join(map(str, size))}, ROI 32^3, window batch {base_opts.sw_batch_size}, "
           f"overlap {base_opts.overlap}, {base_opts.mode} blending, {base_opts.activation}, {args.repeats} rounds\n")
     print(common.markdown_table(rows, columns, baseline=rows[0]["name"]))

@@ -189,13 +189,18 @@ def official_cuda(arch: str, model, image, options, device, stats: dict):
     return probs[0]
 
 
-def cuda_rows(arch: str, options) -> list[tuple[str, object]]:
+def cuda_rows(arch: str, options, core: bool = False) -> list[tuple[str, object]]:
     """volseg's variants on a GPU: (name, options). The default is ``volseg auto``; the others
-    show what each setting is worth (kept only where it pays)."""
+    show what each setting is worth (kept only where it pays). ``core``: only ``volseg auto``
+    and ``volseg fp32`` (what the targets need: speed, memory, labels as fp32)."""
     fixed = dict(sw_batch_auto=False, cudnn_benchmark=False)
     rows = [
         ("volseg auto", replace(options, precision="auto")),
         ("volseg fp32", replace(options, precision="fp32")),
+    ]
+    if core:
+        return rows
+    rows += [
         ("volseg fp16", replace(options, precision="fp16")),
         ("volseg auto, channels-last", replace(options, precision="auto", channels_last=True)),
     ]
@@ -203,6 +208,29 @@ def cuda_rows(arch: str, options) -> list[tuple[str, object]]:
         rows += [("volseg auto, card batch, no cudnn.benchmark", replace(options, precision="auto", **fixed)),
                  ("volseg fp32, card batch, no cudnn.benchmark", replace(options, precision="fp32", **fixed))]
     return rows
+
+
+def profile_call(name: str, fn, device, rows: int = 15) -> None:
+    """One more call of ``fn`` under torch.profiler: its top operators by device time (CPU time
+    off CUDA), and the synchronisations and host copies it made, to find what surrounds the network."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    table = None
+    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + \
+            ("self_cpu_time_total",):
+        try:
+            table = averages.table(sort_by=key, row_limit=rows, max_name_column_width=48)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    print(f"  profile of one call, {name}:")
+    print("\n".join("    " + line for line in (table or "").splitlines()), flush=True)
 
 
 def bench_arch_cuda(arch: str, args, device) -> list[dict]:
@@ -226,7 +254,7 @@ def bench_arch_cuda(arch: str, args, device) -> list[dict]:
     print(f"\n{arch}: {card.id} {config.get('model_id', '')}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters, image {in_ch}x{'x'.join(map(str, size))}, ROI {roi}, {windows} windows x {passes} passes, "
           f"{options.mode} blending, card window batch {options.sw_batch_size}", flush=True)
-    runs = [("official fp32", None)] + cuda_rows(arch, options)
+    runs = [("official fp32", None)] + cuda_rows(arch, options, core=args.core_rows)
     stats: list[dict] = [{} for _ in runs]
 
     def call(i: int):
@@ -255,6 +283,9 @@ def bench_arch_cuda(arch: str, args, device) -> list[dict]:
             wall, _, peak, outs[i] = common._timed_call(lambda i=i: call(i), device)
             times[i].append(wall)
             peaks[i] = max(peaks[i], peak)
+    if args.profile:
+        for i in (0, 1):  # official fp32, volseg auto
+            profile_call(runs[i][0], lambda i=i: call(i), device)
     ref, exact = outs[0], outs[2]  # official fp32; volseg fp32 (TF32 off)
     rows = []
     for i, ((name, opts), t, out) in enumerate(zip(runs, times, outs)):
@@ -305,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA: MedNeXt size (default S, kernel 3, as issue 16 measured it)")
     parser.add_argument("--gpu-table-on-cpu", action="store_true", help=argparse.SUPPRESS)  # the tests' smoke run
     parser.add_argument("--mednext-repeats", type=int, default=1, help="CUDA: timed rounds for MedNeXt (default 1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: after the timed rounds, one profiled call of official fp32 and volseg auto (top operators)")
+    parser.add_argument("--core-rows", action="store_true",
+                        help="CUDA: only official fp32, volseg auto and volseg fp32 (bench/gpu_check.sh's time budget)")
     parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime", "openvino"])
     args, device = common.start(parser, argv)
     if args.roi is None and device.type == "cpu":
@@ -334,23 +369,21 @@ def main(argv: list[str] | None = None) -> int:
 def main_cuda(args, device) -> int:
     if device.type == "cuda":
         describe_gpu(device)
-    order = [a for a in ("segformer3d", "uxnet", "mednext") if a in args.arch]  # fastest first
-    t0 = time.perf_counter()
-    rows = []
-    for arch in order:
-        rows += bench_arch_cuda(arch, args, device)
-        print(f"  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+    order = [a for a in args.arch if a in CARDS]  # in the order asked (gpu_check.sh: one network per step)
     columns = [Column("name", "path"), Column("seconds", "median s", "{:.3f}"),
                Column("speedup", "x official", "{:.2f}x"), Column("first", "first call s", "{:.2f}"),
                Column("peak", "peak GPU MiB", "{:.0f}"), Column("precision", "precision"),
                Column("batch", "window batch"), Column("agree", "same labels as official %", "{:.3f}"),
                Column("agree32", "same labels as volseg fp32 %", "{:.3f}"),
                Column("diff", "max abs diff vs official", "{:.1e}"), Column("note", "stages (s)")]
-    print()
-    for arch in order:
-        part = [r for r in rows if r["name"].startswith(arch + ":")]
-        print(common.markdown_table(part, columns, baseline=part[0]["name"]))
+    t0 = time.perf_counter()
+    rows = []
+    for arch in order:  # each network's table as soon as it is done: a time limit keeps the finished ones
+        part = bench_arch_cuda(arch, args, device)
+        rows += part
         print()
+        print(common.markdown_table(part, columns, baseline=part[0]["name"]))
+        print(f"  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return common.exit_status(rows)
 

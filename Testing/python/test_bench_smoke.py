@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -273,15 +275,19 @@ def test_official_bench_gpu_table_runs_its_logic_on_the_cpu(bench, capsys, monke
     """The --device cuda table (official fp32 vs volseg's variants, stages, labels vs fp32), on CPU tensors."""
     bo = bench("bench_official")
     args = ["--quick", "--arch", "segformer3d", "--gpu-table-on-cpu", "--threads", str(torch.get_num_threads())]
-    assert bo.main(args) == 0
+    assert bo.main([*args, "--profile"]) == 0
     out = capsys.readouterr().out
+    assert "profile of one call, official fp32:" in out and "profile of one call, volseg auto:" in out
+    assert "aten::" in out  # the operators, by time
     for row in ("official fp32", "volseg auto", "volseg fp32", "volseg fp16", "volseg auto, channels-last"):
         assert f"| segformer3d: {row} |" in out
     assert "windows_and_blending" in out and "same labels as volseg fp32 %" in out
     real = bo.predict
     monkeypatch.setattr(bo, "predict", lambda *a, **k: 1.0 - real(*a, **k))  # labels flipped: must fail
-    assert bo.main(args) == 1
-    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out
+    assert bo.main([*args, "--core-rows"]) == 1
+    out = capsys.readouterr().out
+    assert "CORRECTNESS CHECK FAILED" in out
+    assert "| segformer3d: volseg auto |" in out and "volseg fp16" not in out  # --core-rows: official, auto, fp32
 
 
 def test_stages_bench_tiny_and_its_check(bench, capsys, monkeypatch):
@@ -302,3 +308,55 @@ def test_panel_bench_tiny(bench, capsys):
     assert bp.main(["--factor", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| panel overhead (export, poll, read, import) |" in out and "7 segments" in out
+
+
+def _gpu_check(env_extra: dict) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **env_extra}
+    return subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+def test_gpu_check_plan_reaches_every_network_within_eight_minutes_and_mednext_first():
+    """The GPU check's default plan (a dry run, as on a GPU): the CUDA tests, each network's speed
+    step with its own limit (MedNeXt first: it was never reached when one step ran all three), the
+    stages; the limits add up to about 8 minutes."""
+    run = _gpu_check({"GPU_CHECK_DRY": "1", "GPU_CHECK_MODE": "cuda", "GPU_CHECK_STEPS": ""})
+    assert run.returncode == 0, run.stderr
+    plan = [line.split()[1:3] for line in run.stdout.splitlines() if line.startswith("  plan: ")]
+    assert [name for name, _ in plan] == ["tests", "speed-mednext", "speed-uxnet", "speed-segformer3d", "stages"]
+    assert sum(int(limit.rstrip("s:")) for _, limit in plan) <= 500  # about 8 minutes
+    assert "--arch mednext" in run.stdout and "test_cuda.py" in run.stdout
+    picked = _gpu_check({"GPU_CHECK_DRY": "1", "GPU_CHECK_MODE": "cuda", "GPU_CHECK_STEPS": "stages speed-uxnet"})
+    assert [line.split()[1] for line in picked.stdout.splitlines() if line.startswith("  plan: ")] == \
+        ["speed-uxnet", "stages"]
+
+
+def test_gpu_check_refuses_an_unknown_step_before_running_anything():
+    run = _gpu_check({"GPU_CHECK_STEPS": "tests sped", "GPU_CHECK_DRY": ""})
+    assert run.returncode == 2
+    assert "unknown step 'sped'" in run.stderr and "speed-mednext" in run.stderr
+    assert run.stdout == ""  # nothing ran
+
+
+def test_window_overhead_bench_tiny_and_its_check(bench, capsys, monkeypatch):
+    """bench_window_overhead: volseg's predict against MONAI + activation, bit for bit; a changed
+    output fails the check."""
+    wo = bench("bench_window_overhead")
+    args = ["--quick", "--size", "40", "32", "32", "--threads", str(torch.get_num_threads())]
+    assert wo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| tiny SegFormer3D, 2 flips | volseg predict |" in out and "DIFFERS" not in out
+    real = wo.predict
+    monkeypatch.setattr(wo, "predict", lambda *a, **k: real(*a, **k) * (1 + 1e-6))
+    assert wo.main([*args, "--nets", "conv"]) == 1
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().out
+
+
+def test_gpu_check_step_cut_short_by_its_limit_is_reported_and_the_next_step_still_runs(tmp_path):
+    run = _gpu_check({"GPU_CHECK_STEPS": "speed-uxnet tests", "GPU_CHECK_LIMIT_S": "2", "GPU_CHECK_DRY": "",
+                      "GPU_CHECK_OUT": str(tmp_path)})
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "speed-uxnet: exit 124" in run.stdout and "TIME LIMIT" in run.stdout
+    assert "  tests: exit" in run.stdout  # the step after it ran
+    assert "| speed-uxnet | TIMEOUT |" in run.stdout

@@ -16,8 +16,9 @@ from volseg.cards import load_card
 from volseg.cli.main import main
 from volseg.inference.gpu_settings import memory_format, resolve_window_batch, run_settings
 from volseg.inference.precision import autocast_dtype, choose_precision, exact_fp32, requested_precision
-from volseg.inference.sliding_window import InferenceOptions, predict, predict_with_fallback, run_precision
-from volseg.inference.window_batch import stitch_bytes, window_batch_size
+from volseg.inference.sliding_window import InferenceOptions, add_flipped_, predict, predict_with_fallback, run_precision
+from volseg.errors import InputError
+from volseg.inference.window_batch import official_limit_bytes, stitch_bytes, wants_free_memory, window_batch_size
 from volseg.memory import available_bytes
 from volseg.inference.window_predictor import WindowPredictor
 from volseg.pipeline import inference_options
@@ -167,6 +168,81 @@ def test_a_memory_limit_caps_the_batch_whatever_is_free():
     assert window_batch_size(141 * GiB, GiB // 2, windows=18, limit_bytes=4 * GiB) == 6  # 3 passes of 6
 
 
+def test_the_official_limit_uses_the_measured_fp32_window_not_half_of_it():
+    # issue 16's H200 run: under fp16 a SegFormer3D window took ~0.7 of its fp32 one; "twice the card's
+    # batch" then used 1.4x the official memory. With the fp32 window measured: 4 x 1 GiB = 4 GiB,
+    # 0.7 GiB windows -> 5 fit (3.5 GiB), evened over 18 windows -> 4 passes of 5
+    limit = official_limit_bytes(4, GiB)
+    assert limit == 4 * GiB
+    b = window_batch_size(141 * GiB, int(0.7 * GiB), windows=18, limit_bytes=limit)
+    assert b == 5 and b * int(0.7 * GiB) <= limit
+    # a window that halves under autocast gets twice the card's batch, and no more
+    assert window_batch_size(141 * GiB, GiB // 2, windows=100, limit_bytes=official_limit_bytes(4, GiB)) == 8
+    # MedNeXt's card runs one window (nnU-Net): the autocast batch stays 1 unless a window halves
+    assert window_batch_size(141 * GiB, int(0.6 * GiB), windows=100, limit_bytes=official_limit_bytes(1, GiB)) == 1
+    assert official_limit_bytes(0, GiB) == GiB  # a card batch of 0 counts as 1
+    with pytest.raises(ValueError):
+        official_limit_bytes(4, 0)
+
+
+def test_the_free_memory_policy_is_an_explicit_opt_in():
+    assert wants_free_memory({}) is False
+    assert wants_free_memory({"VOLSEG_WINDOW_BATCH": "official"}) is False
+    assert wants_free_memory({"VOLSEG_WINDOW_BATCH": " Free "}) is True
+    with pytest.raises(InputError, match="VOLSEG_WINDOW_BATCH='max' is not a window batch policy"):
+        wants_free_memory({"VOLSEG_WINDOW_BATCH": "max"})
+
+
+def _fake_gpu(monkeypatch, windows_by_dtype, free=141 * GiB):
+    """resolve_window_batch on the CPU: CUDA 'available', the window measurement and the free memory given."""
+    import volseg.inference.gpu_settings as gs
+
+    calls = []
+
+    def measure(model, in_ch, roi, device, dtype, fmt):
+        calls.append((dtype, fmt, torch.backends.cudnn.benchmark))
+        return windows_by_dtype[dtype]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gs, "measure_window_bytes", measure)
+    monkeypatch.setattr(gs, "gpu_available_bytes", lambda device: free)
+    return calls
+
+
+def test_autocast_batch_stays_within_the_official_fp32_footprint(monkeypatch):
+    monkeypatch.delenv("VOLSEG_WINDOW_BATCH", raising=False)
+    calls = _fake_gpu(monkeypatch, {torch.float16: int(0.7 * GiB), None: GiB})
+    opts = InferenceOptions(roi_size=(8, 8, 8), sw_batch_size=4, sw_batch_auto=True, cudnn_benchmark=True)
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        out = resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"),
+                                   "fp16", 18)
+        assert torch.backends.cudnn.benchmark is True  # restored after the fp32 measurement
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    assert out.sw_batch_size == 5 and out.sw_batch_auto is False
+    assert out.sw_batch_size * 0.7 * GiB <= 4 * GiB
+    # the fp32 window is measured as the official recipe runs: no autocast, contiguous, no autotuning
+    assert calls == [(torch.float16, torch.contiguous_format, True), (None, torch.contiguous_format, False)]
+    # fp32: the measured window is the official one; the batch stays the card's
+    calls.clear()
+    out = resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"),
+                               "fp32", 18)
+    assert out.sw_batch_size == 4 and len(calls) == 1
+
+
+def test_opting_in_to_the_free_memory_gives_a_larger_batch(monkeypatch):
+    _fake_gpu(monkeypatch, {torch.float16: int(0.7 * GiB), None: GiB})
+    opts = InferenceOptions(roi_size=(8, 8, 8), sw_batch_size=4, sw_batch_auto=True)
+    monkeypatch.setenv("VOLSEG_WINDOW_BATCH", "free")
+    out = resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "fp16", 18)
+    assert out.sw_batch_size == 9  # 16 fit in half of 141 GiB (the cap); 2 passes of 9
+    monkeypatch.setenv("VOLSEG_WINDOW_BATCH", "lots")
+    with pytest.raises(InputError):
+        resolve_window_batch(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), opts, torch.device("cuda"), "fp16", 18)
+
+
 def test_stitch_bytes_counts_input_sums_weights_and_the_flip_mean():
     assert stitch_bytes((10, 10, 10), 1, 3) == 4 * 1000 * (1 + 3 + 1)
     assert stitch_bytes((10, 10, 10), 4, 3, passes=8) == 4 * 1000 * (4 + 3 + 1 + 3)
@@ -262,7 +338,8 @@ class _Net(torch.nn.Module):
         return self.conv(x) * 3.0
 
 
-@pytest.mark.parametrize("mode,flips", [("constant", ()), ("gaussian", ()), ("constant", ((0,), (1, 2)))])
+@pytest.mark.parametrize("mode,flips", [("constant", ()), ("gaussian", ()), ("constant", ((0,), (1, 2))),
+                                        ("gaussian", ((2,), (0, 1, 2), (0,)))])
 def test_cpu_fp32_equals_monai_bit_for_bit(mode, flips):
     net = _Net().eval()
     image = torch.randn(1, 20, 18, 13, generator=torch.Generator().manual_seed(1))
@@ -283,6 +360,73 @@ def test_cpu_fp32_equals_monai_bit_for_bit(mode, flips):
     seconds = stats["seconds"]
     assert set(seconds) == {"to_device", "windows_and_blending", "network"}
     assert 0 < seconds["network"] <= seconds["windows_and_blending"]  # the network's share of the window loop
+
+
+@pytest.mark.parametrize("axes", [(), (0,), (1,), (2,), (0, 2), (1, 2), (0, 1, 2)])
+@pytest.mark.parametrize("slab_voxels", [1, 7 * 5, 2**20])  # one row of I per slab, a few, all at once
+def test_flipped_passes_are_added_back_slab_by_slab_bit_for_bit(axes, slab_voxels):
+    """The flip passes' sums without a flipped copy of the whole volume: the same sums."""
+    y = torch.randn(2, 3, 11, 7, 5, generator=torch.Generator().manual_seed(3))
+    acc = torch.randn(2, 3, 11, 7, 5, generator=torch.Generator().manual_seed(4))
+    expected = acc + torch.flip(y, [a + 2 for a in axes])
+    out = add_flipped_(acc, y, axes, slab_voxels=slab_voxels)
+    assert out is acc and torch.equal(acc, expected)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_the_gpu_accumulation_of_flips_gives_the_cpu_answer(activation):
+    """The GPU's in-place way (activation on the flipped pass, added back slab by slab), run on the
+    CPU: the same probabilities as the CPU's flip-activate-add to float32 rounding."""
+    from volseg.inference.sliding_window import _accumulate
+
+    opts = InferenceOptions(activation=activation)
+    passes = [((), torch.randn(1, 3, 9, 6, 5, generator=torch.Generator().manual_seed(s))) for s in range(4)]
+    passes = [((), passes[0][1]), ((0,), passes[1][1]), ((1, 2), passes[2][1]), ((0, 1, 2), passes[3][1])]
+    cpu = gpu = None
+    for axes, y in passes:
+        cpu = _accumulate(cpu, y.clone(), axes, opts, in_place=False)
+        gpu = _accumulate(gpu, y.clone(), axes, opts, in_place=True)
+    assert float((gpu - cpu).abs().max()) <= 1e-6
+    if activation == "none":
+        assert torch.equal(gpu, cpu)
+
+
+class _HalfOut(torch.nn.Module):
+    """A network whose windows come out in float16, as under autocast; ``to_float`` makes the copy itself."""
+
+    def __init__(self, to_float: bool) -> None:
+        super().__init__()
+        self.conv, self.to_float = torch.nn.Conv3d(1, 3, 3, padding=1), to_float
+
+    def forward(self, x):
+        y = (self.conv(x) * 3.0).half()
+        return y.float() if self.to_float else y
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+@pytest.mark.parametrize("flips", [(), ((0,), (1, 2))])
+def test_autocast_windows_blend_without_a_float32_copy_each_to_the_same_sums(mode, flips):
+    """Constant blending takes a float16 window as it is (MONAI adds it into its float32 sums): the
+    same result, bit for bit, as from a float32 copy of each window; Gaussian blending still copies."""
+    half, copied = _HalfOut(False).eval(), _HalfOut(True).eval()
+    copied.load_state_dict(half.state_dict())
+    image = torch.randn(1, 20, 18, 13, generator=torch.Generator().manual_seed(5))
+    opts = InferenceOptions(roi_size=(8, 8, 8), overlap=0.25, mode=mode, sw_batch_size=3, flips=flips,
+                            activation="sigmoid")
+    seen = []
+    real_call = WindowPredictor.__call__
+
+    def spy(self, patches):
+        out = real_call(self, patches)
+        seen.append(out.dtype)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WindowPredictor, "__call__", spy)
+        out = predict(half, image, opts, torch.device("cpu"))
+    assert torch.equal(out, predict(copied, image, opts, torch.device("cpu")))
+    assert out.dtype == torch.float32
+    assert set(seen) == ({torch.float16} if mode == "constant" else {torch.float32})
 
 
 def test_output_device_and_stats_through_the_fallback():

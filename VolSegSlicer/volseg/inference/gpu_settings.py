@@ -23,7 +23,13 @@ from dataclasses import replace
 import torch
 
 from volseg.inference.precision import autocast_dtype, exact_fp32
-from volseg.inference.window_batch import measure_window_bytes, stitch_bytes, window_batch_size
+from volseg.inference.window_batch import (
+    measure_window_bytes,
+    official_limit_bytes,
+    stitch_bytes,
+    wants_free_memory,
+    window_batch_size,
+)
 from volseg.memory import gpu_available_bytes
 from volseg.options import InferenceOptions
 
@@ -82,27 +88,58 @@ def resolve_window_batch(model, image: torch.Tensor, options: InferenceOptions, 
     ``options.sw_batch_auto`` and ``device`` is a CUDA GPU (one window's forward pass is measured
     once per network and window size); otherwise ``options`` unchanged.
 
-    A batch may use half the free memory, and at most what the card's batch uses in float32 (the
-    official recipe's peak: issue 16's memory target). Under autocast a window takes about half
-    of that, so the batch grows to about twice the card's on a big GPU, and shrinks on a small
-    one. Networks whose output depends on the rest of the batch keep theirs.
+    A batch may use half the free memory, and (unless the user opts in with
+    ``VOLSEG_WINDOW_BATCH=free``) at most what the card's batch uses in float32 as the official
+    recipe runs it (:func:`volseg.inference.window_batch.official_limit_bytes`; issue 16's
+    peak-memory target). Under autocast the float32 window is measured too (once, cuDNN
+    autotuning off as torch's default), not assumed to be twice the autocast one. Networks whose
+    output depends on the rest of the batch keep theirs.
     """
     if not (options.sw_batch_auto and device.type == "cuda" and isinstance(model, torch.nn.Module)
             and torch.cuda.is_available()) or getattr(model, "batch_dependent", False):
         return options
+    free_policy = wants_free_memory()
     dtype = autocast_dtype(precision)
+    fmt = memory_format(options, device)
     try:
-        window = measure_window_bytes(model, image.shape[0], tuple(options.roi_size), device, dtype,
-                                      memory_format(options, device))
+        window = measure_window_bytes(model, image.shape[0], tuple(options.roi_size), device, dtype, fmt)
+        limit = None
+        if not free_policy:
+            window_fp32 = window if dtype is None and fmt is torch.contiguous_format else \
+                _official_window_bytes(model, image.shape[0], tuple(options.roi_size), device)
+            limit = official_limit_bytes(options.sw_batch_size, window_fp32)
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError, TypeError):  # the window loop says what is wrong, in words
         return replace(options, sw_batch_auto=False)
-    limit = max(1, options.sw_batch_size) * window * (2 if dtype is not None else 1)
     reserved = stitch_bytes(tuple(max(s, r) for s, r in zip(image.shape[1:], options.roi_size)), image.shape[0],
                             options.out_channels or 2, 1 + len(options.flips))
     batch = window_batch_size(gpu_available_bytes(device), window, windows, reserved, limit_bytes=limit)
     return replace(options, sw_batch_size=batch, sw_batch_auto=False)
+
+
+def _official_window_bytes(model, in_channels: int, roi_size: tuple[int, ...], device: torch.device) -> int:
+    """One float32 window as the official recipe runs it: contiguous, cuDNN autotuning off."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with set_layout_for(model, torch.contiguous_format):
+            return measure_window_bytes(model, in_channels, roi_size, device, None, torch.contiguous_format)
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+@contextlib.contextmanager
+def set_layout_for(model, fmt: torch.memory_format) -> Iterator[None]:
+    """The network's weights in ``fmt`` for the block, back to the layout a run gave them after."""
+    converted = model in _channels_last_models
+    if converted and fmt is torch.contiguous_format:
+        model.to(memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        if converted and fmt is torch.contiguous_format:
+            model.to(memory_format=torch.channels_last_3d)
 
 
 class StepTimer:

@@ -30,7 +30,7 @@ from volseg.inference.gpu_settings import (
 from volseg.inference.precision import autocast_dtype, choose_precision, requested_precision
 from volseg.inference.window_predictor import WindowPredictor, activate, activate_
 
-__all__ = ["InferenceOptions", "count_windows", "predict", "predict_with_fallback", "run_precision",
+__all__ = ["InferenceOptions", "add_flipped_", "count_windows", "predict", "predict_with_fallback", "run_precision",
            "whole_volume_options"]
 
 
@@ -82,8 +82,23 @@ def _one_pass(image, options, predictor, device, sw_device, flip_axes, dtype):
             overlap=options.overlap, mode=options.mode, sigma_scale=options.sigma_scale,
             padding_mode=options.padding_mode, sw_device=sw_device, device=device,
         )
-    y = y.float()
-    return y if not flip_axes else torch.flip(y, dims=[a + 2 for a in flip_axes])
+    return y.float()  # still flipped: add_flipped_ turns it back slab by slab, without a second volume
+
+
+def add_flipped_(acc: torch.Tensor, y: torch.Tensor, flip_axes: Sequence[int], slab_voxels: int = 2**20) -> torch.Tensor:
+    """``acc += torch.flip(y, spatial flip_axes)`` for (B, C, I, J, K) tensors, slab by slab along I:
+    a temporary of ``B * C * slab_voxels`` values instead of a flipped copy of the whole volume.
+    Bit for bit the same sums. Returns ``acc``."""
+    dims = [a + 2 for a in flip_axes]
+    if not dims:
+        return acc.add_(y)
+    size = y.shape[2]
+    step = max(1, slab_voxels // max(1, y.shape[3] * y.shape[4]))
+    for start in range(0, size, step):
+        stop = min(size, start + step)
+        source = y[:, :, size - stop:size - start] if 2 in dims else y[:, :, start:stop]
+        acc[:, :, start:stop] += torch.flip(source, dims)
+    return acc
 
 
 def run_precision(options: InferenceOptions, device: torch.device) -> tuple[str, str]:
@@ -137,25 +152,51 @@ def predict(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptio
 def _predict_monai(model, image, options, device, reporter, cancel, stitch_device, dtype, clock):
     passes = [()] + [tuple(f) for f in options.flips]
     total = count_windows(image.shape[1:], options.roi_size, options.overlap) * len(passes)
-    predictor = WindowPredictor(model, options, total, reporter, cancel, memory_format(options, device), clock)
+    # constant blending (weights exactly 1): an autocast window goes into MONAI's float32 sums as it is,
+    # the same sums as from a float32 copy of it; Gaussian weights would round in its dtype, so those copy
+    predictor = WindowPredictor(model, options, total, reporter, cancel, memory_format(options, device), clock,
+                                float_output=options.mode != "constant")
     stitch = stitch_device or device
     batch = to_device(image, stitch)[None]
     clock.mark("to_device")
     acc = None
     for axes in passes:
-        y = _one_pass(batch, options, predictor, stitch, device, axes, dtype)
-        if not options.activation_per_window:
-            y = activate_(y, options.activation) if y.device.type == "cuda" else activate(y, options.activation)
-        if acc is None:
-            acc = y
-        else:  # in place where the tensor allows it (not an inference-mode tensor)
-            acc = acc + y if acc.is_inference() else acc.add_(y)
+        y = _one_pass(batch, options, predictor, stitch, device, axes, dtype)  # still flipped
+        acc = _accumulate(acc, y, axes, options, in_place=y.device.type == "cuda")
+        del y
     if len(passes) > 1:
         acc = acc / len(passes) if acc.is_inference() else acc.div_(len(passes))
     elif acc.is_inference():  # activation "none": hand out a normal tensor, as the division did
         acc = acc.clone()
     clock.mark("windows_and_blending")
     return acc[0]
+
+
+def _accumulate(acc: torch.Tensor | None, y: torch.Tensor, axes: tuple[int, ...], options: InferenceOptions,
+                in_place: bool) -> torch.Tensor:
+    """``acc`` plus pass ``y`` (still flipped along ``axes``) flipped back and activated.
+
+    ``in_place`` (on a GPU): the activation overwrites ``y`` (slab by slab, per voxel: the same
+    before or after flipping back) and ``y`` is added back slab by slab (:func:`add_flipped_`):
+    no flipped copy of the volume, one volume of probabilities less at the peak. Otherwise (the
+    CPU) the order of old -- flip back, activate, add -- bit for bit what MONAI plus the
+    activation gives (the CPU's softmax rounds the last bit differently by position).
+    """
+    dims = [a + 2 for a in axes]
+    if in_place:
+        if not options.activation_per_window:
+            y = activate_(y, options.activation)
+        if acc is None:
+            return torch.flip(y, dims) if axes else y
+        with torch.inference_mode() if acc.is_inference() else torch.no_grad():
+            return add_flipped_(acc, y, axes)
+    if axes:
+        y = torch.flip(y, dims)
+    if not options.activation_per_window:
+        y = activate(y, options.activation)
+    if acc is None:
+        return y
+    return acc + y if acc.is_inference() else acc.add_(y)  # in place where the tensor allows it
 
 
 def predict_with_fallback(model: torch.nn.Module, image: torch.Tensor, options: InferenceOptions,

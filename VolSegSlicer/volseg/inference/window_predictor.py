@@ -46,8 +46,12 @@ class WindowPredictor:
 
     def __init__(self, model: torch.nn.Module, options: InferenceOptions, total: int,
                  reporter: Reporter | None, cancel: threading.Event | None,
-                 memory_format: torch.memory_format = torch.contiguous_format, clock=None) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format, clock=None,
+                 float_output: bool = True) -> None:
         self.model, self.options, self.total = model, options, total
+        # False: an autocast window is handed on in its own dtype (MONAI's constant blending adds it into
+        # its float32 sums, exactly as a float32 copy would be: no per-window copy)
+        self.float_output = float_output or options.activation_per_window
         self.memory_format, self.clock = memory_format, clock
         self.reporter, self.cancel = reporter, cancel
         self.done = 0
@@ -75,7 +79,7 @@ class WindowPredictor:
                              hint="volseg needs a network that returns logits (B, C, ...) or a list of them")
         if self.done == 0:
             self._check_first(out, patches)
-        if out.dtype != torch.float32:
+        if out.dtype != torch.float32 and (self.float_output or out.dtype not in (torch.float16, torch.bfloat16)):
             out = out.float()
         if self.options.activation_per_window:
             out = activate(out, self.options.activation)

@@ -44,7 +44,7 @@ def message(call) -> str:
 
 def test_a_config_error_inside_a_zip_names_the_member(spleen, tmp_path) -> None:
     config = json.loads((spleen / "configs" / "inference.json").read_text())
-    config["preprocessing"]["transforms"][3]["pixdim"] = "$[1, 2, 3]"
+    config["preprocessing"]["transforms"][3]["pixdim"] = "$sorted([1, 2, 3])"  # a call: not a simple expression
     archive = zipped(spleen, tmp_path / "spleen.zip", configs__inference_json=json.dumps(config).encode())
     text = message(lambda: translate(open_bundle(archive)))
     assert text.startswith(f"{archive}: spleen_ct_segmentation/configs/inference.json: config key "
